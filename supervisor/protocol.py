@@ -1,0 +1,144 @@
+"""The wire protocol between trainer ranks and the daemon (DESIGN.md §3, §4).
+
+Everything that crosses the process boundary is defined here, once, as strict pydantic
+models: the daemon validates every request against them (a malformed body is a 400 and
+changes nothing), `replay` parses a spool with them, and the trainer side builds plain
+dicts with the same field names (it must not import pydantic on the hot path).
+
+Endpoints (daemon side, loopback by default):
+  POST /v1/telemetry  TelemetryBatch  -> TelemetryReply   (rank 0 only)
+  POST /v1/heartbeat  Heartbeat       -> {"ok": true}     (every rank)
+
+Failure model: the trainer sends from a background thread through a bounded queue; a dead
+or slow daemon only costs dropped records, which are counted in the next record that gets
+through (`dropped_records`). Directives carry an id; the trainer applies each id at most
+once and reports it back in `events`, so the daemon can resend until acknowledged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PROTOCOL_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class StepRecord(_Strict):
+    """One optimizer step as seen by rank 0 (losses and norms are already reduced)."""
+
+    run_id: str = Field(min_length=1, max_length=128)
+    generation: NonNegInt
+    step: Annotated[int, Field(ge=1)]
+    loss: float  # NaN / inf allowed: that is what the non-finite detector looks for
+    grad_norm: float  # pre-clip total norm; NaN / inf allowed
+    lr: float
+    lr_scale: Annotated[float, Field(ge=0)]
+    tokens_per_s: Annotated[float, Field(ge=0)]
+    step_seconds: Annotated[float, Field(ge=0)]
+    peak_mem_gib: Annotated[float, Field(ge=0)] = 0.0
+    update_skipped: bool = False
+    skip_reason: str | None = None
+    samples_consumed: NonNegInt = 0
+    tokens_seen: NonNegInt = 0
+    wall_time: Annotated[float, Field(gt=0)]
+    # Per-rank seconds of this step, gathered to rank 0 every K steps (else None).
+    rank_step_seconds: list[Annotated[float, Field(ge=0)]] | None = None
+    dropped_records: NonNegInt = 0
+
+    @field_validator("lr", "tokens_per_s", "step_seconds", "peak_mem_gib", "wall_time", "lr_scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
+
+
+class DirectiveApplied(_Strict):
+    kind: Literal["directive_applied"]
+    directive_id: str = Field(min_length=1, max_length=128)
+    directive: str
+    step: NonNegInt
+    ok: bool
+    detail: str = ""
+    wall_time: float
+
+
+class CheckpointSaved(_Strict):
+    kind: Literal["checkpoint_saved"]
+    step: NonNegInt
+    seconds: Annotated[float, Field(ge=0)]
+    wall_time: float
+
+
+class TrainerStarted(_Strict):
+    kind: Literal["started"]
+    step: NonNegInt  # the step training resumes from (0 = fresh)
+    skip_batches: NonNegInt = 0
+    lr_scale: float = 1.0
+    world_size: Annotated[int, Field(ge=1)] = 1
+    wall_time: float
+
+
+class TrainerFinished(_Strict):
+    kind: Literal["finished"]
+    step: NonNegInt
+    reason: str = "completed"
+    wall_time: float
+
+
+Event = Annotated[
+    Union[DirectiveApplied, CheckpointSaved, TrainerStarted, TrainerFinished],
+    Field(discriminator="kind"),
+]
+
+
+class TelemetryBatch(_Strict):
+    version: Literal[1] = 1
+    run_id: str = Field(min_length=1, max_length=128)
+    generation: NonNegInt
+    records: list[StepRecord] = Field(default_factory=list, max_length=10_000)
+    events: list[Event] = Field(default_factory=list, max_length=10_000)
+
+
+class Heartbeat(_Strict):
+    run_id: str = Field(min_length=1, max_length=128)
+    generation: NonNegInt
+    rank: NonNegInt
+    step: NonNegInt
+    pid: Annotated[int, Field(ge=1)]
+    host: str = Field(min_length=1, max_length=255)
+    wall_time: float
+
+
+# --- directives (daemon -> rank 0 -> broadcast to every rank) -----------------------------
+
+DirectiveKind = Literal["set_lr_scale", "skip_updates", "checkpoint_now", "rollback", "stop",
+                        "set_checkpoint_interval", "decay_now", "extend"]
+
+
+class Directive(_Strict):
+    """One instruction for the running trainer, applied at a step boundary on every rank."""
+
+    id: str = Field(min_length=1, max_length=128)
+    kind: DirectiveKind
+    scale: Annotated[float, Field(gt=0, le=1000)] | None = None  # set_lr_scale
+    ramp_steps: NonNegInt = 0  # set_lr_scale
+    n: Annotated[int, Field(ge=1)] | None = None  # skip_updates, set_checkpoint_interval
+    step: Annotated[int, Field(ge=0)] | None = None  # rollback target
+    skip_batches: NonNegInt = 0  # rollback
+    steps: Annotated[int, Field(ge=1)] | None = None  # extend: new total steps; decay_now: decay length
+    reason: str = ""
+
+
+class TelemetryReply(_Strict):
+    accepted: int
+    directives: list[Directive] = Field(default_factory=list)
