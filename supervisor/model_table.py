@@ -1,0 +1,71 @@
+"""Model shapes, as plain data, shared by the trainer presets and the torch-free preflight.
+
+The LLM-jp-3 family (NII) from the lab's report, plus the tiny CPU models used by tests and
+the demo. `training.presets` turns these into torchtitan llama3 configs; `supervisor.preflight`
+uses them for memory estimates and divisibility checks without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LLMJP_VOCAB = 99_487
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    nominal_params: float  # what the name promises (e.g. 1.8e9); 0 for test models
+    tied_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def param_count(self) -> int:
+        """Parameters of a llama-style decoder (SwiGLU FFN, GQA, RMSNorm, untied head)."""
+        kv_dim = self.kv_heads * self.head_dim
+        attn = self.hidden * (self.hidden + 2 * kv_dim) + self.hidden * self.hidden
+        ffn = 3 * self.hidden * self.ffn
+        norms = 2 * self.hidden
+        per_layer = attn + ffn + norms
+        embed = self.vocab * self.hidden
+        head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.layers * per_layer + embed + head + self.hidden
+
+
+def _llmjp(name: str, nominal: float, layers: int, hidden: int, ffn: int, heads: int, kv: int) -> ModelShape:
+    return ModelShape(f"llmjp3-{name}", layers, hidden, ffn, heads, kv, LLMJP_VOCAB, nominal)
+
+
+LLMJP3 = {
+    s.name: s
+    for s in (
+        _llmjp("150m", 150e6, 12, 512, 2048, 8, 8),
+        _llmjp("440m", 440e6, 16, 1024, 3584, 16, 16),
+        _llmjp("980m", 980e6, 20, 1536, 5376, 16, 16),
+        _llmjp("1.8b", 1.8e9, 24, 2048, 7168, 16, 16),
+        _llmjp("3.7b", 3.7e9, 28, 3072, 8192, 24, 24),
+        _llmjp("7.2b", 7.2e9, 32, 4096, 11008, 32, 32),
+        _llmjp("13b", 13e9, 40, 5120, 13824, 40, 40),
+        _llmjp("172b", 172e9, 96, 12288, 38464, 96, 16),
+    )
+}
+
+# Tiny CPU models: vocab matches the byte-level tokenizer built by training.assets.
+TINY_VOCAB = 512
+TINY = {
+    s.name: s
+    for s in (
+        ModelShape("tiny", layers=2, hidden=64, ffn=256, heads=4, kv_heads=4, vocab=TINY_VOCAB, nominal_params=0),
+        ModelShape("small", layers=4, hidden=128, ffn=512, heads=8, kv_heads=4, vocab=TINY_VOCAB, nominal_params=0),
+    )
+}
+
+ALL_SHAPES: dict[str, ModelShape] = {**TINY, **LLMJP3}
