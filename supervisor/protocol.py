@@ -117,6 +117,9 @@ class Heartbeat(_Strict):
     pid: Annotated[int, Field(ge=1)]
     host: str = Field(min_length=1, max_length=255)
     wall_time: float
+    # What the rank's training thread is doing ("train_step", "checkpoint", "fault:hang"...):
+    # evidence for naming the hung rank when the heartbeat thread is alive but training is not.
+    phase: str = Field(default="", max_length=64)
 
 
 # --- directives (daemon -> rank 0 -> broadcast to every rank) -----------------------------
@@ -136,6 +139,7 @@ class Directive(_Strict):
     step: Annotated[int, Field(ge=0)] | None = None  # rollback target
     skip_batches: NonNegInt = 0  # rollback
     steps: Annotated[int, Field(ge=1)] | None = None  # extend: new total steps; decay_now: decay length
+    lr_scale: Annotated[float, Field(gt=0, le=1000)] | None = None  # rollback: new scale (re-warmed)
     reason: str = ""
 
 

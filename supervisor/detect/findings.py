@@ -1,0 +1,95 @@
+"""What a detector says: one `Finding` per noticed event (DESIGN.md §3).
+
+A finding is a plain, immutable fact ("the loss at step 57 is 9 MADs above its median"),
+never a decision; the policy turns findings into decisions. Findings are journaled, so they
+round-trip through `to_dict()` / `from_dict()` as strict JSON: detectors put non-finite
+numbers into `evidence` as the strings "nan", "inf", "-inf" (see `json_safe`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# --- kinds (the one place they are spelled) ------------------------------------------------
+NON_FINITE = "non_finite"
+LOSS_SPIKE = "loss_spike"
+SPIKE_RECOVERED = "spike_recovered"
+GRAD_BLOWUP = "grad_blowup"
+DIVERGENCE = "divergence"
+HANG = "hang"
+MISSING_HEARTBEAT = "missing_heartbeat"
+DEAD_RANK = "dead_rank"
+OOM = "oom"
+STRAGGLER = "straggler"
+HARDWARE = "hardware"
+SLOW_CONVERGENCE = "slow_convergence"
+
+KINDS: frozenset[str] = frozenset(
+    {NON_FINITE, LOSS_SPIKE, SPIKE_RECOVERED, GRAD_BLOWUP, DIVERGENCE, HANG, MISSING_HEARTBEAT,
+     DEAD_RANK, OOM, STRAGGLER, HARDWARE, SLOW_CONVERGENCE}
+)
+
+INFO = "info"
+WARNING = "warning"
+CRITICAL = "critical"
+SEVERITIES: tuple[str, ...] = (INFO, WARNING, CRITICAL)
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats spelled as strings, so evidence is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing a detector noticed at `step` (time from the record, never a clock).
+
+    `rank` names the rank the finding is about when there is one (straggler, dead rank,
+    missing heartbeat, a hang blamed on a silent rank); `evidence` holds the numbers that
+    justify it, so a human reading the journal can check the call.
+    """
+
+    kind: str
+    step: int
+    severity: str
+    wall_time: float
+    evidence: dict = field(default_factory=dict)
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown finding kind {self.kind!r}; expected one of {sorted(KINDS)}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"unknown severity {self.severity!r}; expected one of {SEVERITIES}")
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "step": self.step,
+            "severity": self.severity,
+            "wall_time": self.wall_time,
+            "evidence": json_safe(dict(self.evidence)),
+            "rank": self.rank,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Finding":
+        try:
+            return cls(
+                kind=d["kind"],
+                step=int(d["step"]),
+                severity=d["severity"],
+                wall_time=float(d["wall_time"]),
+                evidence=dict(d.get("evidence") or {}),
+                rank=None if d.get("rank") is None else int(d["rank"]),
+            )
+        except KeyError as e:
+            raise ValueError(f"finding is missing field {e.args[0]!r}") from None

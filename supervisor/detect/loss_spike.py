@@ -1,0 +1,159 @@
+"""Loss spikes: tolerate one that recovers, act on one that does not, act on a cluster.
+
+The lesson (LLM-jp, DESIGN.md §1): a single spike usually comes back down by itself, many
+overlapping spikes kill the run. So a spike is judged against a robust baseline (median and
+MAD of the last `window` healthy losses) and must clear two bars: a robust z-score above
+`z_threshold` *and* a relative jump above `min_relative_jump` over the median. The z-score
+alone would fire on tiny bumps of a very smooth curve; the relative jump alone would fire
+on noisy small models. Losses below the median never count, so the steep early drop is
+silent, and nothing is judged before `warmup` samples.
+
+Life of a spike: `loss_spike` (warning) at the onset; if a later loss within
+`recovery_steps` steps is back under median·(1 + `recovery_tolerance`) -> `spike_recovered`
+(info); if step ≥ onset + `recovery_steps` arrives without that -> `divergence` (critical,
+cause "no_recovery"). Independently, `cluster_size` onsets within `cluster_window_steps`
+-> `divergence` (cause "cluster", onset = first spike of the cluster).
+
+What feeds the baseline: finite losses of steps whose update was applied, and not the
+losses of an open spike. Skipped-update and non-finite records are ignored for the baseline
+and cannot open a spike, but they do count toward a spike's recovery deadline (the clock is
+the step number). After a divergence the baseline restarts (the level changed; this keeps
+an advisory run from re-raising the same divergence every few steps); `rewind(step)`
+restores the baseline that held at a checkpoint after a rollback.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from supervisor.detect.findings import (CRITICAL, DIVERGENCE, INFO, LOSS_SPIKE, SPIKE_RECOVERED,
+                                        WARNING, Finding, json_safe)
+from supervisor.detect.robust import RollingWindow
+
+
+@dataclass
+class _OpenSpike:
+    onset: int
+    median: float
+    peak: float
+    peak_step: int
+
+
+class LossSpikeDetector:
+    @dataclass
+    class Config:
+        #: healthy losses in the rolling baseline
+        window: int = 50
+        #: baseline samples needed before anything is judged (covers the first steep drop)
+        warmup: int = 20
+        #: robust z-score (vs 1.4826·MAD) a spike must exceed ...
+        z_threshold: float = 6.0
+        #: ... and its relative height over the median (0.2 = 20 % above)
+        min_relative_jump: float = 0.20
+        #: steps after the onset within which the loss must come back (k)
+        recovery_steps: int = 5
+        #: "back" means loss <= median_at_onset * (1 + recovery_tolerance)
+        recovery_tolerance: float = 0.10
+        #: this many spike onsets ...
+        cluster_size: int = 3
+        #: ... within this many steps (last onset - first onset < this) are a divergence
+        cluster_window_steps: int = 50
+        #: older baseline samples kept so a rollback can restore the baseline at a checkpoint
+        history: int = 4096
+
+    def __init__(self, config: "LossSpikeDetector.Config | None" = None) -> None:
+        self.config = config or LossSpikeDetector.Config()
+        c = self.config
+        self._window = RollingWindow(c.window, history=c.history)
+        self._open: _OpenSpike | None = None
+        self._onsets: list[int] = []
+
+    @property
+    def open_spike_onset(self) -> int | None:
+        return None if self._open is None else self._open.onset
+
+    def reset(self) -> None:
+        """Cold start: forget the baseline, any open spike and past onsets."""
+        self._window.clear()
+        self._open = None
+        self._onsets = []
+
+    def rewind(self, to_step: int) -> None:
+        """After a rollback to checkpoint `to_step`: the baseline and spike history as of then."""
+        self._window.rewind(to_step)
+        self._open = None
+        self._onsets = [s for s in self._onsets if s <= to_step]
+
+    def restart_baseline(self) -> None:
+        """The level changed (a divergence was declared): judge from a fresh baseline."""
+        self._window.restart()
+        self._open = None
+        self._onsets = []
+
+    def observe(self, record) -> list[Finding]:
+        c = self.config
+        step, loss, t = record.step, record.loss, record.wall_time
+        usable = math.isfinite(loss) and not record.update_skipped
+        if self._open is not None:
+            return self._follow_open_spike(step, loss, t, usable)
+        if not usable:
+            return []
+        if len(self._window) >= c.warmup:
+            med, scale = self._window.stats()
+            z = (loss - med) / scale
+            rel = (loss - med) / max(abs(med), 1e-12)
+            if z > c.z_threshold and rel > c.min_relative_jump:
+                return self._open_spike(step, loss, t, med, scale, z, rel)
+        self._window.add(step, loss)
+        return []
+
+    def _open_spike(self, step, loss, t, med, scale, z, rel) -> list[Finding]:
+        c = self.config
+        self._open = _OpenSpike(onset=step, median=med, peak=loss, peak_step=step)
+        out = [Finding(
+            kind=LOSS_SPIKE, step=step, severity=WARNING, wall_time=t,
+            evidence={"loss": loss, "median": med, "scale": scale, "z": round(z, 3),
+                      "relative_jump": round(rel, 4), "window": len(self._window),
+                      "recovery_steps": c.recovery_steps},
+        )]
+        self._onsets = [s for s in self._onsets if step - s < c.cluster_window_steps] + [step]
+        if len(self._onsets) >= c.cluster_size:
+            onsets = list(self._onsets)
+            out.append(Finding(
+                kind=DIVERGENCE, step=step, severity=CRITICAL, wall_time=t,
+                evidence={"cause": "cluster", "onset_step": onsets[0], "spike_steps": onsets,
+                          "cluster_window_steps": c.cluster_window_steps, "median": med,
+                          "peak": loss},
+            ))
+            self.restart_baseline()
+        return out
+
+    def _follow_open_spike(self, step, loss, t, usable) -> list[Finding]:
+        c = self.config
+        sp = self._open
+        assert sp is not None
+        if usable and loss <= sp.median * (1.0 + c.recovery_tolerance):
+            self._open = None
+            self._window.add(step, loss)
+            return [Finding(
+                kind=SPIKE_RECOVERED, step=step, severity=INFO, wall_time=t,
+                evidence={"onset_step": sp.onset, "peak": sp.peak, "peak_step": sp.peak_step,
+                          "steps_to_recover": step - sp.onset, "loss": loss,
+                          "median": sp.median},
+            )]
+        if usable and loss > sp.peak:
+            sp.peak, sp.peak_step = loss, step
+        if step - sp.onset < c.recovery_steps:
+            return []
+        finding = Finding(
+            kind=DIVERGENCE, step=step, severity=CRITICAL, wall_time=t,
+            evidence={"cause": "no_recovery", "onset_step": sp.onset, "peak": sp.peak,
+                      "peak_step": sp.peak_step, "median": sp.median,
+                      "recovery_steps": c.recovery_steps,
+                      "loss": json_safe(loss)},
+        )
+        self.restart_baseline()
+        if usable:
+            self._window.add(step, loss)
+        return [finding]

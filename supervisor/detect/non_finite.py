@@ -1,0 +1,59 @@
+"""Non-finite loss or gradient norm: the one finding that needs no statistics.
+
+A NaN/Inf loss or pre-clip grad norm means the update of that step is garbage. The trainer
+guards itself (it skips such updates); this detector makes the event visible (critical
+`non_finite`, one per step) and escalates a streak: `max_consecutive` non-finite steps in
+a row are no longer "one bad step" but a `divergence` whose onset is the first of them,
+raised once per streak. Failure model: a streak broken by dropped records is judged only
+on the records that arrive (missing steps neither extend nor break it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from supervisor.detect.findings import CRITICAL, DIVERGENCE, NON_FINITE, Finding, json_safe
+
+
+class NonFiniteDetector:
+    @dataclass
+    class Config:
+        #: consecutive non-finite steps that turn into a divergence (0 disables escalation)
+        max_consecutive: int = 3
+
+    def __init__(self, config: "NonFiniteDetector.Config | None" = None) -> None:
+        self.config = config or NonFiniteDetector.Config()
+        self.reset()
+
+    def reset(self) -> None:
+        self._streak_start: int | None = None
+        self._streak = 0
+        self._escalated = False
+
+    def observe(self, record) -> list[Finding]:
+        bad = [name for name in ("loss", "grad_norm") if not math.isfinite(getattr(record, name))]
+        if not bad:
+            self.reset()
+            return []
+        if self._streak_start is None:
+            self._streak_start = record.step
+        self._streak += 1
+        out = [Finding(
+            kind=NON_FINITE, step=record.step, severity=CRITICAL, wall_time=record.wall_time,
+            evidence=json_safe({
+                "fields": bad, "loss": record.loss, "grad_norm": record.grad_norm,
+                "update_skipped": bool(record.update_skipped),
+                "skip_reason": getattr(record, "skip_reason", None),
+                "consecutive": self._streak,
+            }),
+        )]
+        limit = self.config.max_consecutive
+        if limit and self._streak >= limit and not self._escalated:
+            self._escalated = True
+            out.append(Finding(
+                kind=DIVERGENCE, step=record.step, severity=CRITICAL, wall_time=record.wall_time,
+                evidence={"cause": "non_finite_streak", "onset_step": self._streak_start,
+                          "consecutive": self._streak, "fields": bad},
+            ))
+        return out

@@ -1,0 +1,81 @@
+"""Robust rolling statistics: median and MAD over the last N accepted samples.
+
+Why median/MAD and not mean/std: one spike moves a mean and a standard deviation a lot,
+and then hides the next spike; the median and the median absolute deviation barely move.
+`scale()` is 1.4826·MAD (≈ σ for Gaussian noise), floored so a perfectly flat window
+cannot divide by zero.
+
+Samples carry their step, and a longer history than the window is kept, so that after a
+rollback to checkpoint C the window can be rebuilt from the samples at steps ≤ C
+(`rewind`) instead of starting cold: a relapse right after the rollback is then judged
+against the healthy baseline at once. Failure model: a rewind further back than the kept
+history leaves an empty window, i.e. a cold start (the detector warms up again).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+MAD_TO_SIGMA = 1.4826
+
+
+def median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    if n == 0:
+        raise ValueError("median of no values")
+    mid = n // 2
+    return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); an observed value, never interpolated."""
+    s = sorted(values)
+    if not s:
+        raise ValueError("percentile of no values")
+    k = max(1, -(-len(s) * q // 100))  # ceil(n*q/100), at least 1
+    return s[int(min(k, len(s))) - 1]
+
+
+class RollingWindow:
+    """The last `size` (step, value) samples, plus up to `history` older ones for rewinds."""
+
+    def __init__(self, size: int, history: int = 4096, min_scale_fraction: float = 1e-3) -> None:
+        if size < 1:
+            raise ValueError("window size must be >= 1")
+        self.size = size
+        self.min_scale_fraction = min_scale_fraction
+        self._window: deque[tuple[int, float]] = deque(maxlen=size)
+        self._history: deque[tuple[int, float]] = deque(maxlen=max(history, size))
+
+    def __len__(self) -> int:
+        return len(self._window)
+
+    def add(self, step: int, value: float) -> None:
+        self._window.append((step, value))
+        self._history.append((step, value))
+
+    def values(self) -> list[float]:
+        return [v for _, v in self._window]
+
+    def stats(self) -> tuple[float, float]:
+        """(median, robust scale) of the window; the window must not be empty."""
+        vals = self.values()
+        med = median(vals)
+        mad = median([abs(v - med) for v in vals])
+        floor = max(abs(med) * self.min_scale_fraction, 1e-12)
+        return med, max(MAD_TO_SIGMA * mad, floor)
+
+    def restart(self) -> None:
+        """Forget the active window (the level changed); keep history for a later rewind."""
+        self._window.clear()
+
+    def rewind(self, to_step: int) -> None:
+        """Drop samples after `to_step` and rebuild the window from the newest kept ones."""
+        kept = [(s, v) for s, v in self._history if s <= to_step]
+        self._history = deque(kept, maxlen=self._history.maxlen)
+        self._window = deque(kept[-self.size:], maxlen=self.size)
+
+    def clear(self) -> None:
+        self._window.clear()
+        self._history.clear()

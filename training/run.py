@@ -1,0 +1,129 @@
+"""Entry point of every trainer rank: ``torchrun ... -m training.run --preset tiny [--section.field v ...]``.
+
+Validates the start options before anything is built (a bad preset, checkpoint step, skip
+count or fault spec exits with a message naming the problem and writes nothing), makes
+torchtitan CPU-ready when there is no GPU, points the config at the local assets, then runs
+``SupervisedTrainer``. Any ``--section.field value`` flag torchtitan accepts is passed through.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_PRESET = "tiny"
+
+
+class StartError(ValueError):
+    pass
+
+
+def split_args(argv: list[str]) -> tuple[str, list[str]]:
+    preset, rest, i = DEFAULT_PRESET, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--preset":
+            if i + 1 >= len(argv):
+                raise StartError("--preset needs a name")
+            preset, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--preset="):
+            preset = a.split("=", 1)[1]
+        elif a in ("--module", "--config") or a.startswith(("--module=", "--config=")):
+            raise StartError("use --preset NAME instead of --module/--config")
+        else:
+            rest.append(a)
+        i += 1
+    return preset, rest
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    steps = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            name = p.name
+            if name.startswith("step-") and name[5:].isdigit() and (p / ".metadata").is_file():
+                steps.append(int(name[5:]))
+    return sorted(steps)
+
+
+def validate(config) -> None:
+    from training.faults import parse_faults
+
+    sup = config.supervision
+    if sup.skip_batches < 0:
+        raise StartError(f"--supervision.skip_batches must be >= 0, got {sup.skip_batches}")
+    if not (sup.lr_scale > 0 and math.isfinite(sup.lr_scale)):
+        raise StartError(f"--supervision.lr_scale must be a positive number, got {sup.lr_scale}")
+    if sup.lr_ramp_steps < 0:
+        raise StartError(f"--supervision.lr_ramp_steps must be >= 0, got {sup.lr_ramp_steps}")
+    if sup.generation < 0:
+        raise StartError(f"--supervision.generation must be >= 0, got {sup.generation}")
+    try:
+        parse_faults(sup.faults)
+    except ValueError as e:
+        raise StartError(f"--supervision.faults: {e}") from None
+    load_step = config.checkpoint.load_step
+    if load_step < -1:
+        raise StartError(f"--checkpoint.load_step must be -1 (newest) or a step number, got {load_step}")
+    if load_step >= 0:
+        folder = Path(config.dump_folder) / config.checkpoint.folder
+        have = checkpoint_steps(folder)
+        if load_step not in have:
+            raise StartError(
+                f"--checkpoint.load_step {load_step}: no complete checkpoint step-{load_step} in {folder} "
+                f"(complete ones: {have or 'none'})")
+    if config.checkpoint.keep_latest_k != 0:
+        config.checkpoint.keep_latest_k = 0  # the supervisor owns retention; torchtitan never deletes
+
+
+def build_config(argv: list[str]):
+    from torchtitan.config import ConfigManager
+
+    from training import assets, cpu, presets
+
+    preset, rest = split_args(argv)
+    if preset not in presets.PRESETS:
+        raise StartError(f"unknown preset {preset!r}; known presets: {', '.join(presets.PRESETS)}")
+    config = ConfigManager().parse_args(["--module", "training.presets", "--config", presets.PRESETS[preset].__name__, *rest])
+    config.metrics.log_freq = 1  # the supervisor needs every step's loss
+    validate(config)
+    cpu.adapt_config(config)
+    if config.dataloader.dataset_path is None or config.hf_assets_path == "./tests/assets/tokenizer":
+        a = assets.ensure_assets()
+        config.hf_assets_path = str(a.tokenizer_dir)
+        config.dataloader.dataset_path = str(a.corpus_dir)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    from training import cpu
+
+    cpu.enable()
+    import torch
+    from torchtitan.tools.logging import init_logger
+
+    init_logger()
+    try:
+        config = build_config(argv)
+    except (StartError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer = None
+    try:
+        trainer = config.build()
+        trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

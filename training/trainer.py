@@ -1,0 +1,439 @@
+"""A torchtitan Trainer that reports every step to the supervisor and obeys its directives.
+
+What it adds to torchtitan's loop, each at a step boundary and identically on every rank:
+- a StepRecord per step (rank 0) and a heartbeat per rank, sent off the training thread
+  (``training.telemetry``); per-rank step times are gathered to rank 0 every K steps;
+- directives from the supervisor, taken by rank 0 and broadcast so every rank applies the
+  same ones before the same step: ``set_lr_scale``, ``skip_updates``, ``checkpoint_now``,
+  ``rollback`` (in-process: reload the DCP checkpoint, restore LR schedule and dataloader
+  state, drain the bad batches), ``stop``, ``set_checkpoint_interval``, ``decay_now``, ``extend``;
+- a guard: a non-finite loss or grad norm, or a grad norm above a bound, skips the optimizer
+  update instead of crashing (torchtitan raises on a non-finite loss), and the record says so;
+- start options: checkpoint step to load, batches to skip after loading, LR scale.
+
+Invariant for rollback: a hot rollback to step C skipping K batches and a cold start with
+``load_step=C, skip_batches=K`` run the same code path after the load (``_after_load``), so
+they produce the same losses.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torchtitan.components.dataloader import DataloaderExhaustedError
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools.logging import logger
+from torchtitan.trainer import Trainer
+
+from supervisor.protocol import Directive
+from training import cpu
+from training.faults import FaultPlan
+from training.schedule import LrScale, WSDSchedule
+from training.telemetry import TelemetryClient, TelemetryConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class SupervisionConfig:
+    url: str = ""
+    """Supervisor base URL (http://127.0.0.1:PORT). Empty: run unsupervised (spool only)."""
+    run_id: str = "local"
+    generation: int = 0
+    spool: str = ""
+    """JSON-lines spool of every record and event (rank 0). Default: <dump_folder>/telemetry/spool.jsonl"""
+    skip_batches: int = 0
+    """Dataloader batches to drain after loading the start checkpoint (skips a bad data window)."""
+    lr_scale: float = 1.0
+    lr_ramp_steps: int = 0
+    """Re-warm: ramp the LR scale from 0 to lr_scale over this many steps after start."""
+    skip_grad_norm_above: float = 0.0
+    """Skip the update when the pre-clip grad norm exceeds this (0: only non-finite skips)."""
+    gather_every: int = 10
+    """Gather per-rank step times to rank 0 every this many steps (straggler detection)."""
+    heartbeat_s: float = 1.0
+    queue_size: int = 4096
+    faults: str = ""
+    """Fault injection for drills (see training.faults), e.g. 'spike@30:lr=1000,crash@60:rank=1'."""
+
+
+class SupervisedTrainer(Trainer):
+    @dataclass(kw_only=True, slots=True)
+    class Config(Trainer.Config):
+        supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        sup = config.supervision
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.faults = FaultPlan(sup.faults, self.rank, sup.generation)
+
+        ls = config.lr_scheduler
+        total = ls.total_steps or config.training.steps
+        decay = total - ls.warmup_steps if ls.decay_ratio is None else round(total * ls.decay_ratio)
+        self.schedule = WSDSchedule(
+            warmup_steps=ls.warmup_steps, total_steps=config.training.steps,
+            decay_steps=max(0, min(decay, total - ls.warmup_steps)), decay_type=ls.decay_type,
+            min_lr_factor=ls.min_lr_factor or 0.0,
+        )
+        self.lr_scale = LrScale(target=sup.lr_scale, start=sup.lr_scale)
+        for sched in self.lr_schedulers:
+            sched.lr_lambdas = [self._lr_lambda for _ in sched.lr_lambdas]
+        self._sync_param_group_lrs()
+
+        self.ckpt_interval = config.checkpoint.interval
+        self.checkpointer.interval = 1  # we decide when to save; torchtitan just saves
+        self.batches_consumed = 0
+        self.updates_skipped = 0
+        self._skip_updates = 0
+        self._skip_reason: str | None = None
+        self._grad_norm = float("nan")
+        self._loss = float("nan")
+        self._applied: set[str] = set()
+        self._stop_reason: str | None = None
+        self._last_saved_step = -1
+        self._install_hooks()
+
+        spool = sup.spool or os.path.join(config.dump_folder, "telemetry", "spool.jsonl")
+        self.telemetry = TelemetryClient(TelemetryConfig(
+            url=sup.url, run_id=sup.run_id, generation=sup.generation, rank=self.rank,
+            spool_path=spool if self.rank == 0 else "", heartbeat_s=sup.heartbeat_s,
+            queue_size=sup.queue_size,
+        ))
+
+    # --- hooks into torchtitan's step ------------------------------------------------------
+    def _lr_lambda(self, last_epoch: int) -> float:
+        step = last_epoch + 1  # LambdaLR's epoch e sets the LR used by step e + 1
+        return self.schedule.factor(step) * self.lr_scale.value(step) * self.faults.lr_factor(step)
+
+    def _sync_param_group_lrs(self) -> None:
+        """Make the optimizer's LRs what the schedule says for the next step (after a load, or
+        a scale change) instead of what the checkpoint or the last scheduler step left there."""
+        for sched in self.lr_schedulers:
+            lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]
+            for group, lr in zip(sched.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = lrs
+
+    def _install_hooks(self) -> None:
+        orig_clip = dist_utils.clip_grad_norm_
+        trainer = self
+
+        def clip_grad_norm_(parameters, *args, **kwargs):
+            parameters = list(parameters)
+            if trainer.faults.nan_now(trainer.step):
+                for p in parameters:
+                    if p.grad is not None:
+                        g = getattr(p.grad, "_local_tensor", p.grad)
+                        g.view(-1)[0] = float("nan")
+                        break
+            norm = orig_clip(parameters, *args, **kwargs)
+            trainer._after_grad_norm(float(norm.item()))
+            return norm
+
+        clip_grad_norm_._titan_orig = orig_clip  # type: ignore[attr-defined]
+        dist_utils.clip_grad_norm_ = clip_grad_norm_
+
+        orig_step = self.optimizers.step
+
+        def guarded_step(*args, **kwargs):
+            if trainer._skip_reason is not None:
+                trainer.updates_skipped += 1
+                return None
+            return orig_step(*args, **kwargs)
+
+        self.optimizers.step = guarded_step
+
+        orig_log = self.metrics_processor.log
+
+        def log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
+            trainer._loss = float(global_avg_loss)
+            if extra_metrics and "n_tokens_seen" in extra_metrics:
+                trainer._tokens_seen = int(extra_metrics["n_tokens_seen"])
+            return orig_log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
+
+        self.metrics_processor.log = log
+        self._tokens_seen = 0
+
+    def _after_grad_norm(self, norm: float) -> None:
+        """Decide, identically on every rank (the norm is already reduced), whether to skip."""
+        self._grad_norm = norm
+        bound = self.config.supervision.skip_grad_norm_above
+        if not math.isfinite(norm):
+            self._skip_reason = "non_finite_grad_norm"
+        elif bound > 0 and norm > bound:
+            self._skip_reason = f"grad_norm_above_{bound:g}"
+        elif self._skip_updates > 0:
+            self._skip_reason = "directive"
+            self._skip_updates -= 1
+        else:
+            self._skip_reason = None
+
+    def batch_generator(self, data_iterable):
+        for batch in super().batch_generator(data_iterable):
+            self.batches_consumed += 1
+            yield batch
+
+    # --- train state that rides in every checkpoint ----------------------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["batches_consumed"] = self.batches_consumed
+        sd["wsd"] = self.schedule.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.batches_consumed = int(state_dict.get("batches_consumed", 0))
+        if "wsd" in state_dict:
+            self.schedule.load_state_dict(state_dict["wsd"])
+
+    # --- the loop -------------------------------------------------------------------------
+    def should_continue_training(self) -> bool:
+        return self.step < self.schedule.total_steps and self._stop_reason is None
+
+    @property
+    def samples_consumed(self) -> int:
+        return self.batches_consumed * self.config.training.local_batch_size * self._dp_degree()
+
+    def _dp_degree(self) -> int:
+        pd = self.parallel_dims
+        return pd.get_mesh("batch").size() if pd.dp_enabled else 1
+
+    def _set_phase(self, phase: str) -> None:
+        self.telemetry.phase = phase
+
+    def train(self):
+        config = self.config
+        sup = config.supervision
+        self._set_phase("loading")
+        self.checkpointer.load(step=config.checkpoint.load_step)
+        data = self._after_load(sup.skip_batches, sup.lr_scale, sup.lr_ramp_steps)
+        loaded_step = self.step
+        self._last_saved_step = self.step
+        self.telemetry.last_step = self.step
+        self._event({"kind": "started", "step": self.step, "skip_batches": sup.skip_batches,
+                     "lr_scale": sup.lr_scale, "world_size": self.world})
+        logger.info(f"Supervised training starts at step {self.step + 1} (generation {sup.generation})")
+
+        while self.should_continue_training():
+            data = self._apply_directives(data)
+            if not self.should_continue_training():
+                break
+            self.step += 1
+            self.gc_handler.run(self.step)
+            self._set_phase("between_steps")
+            self.faults.before_step(self.step, on_phase=self._set_phase)
+            if self.faults.lr_factor(self.step) != 1.0 or self.faults.lr_factor(self.step - 1) != 1.0:
+                self._sync_param_group_lrs()
+            lr = self.optimizers.optimizers[0].param_groups[0]["lr"]
+            self._set_phase("train_step")
+            start = time.perf_counter()
+            try:
+                self.train_step(data)
+            except DataloaderExhaustedError:
+                logger.warning("Ran out of data; last step was canceled.")
+                self.step -= 1
+                break
+            except RuntimeError as e:
+                if "Loss is not finite" not in str(e):
+                    raise
+                self._loss = float("nan")  # the guard already skipped the update
+            step_seconds = time.perf_counter() - start
+            self._set_phase("checkpoint")
+            self._maybe_save(force=False)
+            self._report(lr, step_seconds)
+            if self.step - loaded_step == 1:
+                dist_utils.set_pg_timeouts(
+                    timeout=timedelta(seconds=config.comm.train_timeout_seconds),
+                    parallel_dims=self.parallel_dims,
+                )
+
+        self._set_phase("finishing")
+        if self.checkpointer.enable and self._last_saved_step != self.step:
+            self._maybe_save(force=True)
+        self._event({"kind": "finished", "step": self.step, "reason": self._stop_reason or "completed"})
+        logger.info(f"Training finished at step {self.step} ({self._stop_reason or 'completed'})")
+
+    def _after_load(self, skip_batches: int, lr_scale: float, ramp_steps: int):
+        """Common tail of a cold start and a hot rollback: fresh data iterator positioned by the
+        loaded dataloader state, K batches drained, LR scale set, optimizer LRs re-synced."""
+        data = self.batch_generator(self.dataloader)
+        for _ in range(skip_batches):
+            next(data)
+        start = 0.0 if ramp_steps > 0 else lr_scale
+        self.lr_scale.set(lr_scale, ramp_steps, at_step=self.step, start=start)
+        self._sync_param_group_lrs()
+        return data
+
+    def _maybe_save(self, force: bool) -> None:
+        if not self.checkpointer.enable:
+            return
+        if not force and (self.ckpt_interval <= 0 or self.step % self.ckpt_interval != 0):
+            return
+        self._move_aside_existing(self.step)
+        begin = time.perf_counter()
+        self.checkpointer.save(self.step, last_step=False)
+        self._last_saved_step = self.step
+        self._event({"kind": "checkpoint_saved", "step": self.step, "seconds": time.perf_counter() - begin})
+
+    def _checkpoint_dir(self, step: int) -> Path:
+        return Path(self.checkpointer.folder) / f"step-{step}"
+
+    def _move_aside_existing(self, step: int) -> None:
+        """Never overwrite a checkpoint: one left over at this step (after a rollback the
+        supervisor had not yet quarantined) moves to the quarantine folder first."""
+        path = self._checkpoint_dir(step)
+        if self.rank == 0 and path.exists():
+            qdir = Path(self.checkpointer.folder).parent / "quarantine"
+            qdir.mkdir(parents=True, exist_ok=True)
+            path.rename(qdir / f"step-{step}.superseded-{int(time.time() * 1000)}")
+        if dist.is_initialized():
+            dist.barrier()
+
+    # --- reporting -------------------------------------------------------------------------
+    def _event(self, ev: dict) -> None:
+        if self.rank == 0:
+            ev.setdefault("wall_time", time.time())
+            self.telemetry.event(ev)
+
+    def _report(self, lr: float, step_seconds: float) -> None:
+        sup = self.config.supervision
+        self.telemetry.last_step = self.step
+        rank_times = None
+        if sup.gather_every > 0 and self.world > 1 and self.step % sup.gather_every == 0:
+            local = torch.tensor([step_seconds], dtype=torch.float64, device=self.device)
+            gathered = [torch.zeros_like(local) for _ in range(self.world)]
+            dist.all_gather(gathered, local)
+            rank_times = [float(t.item()) for t in gathered]
+        if self.rank != 0:
+            return
+        cfg = self.config.training
+        global_tokens = cfg.local_batch_size * cfg.seq_len * self._dp_degree() * self.gradient_accumulation_steps
+        self.telemetry.record({
+            "run_id": sup.run_id, "generation": sup.generation, "step": self.step,
+            "loss": self._loss, "grad_norm": self._grad_norm, "lr": lr,
+            "lr_scale": self.lr_scale.value(self.step),
+            "tokens_per_s": global_tokens / step_seconds if step_seconds > 0 else 0.0,
+            "step_seconds": step_seconds, "peak_mem_gib": cpu.peak_memory_gib(),
+            "update_skipped": self._skip_reason is not None, "skip_reason": self._skip_reason,
+            "samples_consumed": self.samples_consumed, "tokens_seen": self._tokens_seen,
+            "wall_time": time.time(), "rank_step_seconds": rank_times,
+        })
+
+    # --- directives ------------------------------------------------------------------------
+    def _broadcast_directives(self) -> list[dict]:
+        mine = self.telemetry.take_directives() if self.rank == 0 else []
+        if self.world == 1:
+            return mine
+        flag = torch.tensor([len(mine)], dtype=torch.int64, device=self.device)
+        dist.broadcast(flag, src=0)
+        if int(flag.item()) == 0:
+            return []
+        box = [mine]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _apply_directives(self, data):
+        for raw in self._broadcast_directives():
+            data = self._apply_one(raw, data)
+        return data
+
+    def _apply_one(self, raw: dict, data):
+        did = raw.get("id") if isinstance(raw, dict) else None
+        try:
+            d = Directive.model_validate(raw)
+        except Exception as e:  # a malformed directive changes nothing
+            msg = f"malformed directive {raw!r}: {e}".replace("\n", "; ")
+            logger.error(msg)
+            self._ack(str(did or "unknown"), "malformed", ok=False, detail=msg[:2000])
+            return data
+        if d.id in self._applied:
+            self._ack(d.id, d.kind, ok=True, detail="already applied")
+            return data
+        try:
+            data, detail = self._execute(d, data)
+            ok = True
+        except (ValueError, FileNotFoundError) as e:
+            ok, detail = False, str(e)
+            logger.error(f"directive {d.kind} ({d.id}) refused: {detail}")
+        self._applied.add(d.id)
+        self._ack(d.id, d.kind, ok=ok, detail=detail)
+        return data
+
+    def _ack(self, did: str, kind: str, ok: bool, detail: str) -> None:
+        self._event({"kind": "directive_applied", "directive_id": did, "directive": kind,
+                     "step": self.step, "ok": ok, "detail": detail})
+
+    def _execute(self, d: Directive, data):
+        if d.kind == "set_lr_scale":
+            if d.scale is None:
+                raise ValueError("set_lr_scale needs scale")
+            self.lr_scale.set(d.scale, d.ramp_steps, at_step=self.step)
+            self._sync_param_group_lrs()
+            return data, f"lr scale -> {d.scale:g} over {d.ramp_steps} steps"
+        if d.kind == "skip_updates":
+            if d.n is None:
+                raise ValueError("skip_updates needs n")
+            self._skip_updates += d.n
+            return data, f"skipping the next {d.n} updates"
+        if d.kind == "checkpoint_now":
+            if not self.checkpointer.enable:
+                raise ValueError("checkpointing is disabled for this run")
+            if self._last_saved_step != self.step:
+                self._maybe_save(force=True)
+            return data, f"checkpoint at step {self.step}"
+        if d.kind == "set_checkpoint_interval":
+            if d.n is None:
+                raise ValueError("set_checkpoint_interval needs n")
+            self.ckpt_interval = d.n
+            return data, f"checkpoint interval -> {d.n} steps"
+        if d.kind == "rollback":
+            return self._rollback(d)
+        if d.kind == "stop":
+            self._stop_reason = d.reason or "stopped by supervisor"
+            if self.checkpointer.enable and self._last_saved_step != self.step:
+                self._maybe_save(force=True)
+            return data, f"stopping at step {self.step}"
+        if d.kind == "decay_now":
+            self.schedule.decay_now(self.step, d.steps)
+            self._sync_param_group_lrs()
+            return data, f"decay starts after step {self.step}, run ends at {self.schedule.total_steps}"
+        if d.kind == "extend":
+            if d.steps is None:
+                raise ValueError("extend needs steps (the new total)")
+            self.schedule.extend(d.steps, self.step)
+            self._sync_param_group_lrs()
+            return data, f"run extended to {self.schedule.total_steps} steps"
+        raise ValueError(f"unknown directive kind {d.kind!r}")
+
+    def _rollback(self, d: Directive):
+        if d.step is None:
+            raise ValueError("rollback needs step")
+        path = self._checkpoint_dir(d.step)
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"rollback target step {d.step}: no complete checkpoint at {path}")
+        if d.step > self.step:
+            raise ValueError(f"rollback target step {d.step} is ahead of the current step {self.step}")
+        if dist.is_initialized():
+            dist.barrier()
+        self._set_phase("rollback")
+        self.checkpointer.load(step=d.step)
+        scale = d.lr_scale if d.lr_scale is not None else self.lr_scale.target
+        data = self._after_load(d.skip_batches, scale, d.ramp_steps if d.lr_scale is not None else 0)
+        self._last_saved_step = self.step
+        self.telemetry.last_step = self.step
+        return data, f"rolled back to step {d.step}, skipped {d.skip_batches} batches, lr scale {scale:g}"
+
+    def close(self) -> None:
+        if getattr(self, "telemetry", None) is not None:
+            self.telemetry.close()
+        orig = getattr(dist_utils.clip_grad_norm_, "_titan_orig", None)
+        if orig is not None:
+            dist_utils.clip_grad_norm_ = orig
+        super().close()
