@@ -10,8 +10,10 @@ Failure model and guarantees:
   record does not move them backwards (counters it carries are still counted).
 - ``titan_last_checkpoint_age_seconds`` is computed at scrape time from the stored save time,
   so it keeps growing while nothing saves; it is absent until a checkpoint is known.
-- ``dropped_records`` on a StepRecord is read as "dropped since the previous record that got
-  through" (protocol.py) and added to ``titan_dropped_records_total``.
+- ``dropped_records`` on a StepRecord is the trainer process's running total (see
+  training/telemetry.py), so ``titan_dropped_records_total`` grows by its increase per
+  generation (a new generation is a new process whose count starts at 0); resent or
+  reordered records never count twice.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Metrics:
         self._clock = clock
         self._lock = threading.Lock()
         self._last_wall = -math.inf
+        self._dropped_seen: dict[int, int] = {}  # generation -> highest running total seen
         self._state: str | None = None
         self._known_states: list[str] = list(self.config.states)
         ns = self.config.namespace
@@ -123,9 +126,12 @@ class Metrics:
     def observe_step(self, record: Any) -> None:
         """Update from a StepRecord (or a mapping with the same field names)."""
         with self._lock:
-            dropped = int(_field(record, "dropped_records", 0) or 0)
-            if dropped > 0:
-                self.dropped_records.inc(dropped)
+            gen = int(_field(record, "generation", 0) or 0)
+            total = int(_field(record, "dropped_records", 0) or 0)
+            seen = self._dropped_seen.get(gen, 0)
+            if total > seen:
+                self.dropped_records.inc(total - seen)
+                self._dropped_seen[gen] = total
             if _field(record, "update_skipped", False):
                 self.updates_skipped.inc()
             wall = float(_field(record, "wall_time", 0.0) or 0.0)
