@@ -58,6 +58,8 @@ class SupervisionConfig:
     """Gather per-rank step times to rank 0 every this many steps (straggler detection)."""
     heartbeat_s: float = 1.0
     queue_size: int = 4096
+    trace: bool = False
+    """Write <dump>/telemetry/rank-<r>.jsonl per rank (LR, param checksum, Adam step) for drills/tests."""
     faults: str = ""
     """Fault injection for drills (see training.faults), e.g. 'spike@30:lr=1000,crash@60:rank=1'."""
 
@@ -99,6 +101,11 @@ class SupervisedTrainer(Trainer):
         self._stop_reason: str | None = None
         self._last_saved_step = -1
         self._install_hooks()
+        self._trace = None
+        if sup.trace:
+            tdir = Path(config.dump_folder) / "telemetry"
+            tdir.mkdir(parents=True, exist_ok=True)
+            self._trace = open(tdir / f"rank-{self.rank}.jsonl", "a", buffering=1)
 
         spool = sup.spool or os.path.join(config.dump_folder, "telemetry", "spool.jsonl")
         self.telemetry = TelemetryClient(TelemetryConfig(
@@ -248,6 +255,8 @@ class SupervisedTrainer(Trainer):
             self._set_phase("checkpoint")
             self._maybe_save(force=False)
             self._report(lr, step_seconds)
+            if self._trace is not None:
+                self._write_trace(lr)
             if self.step - loaded_step == 1:
                 dist_utils.set_pg_timeouts(
                     timeout=timedelta(seconds=config.comm.train_timeout_seconds),
@@ -325,6 +334,21 @@ class SupervisedTrainer(Trainer):
             "samples_consumed": self.samples_consumed, "tokens_seen": self._tokens_seen,
             "wall_time": time.time(), "rank_step_seconds": rank_times,
         })
+
+    def _write_trace(self, lr: float) -> None:
+        """Per-rank evidence for tests: what this rank's LR, parameters and Adam state are."""
+        import json
+
+        with torch.no_grad():
+            params = [getattr(p, "_local_tensor", p) for m in self.model_parts for p in m.parameters()]
+            checksum = float(sum(p.double().sum() for p in params))
+        opt = self.optimizers.optimizers[0]
+        adam_steps = [float(st["step"]) for st in opt.state.values() if "step" in st]
+        self._trace.write(json.dumps({
+            "step": self.step, "pid": os.getpid(), "lr": lr, "param_checksum": checksum,
+            "adam_step": max(adam_steps) if adam_steps else 0.0, "update_skipped": self._skip_reason is not None,
+            "generation": self.config.supervision.generation,
+        }) + "\n")
 
     # --- directives ------------------------------------------------------------------------
     def _broadcast_directives(self) -> list[dict]:
@@ -431,6 +455,8 @@ class SupervisedTrainer(Trainer):
         return data, f"rolled back to step {d.step}, skipped {d.skip_batches} batches, lr scale {scale:g}"
 
     def close(self) -> None:
+        if getattr(self, "_trace", None) is not None:
+            self._trace.close()
         if getattr(self, "telemetry", None) is not None:
             self.telemetry.close()
         orig = getattr(dist_utils.clip_grad_norm_, "_titan_orig", None)

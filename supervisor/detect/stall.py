@@ -1,0 +1,233 @@
+"""Stalls: no new step for too long (`hang`), or a rank whose heartbeats stopped.
+
+Time is never read here: it comes from record/heartbeat `wall_time`s and from the `now`
+given to `tick(now)`, which the daemon calls about once a second.
+
+Hang timeout. Steps of a healthy run take a steady time, so the timeout is learned from
+it: clamp(`multiplier` × p95(step_seconds), `floor_seconds`, `ceiling_seconds`). Until the
+first record of a generation (process start, checkpoint load, compile) only the longer
+`startup_timeout` applies, counted from `reset(generation, now)`. A step that ends on a
+checkpoint interval gets at least `checkpoint_timeout` (the save happens after it).
+`expect_pause(until)` announces a known pause (a rollback being applied, an operator
+checkpoint): no hang before `until`, and the ordinary timeout counts from `until`.
+A hang fires when `now >= deadline` (exactly at the timeout, not before), once per stall;
+the next progress re-arms it.
+
+Progress is a record with a higher step or, once the first record of the generation has
+arrived, a heartbeat reporting a higher step: telemetry records can be dropped or delayed
+by design (bounded queue), heartbeats are an independent path, so a slow daemon-side
+ingest does not look like a hang.
+
+Heartbeats: each rank beats about once a second; a rank silent for `heartbeat_timeout`
+gets one `missing_heartbeat` finding per silence. If `world_size` is given to `reset`, a
+rank never heard from within `startup_timeout` is missing too. When the step stream
+stalls while ranks are silent, the `hang` names the lowest silent rank (`rank`) and lists
+all of them. Failure model: clocks of the trainer hosts and the daemon are assumed to
+agree to well within `floor_seconds`; `floor_seconds` must exceed the telemetry flush
+interval. After `end()` (the generation exited or finished) nothing fires until `reset`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from supervisor.detect.findings import CRITICAL, HANG, MISSING_HEARTBEAT, WARNING, Finding
+from supervisor.detect.robust import percentile
+
+
+@dataclass
+class _Beat:
+    wall_time: float
+    step: int
+    host: str | None = None
+    pid: int | None = None
+
+
+class StallDetector:
+    @dataclass
+    class Config:
+        #: hang timeout = clamp(multiplier * p95 step seconds, floor, ceiling)
+        multiplier: float = 10.0
+        floor_seconds: float = 3.0
+        ceiling_seconds: float = 600.0
+        #: before the first step of a generation (start, load, compile)
+        startup_timeout: float = 900.0
+        #: a rank silent this long is missing (ranks beat about every second)
+        heartbeat_timeout: float = 5.0
+        #: step_seconds samples the p95 is taken over
+        step_time_window: int = 200
+        #: steps that are multiples of this are followed by a checkpoint save (None = unknown)
+        checkpoint_interval_steps: int | None = None
+        #: minimum timeout after such a step
+        checkpoint_timeout: float = 600.0
+
+    def __init__(self, config: "StallDetector.Config | None" = None, *,
+                 generation: int | None = None, now: float | None = None) -> None:
+        self.config = config or StallDetector.Config()
+        self.reset(generation, now)
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def reset(self, generation: int | None, now: float | None,
+              world_size: int | None = None) -> None:
+        """Start watching `generation` (a new one, or the same one after a rollback) at `now`."""
+        self.generation = generation
+        self._started_at = now
+        self._progress_step: int | None = None
+        self._progress_time: float | None = None
+        self._step_times: deque[float] = deque(maxlen=self.config.step_time_window)
+        self._pause_until: float | None = None
+        self._hang_reported = False
+        self._beats: dict[int, _Beat] = {}
+        self._expected: set[int] = set(range(world_size)) if world_size else set()
+        self._missing_reported: set[int] = set()
+        self._ended = False
+
+    def end(self) -> None:
+        """The generation is over (a rank exited, or training finished): stop firing."""
+        self._ended = True
+
+    def expect_pause(self, until_wall_time: float) -> None:
+        self._pause_until = max(until_wall_time, self._pause_until or until_wall_time)
+
+    # --- inputs -----------------------------------------------------------------------------
+    def observe_record(self, record) -> list[Finding]:
+        if not self._accepts(record.generation):
+            return []
+        if self._started_at is None:
+            self._started_at = record.wall_time
+        self._step_times.append(float(record.step_seconds))
+        self._progress(record.step, record.wall_time)
+        return []
+
+    def observe_heartbeat(self, hb) -> list[Finding]:
+        if not self._accepts(hb.generation):
+            return []
+        if self._started_at is None:
+            self._started_at = hb.wall_time
+        prev = self._beats.get(hb.rank)
+        if prev is None or hb.wall_time >= prev.wall_time:
+            self._beats[hb.rank] = _Beat(hb.wall_time, hb.step, getattr(hb, "host", None),
+                                         getattr(hb, "pid", None))
+            self._missing_reported.discard(hb.rank)
+        if self._progress_step is not None:  # startup is over: heartbeats count as progress
+            self._progress(hb.step, hb.wall_time)
+        return []
+
+    def _accepts(self, generation: int) -> bool:
+        if self.generation is None:
+            self.generation = generation
+        return generation == self.generation
+
+    def _progress(self, step: int, wall_time: float) -> None:
+        if self._progress_step is None or step > self._progress_step:
+            self._progress_step = step
+            self._progress_time = wall_time
+            self._hang_reported = False
+
+    # --- timing -----------------------------------------------------------------------------
+    def step_timeout(self) -> float | None:
+        """The learned step timeout, or None before any step time was seen."""
+        c = self.config
+        if not self._step_times:
+            return None
+        p95 = percentile(list(self._step_times), 95)
+        return min(max(c.multiplier * p95, c.floor_seconds), c.ceiling_seconds)
+
+    def _hang_deadline(self) -> tuple[float, str, float] | None:
+        """(deadline, basis, timeout) of the current stall, or None if nothing can fire."""
+        c = self.config
+        if self._ended or self._hang_reported:
+            return None
+        if self._progress_time is None:
+            if self._started_at is None:
+                return None
+            deadline, basis, timeout = self._started_at + c.startup_timeout, "startup", c.startup_timeout
+        else:
+            timeout = self.step_timeout()
+            basis = "steps"
+            if timeout is None:
+                timeout, basis = c.startup_timeout, "startup"
+            interval = c.checkpoint_interval_steps
+            if interval and self._progress_step is not None and self._progress_step % interval == 0 \
+                    and c.checkpoint_timeout > timeout:
+                timeout, basis = c.checkpoint_timeout, "checkpoint"
+            deadline = self._progress_time + timeout
+        if self._pause_until is not None:
+            after = self.step_timeout() or c.floor_seconds
+            if self._pause_until + after > deadline:
+                deadline, basis, timeout = self._pause_until + after, "pause", after
+        return deadline, basis, timeout
+
+    def _heartbeat_deadline(self, rank: int) -> float | None:
+        beat = self._beats.get(rank)
+        if beat is not None:
+            return beat.wall_time + self.config.heartbeat_timeout
+        if self._started_at is None:
+            return None
+        return self._started_at + max(self.config.startup_timeout, self.config.heartbeat_timeout)
+
+    def next_deadline(self) -> float | None:
+        """The earliest `now` at which `tick` would report something (None: nothing pending)."""
+        if self._ended:
+            return None
+        times = []
+        hang = self._hang_deadline()
+        if hang is not None:
+            times.append(hang[0])
+        for rank in self._expected | set(self._beats):
+            if rank not in self._missing_reported:
+                d = self._heartbeat_deadline(rank)
+                if d is not None:
+                    times.append(d)
+        return min(times) if times else None
+
+    # --- the clock --------------------------------------------------------------------------
+    def tick(self, now: float) -> list[Finding]:
+        if self._ended:
+            return []
+        out: list[Finding] = []
+        step = self._progress_step if self._progress_step is not None else 0
+        silent: list[int] = []
+        for rank in sorted(self._expected | set(self._beats)):
+            d = self._heartbeat_deadline(rank)
+            if d is None or now < d:
+                continue
+            silent.append(rank)
+            if rank in self._missing_reported:
+                continue
+            self._missing_reported.add(rank)
+            beat = self._beats.get(rank)
+            out.append(Finding(
+                kind=MISSING_HEARTBEAT, step=step, severity=WARNING, wall_time=now, rank=rank,
+                evidence={
+                    "last_heartbeat_wall_time": beat.wall_time if beat else None,
+                    "seconds_silent": round(now - beat.wall_time, 3) if beat else None,
+                    "never_seen": beat is None,
+                    "heartbeat_timeout": self.config.heartbeat_timeout,
+                    "host": beat.host if beat else None, "pid": beat.pid if beat else None,
+                    "last_step": beat.step if beat else None,
+                },
+            ))
+        hang = self._hang_deadline()
+        if hang is not None and now >= hang[0]:
+            deadline, basis, timeout = hang
+            self._hang_reported = True
+            since = self._progress_time if self._progress_time is not None else self._started_at
+            out.append(Finding(
+                kind=HANG, step=step, severity=CRITICAL, wall_time=now,
+                rank=silent[0] if silent else None,
+                evidence={
+                    "last_step": self._progress_step,
+                    "last_progress_wall_time": self._progress_time,
+                    "seconds_without_progress": round(now - since, 3) if since is not None else None,
+                    "timeout_seconds": timeout, "basis": basis,
+                    "p95_step_seconds": (percentile(list(self._step_times), 95)
+                                         if self._step_times else None),
+                    "silent_ranks": silent,
+                    "heartbeat_ages": {str(r): round(now - b.wall_time, 3)
+                                       for r, b in sorted(self._beats.items())},
+                    "rank_steps": {str(r): b.step for r, b in sorted(self._beats.items())},
+                },
+            ))
+        return out

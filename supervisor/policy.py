@@ -1,0 +1,423 @@
+"""The policy: findings -> decisions, a pure function of (finding, run state, history).
+
+It walks the ladder of DESIGN.md §3; each rung has a budget, and an exhausted budget climbs
+to the next rung, ending with "stop, keep everything, page a human":
+
+  rung 1  record          a spike that recovers; straggler, hardware, missing heartbeat,
+                          slow convergence (warnings a human should see, no action)
+  rung 2  skip_update     a non-finite or blown-up gradient on one step (the trainer guards
+                          itself; the decision records it)
+  rung 3  rollback        a spike that does not recover, a cluster, a NaN streak: back to the
+                          newest valid checkpoint strictly before the onset, skipping the
+                          data window that led into it (PaLM)
+          restart         crash / OOM: restart from the newest valid checkpoint with
+                          exponential backoff; kill_restart_hang for a hang (same budget)
+  rung 4  rollback_lr_down  divergence again in the same region: roll back and scale the LR
+                          down with a re-warm (OPT); repeated OOM -> next safer layout;
+                          repeated crashes on one host -> exclude_node (opt-in)
+  rung 5  stop_page       budget exhausted, nothing valid to roll back to
+
+No I/O and no clock: "now" is the finding's `wall_time`. The caller owns `History` and adds
+each decision it actually carried out (`History.record`), so the same finding and history
+always give the same decision, on the daemon and in `replay`. Mode "advise" computes the
+same decision flagged `advisory=True` (nothing runs, the history is not extended); mode
+"off" only records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from supervisor.detect.findings import (DEAD_RANK, DIVERGENCE, GRAD_BLOWUP, HANG, HARDWARE,
+                                        LOSS_SPIKE, MISSING_HEARTBEAT, NON_FINITE, OOM,
+                                        SLOW_CONVERGENCE, SPIKE_RECOVERED, STRAGGLER, Finding)
+
+# --- actions and rungs --------------------------------------------------------------------
+NONE = "none"
+RECORD = "record"
+SKIP_UPDATE = "skip_update"
+ROLLBACK = "rollback"
+ROLLBACK_LR_DOWN = "rollback_lr_down"
+RESTART = "restart"
+KILL_RESTART_HANG = "kill_restart_hang"
+STOP_PAGE = "stop_page"
+EXCLUDE_NODE = "exclude_node"
+ACTIONS: tuple[str, ...] = (NONE, RECORD, SKIP_UPDATE, ROLLBACK, ROLLBACK_LR_DOWN, RESTART,
+                            KILL_RESTART_HANG, STOP_PAGE, EXCLUDE_NODE)
+ROLLBACK_ACTIONS = frozenset({ROLLBACK, ROLLBACK_LR_DOWN})
+RESTART_ACTIONS = frozenset({RESTART, KILL_RESTART_HANG, EXCLUDE_NODE})
+
+RUNG_NONE, RUNG_RECORD, RUNG_SKIP, RUNG_ROLLBACK, RUNG_ESCALATE, RUNG_STOP = range(6)
+
+AUTO, ADVISE, OFF = "auto", "advise", "off"
+MODES = (AUTO, ADVISE, OFF)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do about one finding, with a sentence a human can check it against."""
+
+    action: str
+    reason: str
+    rung: int
+    target_step: int | None = None  # checkpoint step to load (rollback / restart)
+    skip_batches: int = 0  # dataloader batches per rank to drain after loading
+    lr_scale: float | None = None  # LR scale to run with after the action (None: unchanged)
+    ramp_steps: int = 0  # re-warm length for a new lr_scale
+    backoff_seconds: float = 0.0  # wait before a restart
+    advisory: bool = False  # mode "advise": computed, not carried out
+    next_layout: bool = False  # restart with the next safer parallel layout
+    node: str | None = None  # exclude_node: the host to drain
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"unknown action {self.action!r}; expected one of {ACTIONS}")
+
+    @property
+    def acts(self) -> bool:
+        """True when the daemon is to carry something out (not advisory, not just a record)."""
+        return not self.advisory and self.action not in (NONE, RECORD)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Decision":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown decision fields {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class RunState:
+    """What the daemon knows about the run when it decides."""
+
+    step: int
+    generation: int
+    valid_checkpoints: list[int] = field(default_factory=list)  # sorted, from the catalog
+    last_known_good: int | None = None  # pinned checkpoint step, if the catalog has one
+    batches_per_step: int = 1  # dataloader batches per optimizer step per rank
+    lr_scale: float = 1.0
+    trainer_alive: bool = True
+    mode: str = AUTO
+
+
+@dataclass(frozen=True)
+class RollbackEntry:
+    onset_step: int
+    target_step: int
+    wall_time: float
+    lr_scale: float
+    cause: str = ""
+
+
+@dataclass(frozen=True)
+class RestartEntry:
+    wall_time: float
+    kind: str
+    step: int
+    host: str | None = None
+    rank: int | None = None
+
+
+@dataclass
+class History:
+    """The carried-out actions that budgets count; rebuilt by the daemon from its journal."""
+
+    rollbacks: list[RollbackEntry] = field(default_factory=list)
+    restarts: list[RestartEntry] = field(default_factory=list)
+
+    def rollbacks_near(self, onset_step: int, width: int) -> list[RollbackEntry]:
+        """Earlier rollbacks whose onset lies within `width` steps of `onset_step`."""
+        return [r for r in self.rollbacks if abs(r.onset_step - onset_step) <= width]
+
+    def restarts_since(self, wall_time: float) -> list[RestartEntry]:
+        return [r for r in self.restarts if r.wall_time >= wall_time]
+
+    def record(self, finding: Finding, decision: Decision) -> None:
+        """Add `decision` if it was carried out and counts against a budget."""
+        if decision.advisory:
+            return
+        if decision.action in ROLLBACK_ACTIONS and decision.target_step is not None:
+            self.rollbacks.append(RollbackEntry(
+                onset_step=onset_of(finding), target_step=decision.target_step,
+                wall_time=finding.wall_time,
+                lr_scale=decision.lr_scale if decision.lr_scale is not None else 1.0,
+                cause=str(finding.evidence.get("cause", finding.kind))))
+        elif decision.action in RESTART_ACTIONS:
+            self.restarts.append(RestartEntry(
+                wall_time=finding.wall_time, kind=finding.kind, step=finding.step,
+                host=finding.evidence.get("host"), rank=finding.rank))
+
+    def to_dict(self) -> dict:
+        return {"rollbacks": [asdict(r) for r in self.rollbacks],
+                "restarts": [asdict(r) for r in self.restarts]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        return cls(rollbacks=[RollbackEntry(**r) for r in d.get("rollbacks", [])],
+                   restarts=[RestartEntry(**r) for r in d.get("restarts", [])])
+
+
+def onset_of(finding: Finding) -> int:
+    return int(finding.evidence.get("onset_step", finding.step))
+
+
+def _secs(s: float) -> str:
+    if s >= 3600 and s % 3600 == 0:
+        return f"{s / 3600:g}h"
+    if s >= 60 and s % 60 == 0:
+        return f"{s / 60:g}min"
+    return f"{s:g}s"
+
+
+def _num(x) -> str:
+    return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
+
+
+class Policy:
+    @dataclass
+    class Config:
+        #: divergences whose onsets lie within this many steps share a region
+        region_width_steps: int = 250
+        #: rollbacks allowed per region (1st plain, later ones with LR down); then stop
+        max_rollbacks_per_region: int = 3
+        #: rollbacks allowed over the whole run; then stop
+        max_total_rollbacks: int = 20
+        #: the rollback target must be at least this many steps before the onset (1 = strictly before)
+        min_steps_before_onset: int = 1
+        #: extra steps of data skipped past the onset
+        data_skip_margin_steps: int = 10
+        #: LR scale multiplier on a repeat divergence in one region ...
+        lr_scale_factor: float = 0.5
+        #: ... reached through a linear re-warm of this many steps
+        lr_ramp_steps: int = 100
+        #: a repeat divergence that would push the LR scale below this stops instead
+        min_lr_scale: float = 0.05
+        #: crash / hang restarts allowed within restart_window_seconds; then stop
+        max_restarts: int = 5
+        restart_window_seconds: float = 3600.0
+        #: backoff = min(base * 2**(restarts in the window), max)
+        backoff_base_seconds: float = 10.0
+        backoff_max_seconds: float = 600.0
+        #: the n-th OOM within the restart window restarts on the next safer layout (0 = never)
+        oom_layout_fallback_after: int = 2
+        #: the n-th crash on one host within the window excludes that host (0 = never)
+        exclude_node_after: int = 0
+        #: a hardware finding naming a host excludes it (else it is recorded)
+        exclude_on_hardware: bool = False
+        #: with no valid checkpoint, restart from scratch only below this step; else stop
+        fresh_restart_max_step: int = 1000
+
+    def __init__(self, config: "Policy.Config | None" = None) -> None:
+        self.config = config or Policy.Config()
+
+    # --- entry point ------------------------------------------------------------------------
+    def decide(self, finding: Finding, state: RunState, history: History) -> Decision:
+        if state.mode not in MODES:
+            raise ValueError(f"unknown mode {state.mode!r}; expected one of {MODES}")
+        d = self._ladder(finding, state, history)
+        if state.mode == OFF:
+            return Decision(RECORD, f"supervisor is off: recorded only (auto would {d.action}: "
+                                    f"{d.reason})", RUNG_RECORD)
+        if state.mode == ADVISE and d.action != NONE:
+            return replace(d, advisory=True)
+        return d
+
+    def rollback_target(self, onset_step: int, state: RunState) -> int | None:
+        """Newest valid checkpoint at least `min_steps_before_onset` before the onset.
+
+        The pinned last-known-good step is the fallback when the catalog list has nothing
+        suitable (e.g. not yet scanned)."""
+        limit = onset_step - self.config.min_steps_before_onset
+        cands = [c for c in state.valid_checkpoints if c <= limit]
+        if cands:
+            return max(cands)
+        if state.last_known_good is not None and state.last_known_good <= limit:
+            return state.last_known_good
+        return None
+
+    # --- the ladder -------------------------------------------------------------------------
+    def _ladder(self, f: Finding, state: RunState, history: History) -> Decision:
+        ev = f.evidence
+        k = f.kind
+        if k == LOSS_SPIKE:
+            return Decision(RECORD, (
+                f"loss spike at step {f.step}: {_num(ev.get('loss'))} vs median "
+                f"{_num(ev.get('median'))} (z={_num(ev.get('z'))}); watching for recovery "
+                f"within {ev.get('recovery_steps', '?')} steps"), RUNG_RECORD)
+        if k == SPIKE_RECOVERED:
+            return Decision(RECORD, (
+                f"loss spike at step {ev.get('onset_step')} recovered after "
+                f"{ev.get('steps_to_recover')} steps (peak {_num(ev.get('peak'))}); no action"),
+                RUNG_RECORD)
+        if k in (NON_FINITE, GRAD_BLOWUP):
+            return self._skip_update(f, state)
+        if k == DIVERGENCE:
+            return self._rollback(f, state, history)
+        if k in (DEAD_RANK, OOM, HANG):
+            return self._restart(f, state, history)
+        if k == HARDWARE and self.config.exclude_on_hardware and ev.get("host"):
+            return self._restart(f, state, history)
+        if k in (STRAGGLER, HARDWARE, MISSING_HEARTBEAT, SLOW_CONVERGENCE):
+            return Decision(RECORD, f"{self._describe(f)}; recorded for a human", RUNG_RECORD)
+        return Decision(NONE, f"no rule for finding kind {k!r}", RUNG_NONE)
+
+    def _skip_update(self, f: Finding, state: RunState) -> Decision:
+        what = self._describe(f)
+        if not state.trainer_alive:
+            return Decision(RECORD, f"{what}; the trainer is not running, nothing to skip",
+                            RUNG_RECORD)
+        if f.evidence.get("update_skipped"):
+            how = "the trainer already skipped that update"
+        else:
+            how = "that update is to be skipped (the trainer's own guard did not report it)"
+        return Decision(SKIP_UPDATE, f"{what}; {how}", RUNG_SKIP)
+
+    def _rollback(self, f: Finding, state: RunState, history: History) -> Decision:
+        c = self.config
+        onset = onset_of(f)
+        what = self._describe(f)
+        near = history.rollbacks_near(onset, c.region_width_steps)
+        if len(near) >= c.max_rollbacks_per_region:
+            return Decision(STOP_PAGE, (
+                f"{what}; already {len(near)} rollbacks within {c.region_width_steps} steps of "
+                f"step {onset} (budget {c.max_rollbacks_per_region}): still unstable, stopping "
+                f"with everything kept and paging a human"), RUNG_STOP)
+        if len(history.rollbacks) >= c.max_total_rollbacks:
+            return Decision(STOP_PAGE, (
+                f"{what}; the run has used all {c.max_total_rollbacks} rollbacks: stopping with "
+                f"everything kept and paging a human"), RUNG_STOP)
+        target = self.rollback_target(onset, state)
+        if target is None:
+            return Decision(STOP_PAGE, (
+                f"{what}; no valid checkpoint before step {onset} to roll back to: stopping "
+                f"with everything kept and paging a human"), RUNG_STOP)
+        margin = c.data_skip_margin_steps
+        skip = (onset - target + margin) * state.batches_per_step
+        span = f"steps {target + 1}-{onset} + {margin} margin"
+        if state.batches_per_step != 1:
+            span += f", {state.batches_per_step} batches per step"
+        if not near:
+            return Decision(ROLLBACK, (
+                f"{what}; rolling back to last-known-good step {target} and skipping {skip} "
+                f"batches ({span})"), RUNG_ROLLBACK, target_step=target, skip_batches=skip,
+                lr_scale=state.lr_scale)
+        new_scale = state.lr_scale * c.lr_scale_factor
+        earlier = max(near, key=lambda r: r.wall_time)
+        if new_scale < c.min_lr_scale:
+            return Decision(STOP_PAGE, (
+                f"{what}; another divergence near the rollback for onset {earlier.onset_step}, "
+                f"but the LR scale would fall to {new_scale:g} (< {c.min_lr_scale:g}): stopping "
+                f"with everything kept and paging a human"), RUNG_STOP)
+        return Decision(ROLLBACK_LR_DOWN, (
+            f"{what}; divergence again within {c.region_width_steps} steps of the rollback for "
+            f"onset {earlier.onset_step} (rollback {len(near) + 1} of "
+            f"{c.max_rollbacks_per_region} in this region); rolling back to last-known-good step "
+            f"{target}, skipping {skip} batches ({span}) and scaling the LR by "
+            f"{c.lr_scale_factor:g} to {new_scale:g} with a {c.lr_ramp_steps}-step re-warm"),
+            RUNG_ESCALATE, target_step=target, skip_batches=skip, lr_scale=new_scale,
+            ramp_steps=c.lr_ramp_steps)
+
+    def _restart(self, f: Finding, state: RunState, history: History) -> Decision:
+        c = self.config
+        what = self._describe(f)
+        recent = history.restarts_since(f.wall_time - c.restart_window_seconds)
+        window = _secs(c.restart_window_seconds)
+        if len(recent) >= c.max_restarts:
+            return Decision(STOP_PAGE, (
+                f"{what}; already {len(recent)} restarts in the last {window} (budget "
+                f"{c.max_restarts}): stopping with everything kept and paging a human"),
+                RUNG_STOP)
+        if state.valid_checkpoints:
+            target, where = max(state.valid_checkpoints), None
+        elif state.last_known_good is not None:
+            target, where = state.last_known_good, None
+        elif state.step <= c.fresh_restart_max_step:
+            target, where = 0, "from scratch (no valid checkpoint yet)"
+        else:
+            return Decision(STOP_PAGE, (
+                f"{what}; no valid checkpoint to restart from at step {state.step}: stopping "
+                f"with everything kept and paging a human"), RUNG_STOP)
+        where = where or f"from checkpoint step {target}"
+        backoff = min(c.backoff_base_seconds * 2 ** len(recent), c.backoff_max_seconds)
+        tail = (f"{where} after {backoff:g}s backoff (restart {len(recent) + 1} of "
+                f"{c.max_restarts} per {window})")
+        common = dict(target_step=target, lr_scale=state.lr_scale, backoff_seconds=backoff)
+        host = f.evidence.get("host")
+        if f.kind == HARDWARE:
+            return Decision(EXCLUDE_NODE, f"{what}; excluding host {host} and restarting {tail}",
+                            RUNG_ESCALATE, node=host, **common)
+        if c.exclude_node_after and host:
+            same = [r for r in recent if r.host == host]
+            if len(same) + 1 >= c.exclude_node_after:
+                return Decision(EXCLUDE_NODE, (
+                    f"{what}; crash {len(same) + 1} on host {host} within {window}: excluding it "
+                    f"and restarting {tail}"), RUNG_ESCALATE, node=host, **common)
+        if f.kind == OOM and c.oom_layout_fallback_after:
+            ooms = sum(1 for r in recent if r.kind == OOM) + 1
+            if ooms >= c.oom_layout_fallback_after:
+                return Decision(RESTART, (
+                    f"{what}; OOM {ooms} within {window}: restarting on the next safer layout "
+                    f"{tail}"), RUNG_ESCALATE, next_layout=True, **common)
+        if f.kind == HANG:
+            return Decision(KILL_RESTART_HANG, (
+                f"{what}; dumping stacks, killing the job and restarting {tail}"),
+                RUNG_ROLLBACK, **common)
+        return Decision(RESTART, f"{what}; restarting {tail}", RUNG_ROLLBACK, **common)
+
+    # --- words ------------------------------------------------------------------------------
+    def _describe(self, f: Finding) -> str:
+        """One clause saying what was found, from the finding's evidence."""
+        ev = f.evidence
+        if f.kind == DIVERGENCE:
+            cause = ev.get("cause")
+            onset = onset_of(f)
+            if cause == "no_recovery":
+                return (f"loss spike at step {onset} did not recover within "
+                        f"{ev.get('recovery_steps', f.step - onset)} steps")
+            if cause == "cluster":
+                spikes = ev.get("spike_steps") or []
+                return (f"{len(spikes)} loss spikes within {ev.get('cluster_window_steps')} steps "
+                        f"(steps {', '.join(str(s) for s in spikes)})")
+            if cause == "non_finite_streak":
+                return (f"non-finite {'/'.join(ev.get('fields', []))} for {ev.get('consecutive')} "
+                        f"consecutive steps from step {onset}")
+            return f"divergence at step {onset}"
+        if f.kind == NON_FINITE:
+            return f"non-finite {' and '.join(ev.get('fields', []))} at step {f.step}"
+        if f.kind == GRAD_BLOWUP:
+            if ev.get("rule") == "absolute_bound":
+                return (f"pre-clip grad norm {_num(ev.get('grad_norm'))} at step {f.step} is above "
+                        f"the bound {_num(ev.get('bound'))}")
+            return (f"pre-clip grad norm {_num(ev.get('grad_norm'))} at step {f.step} is "
+                    f"{_num(ev.get('ratio'))}x its median {_num(ev.get('median'))} "
+                    f"(z={_num(ev.get('z'))})")
+        if f.kind in (DEAD_RANK, OOM):
+            sig = ev.get("signal_name")
+            how = f"{sig} (exit {ev.get('exitcode')})" if sig else f"exit code {ev.get('exitcode')}"
+            on = f" on {ev['host']}" if ev.get("host") else ""
+            if f.kind == OOM:
+                return f"rank {f.rank}{on} ran out of memory at step {f.step}, {how}"
+            return f"rank {f.rank}{on} died with {how} at step {f.step}"
+        if f.kind == HANG:
+            silent = f"; rank {f.rank} stopped heartbeating" if f.rank is not None else ""
+            return (f"no new step for {_num(ev.get('seconds_without_progress'))}s after step "
+                    f"{f.step} (timeout {_num(ev.get('timeout_seconds'))}s, {ev.get('basis')})"
+                    f"{silent}")
+        if f.kind == MISSING_HEARTBEAT:
+            return f"rank {f.rank} sent no heartbeat for {_num(ev.get('seconds_silent'))}s"
+        if f.kind == STRAGGLER:
+            return (f"rank {f.rank} is {_num(ev.get('ratio'))}x slower than its peers "
+                    f"({ev.get('slow_samples')} of {ev.get('samples')} samples) at step {f.step}")
+        if f.kind == HARDWARE:
+            on = ev.get("host") or (f"rank {f.rank}" if f.rank is not None else "a node")
+            return f"hardware sign '{ev.get('pattern')}' on {on}: {ev.get('detail')}"
+        if f.kind == SLOW_CONVERGENCE:
+            gap = ev.get("relative_gap")
+            gap_s = f"{gap:.0%}" if isinstance(gap, (int, float)) else "?"
+            return (f"smoothed loss {_num(ev.get('smoothed_loss'))} at step {f.step} is "
+                    f"{gap_s} above the reference {_num(ev.get('reference_loss'))}")
+        return f"{f.kind} at step {f.step}"

@@ -1,0 +1,181 @@
+"""Offline replay: the decisions the daemon would have made on a telemetry spool.
+
+`replay(lines)` runs the same `DetectorSuite` and `Policy` as the daemon over the parsed
+JSON lines of a trainer spool, so thresholds can be tuned on a past run without a
+cluster. Pure: no files, no clock; time is the records' `wall_time`.
+
+Lines understood:
+- a StepRecord dict (protocol.py; an optional `"kind": "step"` is tolerated);
+- `{"kind": "checkpoint_saved", "step": N, ...}`: N joins the valid checkpoints;
+- `{"kind": "started", "step": C, ...}`: the next segment resumes from checkpoint C at
+  that wall time (used when present, else inferred as below);
+- `{"kind": "finished", ...}`: the generation ended (no hang after it);
+- anything else with a `kind` (e.g. `directive_applied`) is accepted and ignored.
+A malformed step record or checkpoint event raises `ReplayError` naming the line.
+
+How the daemon is simulated:
+- Segments. A record of a newer generation, or one whose step is not above the highest step
+  of the current segment (the trainer went back to C+1 after a rollback), starts a new
+  segment: the suite is reset with `resume_step` = C (from the `started` event, else the
+  record's step - 1) at the time of the `started` event or of the previous record, and
+  checkpoints newer than C are quarantined (dropped from the valid list), as the daemon
+  does. Records of an older generation are ignored.
+- Time. Before each record, the suite is ticked at each pending deadline earlier than the
+  record's wall time, so a gap in the spool longer than the stall timeout is a `hang`
+  detected at exactly the deadline (a record landing exactly on it counts as in time).
+  Spools hold no heartbeats, so no `missing_heartbeat` is replayed.
+- Actions. In mode "auto" a decision that acts is added to the `History`, and a rollback or
+  restart is taken as executed at the finding's wall time: checkpoints newer than its
+  target are quarantined, the LR scale becomes the decision's, and the suite is reset to
+  the target step (windows rebuilt from the baseline as of that step). The spool's later
+  records are then fed as if they were the post-action trajectory; if the spool rewinds
+  later (it came from a supervised run), that rewind starts a new segment as above.
+  `stop_page` ends the replay: the daemon would have stopped the run there.
+- The LR scale starts from the first record's and changes only by simulated decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pydantic import ValidationError
+
+from supervisor.detect.findings import Finding
+from supervisor.detect.suite import DetectorSuite
+from supervisor.policy import (AUTO, RESTART_ACTIONS, ROLLBACK_ACTIONS, STOP_PAGE, Decision,
+                               History, Policy, RunState)
+from supervisor.protocol import CheckpointSaved, StepRecord, TrainerStarted
+
+
+class ReplayError(ValueError):
+    """A spool line that cannot be replayed (the message names the line)."""
+
+
+class _Simulation:
+    def __init__(self, suite_config, policy_config, mode, batches_per_step, checkpoints,
+                 last_known_good) -> None:
+        self.suite = DetectorSuite(suite_config)
+        self.policy = Policy(policy_config)
+        self.history = History()
+        self.mode = mode
+        self.batches_per_step = batches_per_step
+        self.checkpoints: set[int] = set(checkpoints)
+        self.last_known_good = last_known_good
+        self.pairs: list[tuple[Finding, Decision]] = []
+        self.generation: int | None = None
+        self.max_step: int | None = None  # highest step of the current segment (as spooled)
+        self.last_wall: float | None = None
+        self.lr_scale: float | None = None
+        self.started: TrainerStarted | None = None
+        self.stopped = False
+
+    # --- lines ------------------------------------------------------------------------------
+    def feed(self, n: int, line: dict) -> None:
+        if not isinstance(line, dict):
+            raise ReplayError(f"line {n}: expected a JSON object, got {type(line).__name__}")
+        kind = line.get("kind")
+        try:
+            if kind in (None, "step"):
+                body = {k: v for k, v in line.items() if k != "kind"}
+                self.record(StepRecord.model_validate(body))
+            elif kind == "checkpoint_saved":
+                self.checkpoints.add(CheckpointSaved.model_validate(line).step)
+            elif kind == "started":
+                self.started = TrainerStarted.model_validate(line)
+            elif kind == "finished":
+                self.suite.end_generation()
+        except ValidationError as e:
+            what = "step record" if kind in (None, "step") else f"{kind} event"
+            raise ReplayError(f"line {n}: not a valid {what}: {e}") from None
+
+    def record(self, rec: StepRecord) -> None:
+        if self.generation is not None and rec.generation < self.generation:
+            return
+        if (self.generation is None or rec.generation > self.generation
+                or (self.max_step is not None and rec.step <= self.max_step)):
+            self._new_segment(rec)
+        self._tick_until(rec.wall_time)
+        if self.stopped:
+            return
+        self.max_step = rec.step if self.max_step is None else max(self.max_step, rec.step)
+        self.last_wall = rec.wall_time
+        for f in self.suite.observe_record(rec):
+            self._decide(f, rec.step)
+            if self.stopped:
+                return
+
+    def _new_segment(self, rec: StepRecord) -> None:
+        st = self.started
+        resume = st.step if st is not None else rec.step - 1
+        now = st.wall_time if st is not None else (self.last_wall or rec.wall_time)
+        if self.lr_scale is None:
+            self.lr_scale = rec.lr_scale
+        self.generation = rec.generation
+        self.max_step = None
+        self.started = None
+        self._quarantine_after(resume)
+        self.suite.reset_generation(rec.generation, now, resume_step=resume)
+
+    def _tick_until(self, wall_time: float) -> None:
+        seen: set[float] = set()
+        while not self.stopped:
+            d = self.suite.next_deadline()
+            if d is None or d >= wall_time or d in seen:
+                return
+            seen.add(d)
+            for f in self.suite.tick(d):
+                self._decide(f, self.max_step or f.step)
+                if self.stopped:
+                    return
+
+    # --- decisions --------------------------------------------------------------------------
+    def _decide(self, f: Finding, step: int) -> None:
+        state = RunState(step=step, generation=self.generation or 0,
+                         valid_checkpoints=sorted(self.checkpoints),
+                         last_known_good=self.last_known_good,
+                         batches_per_step=self.batches_per_step,
+                         lr_scale=self.lr_scale if self.lr_scale is not None else 1.0,
+                         trainer_alive=True, mode=self.mode)
+        d = self.policy.decide(f, state, self.history)
+        self.pairs.append((f, d))
+        if not d.acts:
+            return
+        self.history.record(f, d)
+        if d.action == STOP_PAGE:
+            self.stopped = True
+        elif d.action in ROLLBACK_ACTIONS or d.action in RESTART_ACTIONS:
+            target = d.target_step or 0
+            self._quarantine_after(target)
+            if d.lr_scale is not None:
+                self.lr_scale = d.lr_scale
+            self.suite.reset_generation(self.generation or 0, f.wall_time, resume_step=target)
+
+    def _quarantine_after(self, step: int) -> None:
+        self.checkpoints = {c for c in self.checkpoints if c <= step}
+        if self.last_known_good is not None and self.last_known_good > step:
+            self.last_known_good = None
+
+
+def replay(lines: Iterable[dict], *, suite_config: DetectorSuite.Config | None = None,
+           policy_config: Policy.Config | None = None, mode: str = AUTO,
+           batches_per_step: int = 1, checkpoints: Iterable[int] = (),
+           last_known_good: int | None = None) -> list[tuple[Finding, Decision]]:
+    """(finding, decision) pairs, in order, that the daemon would have produced."""
+    sim = _Simulation(suite_config, policy_config, mode, batches_per_step, checkpoints,
+                      last_known_good)
+    for n, line in enumerate(lines, 1):
+        sim.feed(n, line)
+        if sim.stopped:
+            break
+    return sim.pairs
+
+
+def format_decisions(pairs: Iterable[tuple[Finding, Decision]]) -> str:
+    """One line per finding: step, kind, severity, action, rung and the reason."""
+    out = []
+    for f, d in pairs:
+        flag = " (advisory)" if d.advisory else ""
+        who = f" rank {f.rank}" if f.rank is not None else ""
+        out.append(f"step {f.step:>7}  {f.kind:<17} {f.severity:<8}{who} -> {d.action}"
+                   f"{flag} [rung {d.rung}]: {d.reason}")
+    return "\n".join(out) if out else "no findings: the daemon would have done nothing"
