@@ -92,7 +92,8 @@ class FaultPlan:
     def __init__(self, spec: str, rank: int, generation: int) -> None:
         self.faults = [f for f in parse_faults(spec) if f.applies(rank, generation)]
         self._fired: set[int] = set()
-        self._spike_until = 0
+        self._spike_from = 0
+        self._spike_until = -1
         self._spike_factor = 1.0
         self._slow_seconds = 0.0
 
@@ -108,6 +109,7 @@ class FaultPlan:
         """Called at the step boundary, before the step runs."""
         for f in self._due("spike", step):
             self._spike_factor = float(f.params.get("lr", 1000.0))
+            self._spike_from = step
             self._spike_until = step + int(f.params.get("steps", 3)) - 1
         for _ in self._due("crash", step):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -126,7 +128,7 @@ class FaultPlan:
             _allocate_gib(float(f.params.get("gib", 64.0)))
 
     def lr_factor(self, step: int) -> float:
-        return self._spike_factor if step <= self._spike_until else 1.0
+        return self._spike_factor if self._spike_from <= step <= self._spike_until else 1.0
 
     def nan_now(self, step: int) -> bool:
         return bool(self._due("nan", step))
