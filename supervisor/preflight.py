@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from supervisor.model_table import ALL_SHAPES, ModelShape
@@ -510,10 +510,12 @@ class Preflight:
     # the plan as a whole --------------------------------------------------------------
 
     def run(self, plan: TrainingPlan) -> PreflightReport:
-        issues = [*self.check_optimizer(plan), *self.check_plan(plan)]
+        """Check everything; choose the first layout without an error (None if plan-wide errors)."""
+        plan_issues = self.check_plan(plan)
+        issues = [*self.check_optimizer(plan), *plan_issues]
         per: list[list[Issue]] = []
         memory: list[MemoryEstimate | None] = []
-        plan_ok = not _has_error(self.check_plan(plan))
+        plan_ok = not _has_error(plan_issues)
         for n, layout in enumerate(plan.layouts):
             found = self.check_layout(plan, layout, n)
             per.append(found)

@@ -205,3 +205,19 @@ def test_bad_config_and_reference_are_rejected():
         ConvergenceWatch([(2.0, 2.0), (1.0, 1.0)])  # tokens out of order
     with pytest.raises(ValueError):
         ConvergenceWatch([])
+
+
+def test_past_the_reference_end_tokens_are_capped():
+    # The reference stopped at step 150, still improving. The live run tracks it (3% higher)
+    # and then sits at the reference's final loss: we cannot know whether the reference would
+    # have sat there too, so running longer alone must not read as "slow".
+    short_ref = reference_from_spool_lines(curve(TAU, seed=0, steps=150, noise=0.0))
+    live = curve(TAU, seed=0, steps=150, noise=0.0)
+    live = [{**r, "loss": r["loss"] * 1.03} for r in live]
+    live += [{**r, "loss": live[-1]["loss"]} for r in curve(TAU, seed=0, steps=250, start=151)]
+    assert run(ConvergenceWatch(short_ref), live) == []
+    # ... while a run far behind is still caught past the end (capped ratio 150/60 = 2.5)
+    behind = [{**r, "loss": short_ref[59][1]} for r in curve(TAU, seed=0, steps=100, start=200)]
+    (f,) = run(ConvergenceWatch(short_ref, ConvergenceWatch.Config(warmup_steps=0)), behind)
+    assert f.evidence["compared_tokens"] == 150 * TOKENS_PER_STEP < f.evidence["tokens"]
+    assert 2.0 < f.evidence["ratio"] < 3.0
