@@ -94,7 +94,7 @@ class Decision:
 class RunState:
     """What the daemon knows about the run when it decides."""
 
-    step: int
+    current_step: int
     generation: int
     valid_checkpoints: list[int] = field(default_factory=list)  # sorted, from the catalog
     last_known_good: int | None = None  # pinned checkpoint step, if the catalog has one
@@ -186,7 +186,8 @@ class Policy:
         max_rollbacks_per_region: int = 3
         #: rollbacks allowed over the whole run; then stop
         max_total_rollbacks: int = 20
-        #: the rollback target must be at least this many steps before the onset (1 = strictly before)
+        #: the rollback target must be at least this many steps before the onset
+        #: (1 = strictly before it)
         min_steps_before_onset: int = 1
         #: extra steps of data skipped past the onset
         data_skip_margin_steps: int = 10
@@ -273,7 +274,8 @@ class Policy:
         if f.evidence.get("update_skipped"):
             how = "the trainer already skipped that update"
         else:
-            how = "that update is to be skipped (the trainer's own guard did not report it)"
+            how = ("the trainer's own guard did not skip it; skipping the next update as the "
+                   "trainer receives this")
         return Decision(SKIP_UPDATE, f"{what}; {how}", RUNG_SKIP)
 
     def _rollback(self, f: Finding, state: RunState, history: History) -> Decision:
@@ -335,12 +337,12 @@ class Policy:
             target, where = max(state.valid_checkpoints), None
         elif state.last_known_good is not None:
             target, where = state.last_known_good, None
-        elif state.step <= c.fresh_restart_max_step:
+        elif state.current_step <= c.fresh_restart_max_step:
             target, where = 0, "from scratch (no valid checkpoint yet)"
         else:
             return Decision(STOP_PAGE, (
-                f"{what}; no valid checkpoint to restart from at step {state.step}: stopping "
-                f"with everything kept and paging a human"), RUNG_STOP)
+                f"{what}; no valid checkpoint to restart from at step {state.current_step}: "
+                f"stopping with everything kept and paging a human"), RUNG_STOP)
         where = where or f"from checkpoint step {target}"
         backoff = min(c.backoff_base_seconds * 2 ** len(recent), c.backoff_max_seconds)
         tail = (f"{where} after {backoff:g}s backoff (restart {len(recent) + 1} of "
@@ -403,9 +405,18 @@ class Policy:
                 return f"rank {f.rank}{on} ran out of memory at step {f.step}, {how}"
             return f"rank {f.rank}{on} died with {how} at step {f.step}"
         if f.kind == HANG:
-            silent = f"; rank {f.rank} stopped heartbeating" if f.rank is not None else ""
+            silent = ""
+            if f.rank is not None:
+                if f.rank in ev.get("silent_ranks", [f.rank]):
+                    silent = f"; rank {f.rank} stopped heartbeating"
+                else:
+                    phase = ev.get("rank_phases", {}).get(str(f.rank), "?")
+                    silent = f"; rank {f.rank} is stuck outside the step (phase {phase})"
+            basis = {"steps": "from step times", "startup": "startup",
+                     "checkpoint": "checkpoint save", "pause": "after an announced pause"}
             return (f"no new step for {_num(ev.get('seconds_without_progress'))}s after step "
-                    f"{f.step} (timeout {_num(ev.get('timeout_seconds'))}s, {ev.get('basis')})"
+                    f"{f.step} (timeout {_num(ev.get('timeout_seconds'))}s "
+                    f"{basis.get(ev.get('basis')) or str(ev.get('basis')).replace(':', ' ')})"
                     f"{silent}")
         if f.kind == MISSING_HEARTBEAT:
             return f"rank {f.rank} sent no heartbeat for {_num(ev.get('seconds_silent'))}s"

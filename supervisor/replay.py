@@ -7,8 +7,8 @@ cluster. Pure: no files, no clock; time is the records' `wall_time`.
 Lines understood:
 - a StepRecord dict (protocol.py; an optional `"kind": "step"` is tolerated);
 - `{"kind": "checkpoint_saved", "step": N, ...}`: N joins the valid checkpoints;
-- `{"kind": "started", "step": C, ...}`: the next segment resumes from checkpoint C at
-  that wall time (used when present, else inferred as below);
+- `{"kind": "started", "step": C, ...}`: the next record starts a new segment that resumes
+  from checkpoint C at that wall time (without it, segments are inferred as below);
 - `{"kind": "finished", ...}`: the generation ended (no hang after it);
 - anything else with a `kind` (e.g. `directive_applied`) is accepted and ignored.
 A malformed step record or checkpoint event raises `ReplayError` naming the line.
@@ -24,19 +24,26 @@ How the daemon is simulated:
   record's wall time, so a gap in the spool longer than the stall timeout is a `hang`
   detected at exactly the deadline (a record landing exactly on it counts as in time).
   Spools hold no heartbeats, so no `missing_heartbeat` is replayed.
-- Actions. In mode "auto" a decision that acts is added to the `History`, and a rollback or
-  restart is taken as executed at the finding's wall time: checkpoints newer than its
-  target are quarantined, the LR scale becomes the decision's, and the suite is reset to
-  the target step (windows rebuilt from the baseline as of that step). The spool's later
-  records are then fed as if they were the post-action trajectory; if the spool rewinds
-  later (it came from a supervised run), that rewind starts a new segment as above.
+- Actions. In mode "auto" a decision that acts is added to the `History`; a rollback or
+  restart quarantines the checkpoints newer than its target and sets the LR scale at once.
+  The daemon resets the detectors only when the action has landed, i.e. when the trainer
+  comes back at C+1, and so does replay: the records that follow the decision are held
+  back (they are the old trajectory, still running until the directive is applied). If the
+  spool then rewinds or moves to a newer generation (a supervised run), the held records
+  are dropped and the new segment starts as above. If it does not within
+  `apply_lag_records` records (an unsupervised run), the action is taken as executed at
+  the finding's wall time: the suite is reset to the target step (windows
+  rebuilt from the baseline as of that step) and the held records are fed as if they were
+  the post-action trajectory, so a run that stays bad climbs the ladder. Records still
+  held when the spool ends are dropped: whether and how the action landed is unknown.
   `stop_page` ends the replay: the daemon would have stopped the run there.
 - The LR scale starts from the first record's and changes only by simulated decisions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
@@ -51,22 +58,33 @@ class ReplayError(ValueError):
     """A spool line that cannot be replayed (the message names the line)."""
 
 
+@dataclass
+class _Pending:
+    """A rollback/restart decided but not yet seen to land in the spool."""
+
+    target: int
+    wall_time: float
+    held: list[StepRecord] = field(default_factory=list)
+
+
 class _Simulation:
     def __init__(self, suite_config, policy_config, mode, batches_per_step, checkpoints,
-                 last_known_good) -> None:
-        self.suite = DetectorSuite(suite_config)
+                 last_known_good, reference, apply_lag_records) -> None:
+        self.suite = DetectorSuite(suite_config, reference=reference)
         self.policy = Policy(policy_config)
         self.history = History()
         self.mode = mode
         self.batches_per_step = batches_per_step
         self.checkpoints: set[int] = set(checkpoints)
         self.last_known_good = last_known_good
+        self.apply_lag_records = apply_lag_records
         self.pairs: list[tuple[Finding, Decision]] = []
         self.generation: int | None = None
-        self.max_step: int | None = None  # highest step of the current segment (as spooled)
+        self.max_step: int | None = None  # highest step fed in the current segment
         self.last_wall: float | None = None
         self.lr_scale: float | None = None
         self.started: TrainerStarted | None = None
+        self.pending: _Pending | None = None
         self.stopped = False
 
     # --- lines ------------------------------------------------------------------------------
@@ -91,8 +109,19 @@ class _Simulation:
     def record(self, rec: StepRecord) -> None:
         if self.generation is not None and rec.generation < self.generation:
             return
-        if (self.generation is None or rec.generation > self.generation
-                or (self.max_step is not None and rec.step <= self.max_step)):
+        rewind = (self.generation is None or rec.generation > self.generation
+                  or self.started is not None  # a process (re)start is always a new segment
+                  or (self.max_step is not None and rec.step <= self.max_step))
+        if self.pending is not None:
+            if rewind:
+                self.pending = None  # the action landed: the held records were superseded
+            else:
+                self.pending.held.append(rec)
+                self.last_wall = rec.wall_time
+                if len(self.pending.held) > self.apply_lag_records:
+                    self._land_pending()
+                return
+        if rewind:
             self._new_segment(rec)
         self._tick_until(rec.wall_time)
         if self.stopped:
@@ -100,7 +129,7 @@ class _Simulation:
         self.max_step = rec.step if self.max_step is None else max(self.max_step, rec.step)
         self.last_wall = rec.wall_time
         for f in self.suite.observe_record(rec):
-            self._decide(f, rec.step)
+            self._decide(f)
             if self.stopped:
                 return
 
@@ -116,21 +145,33 @@ class _Simulation:
         self._quarantine_after(resume)
         self.suite.reset_generation(rec.generation, now, resume_step=resume)
 
+    def _land_pending(self) -> None:
+        """No sign of the action in the spool: take it as executed and replay what followed."""
+        p = self.pending
+        assert p is not None
+        self.pending = None
+        self.suite.reset_generation(self.generation or 0, p.wall_time, resume_step=p.target)
+        self.max_step = p.target
+        for rec in p.held:
+            if self.stopped:
+                return
+            self.record(rec)
+
     def _tick_until(self, wall_time: float) -> None:
         seen: set[float] = set()
-        while not self.stopped:
+        while not self.stopped and self.pending is None:
             d = self.suite.next_deadline()
             if d is None or d >= wall_time or d in seen:
                 return
             seen.add(d)
             for f in self.suite.tick(d):
-                self._decide(f, self.max_step or f.step)
+                self._decide(f)
                 if self.stopped:
                     return
 
     # --- decisions --------------------------------------------------------------------------
-    def _decide(self, f: Finding, step: int) -> None:
-        state = RunState(step=step, generation=self.generation or 0,
+    def _decide(self, f: Finding) -> None:
+        state = RunState(current_step=self.max_step or f.step, generation=self.generation or 0,
                          valid_checkpoints=sorted(self.checkpoints),
                          last_known_good=self.last_known_good,
                          batches_per_step=self.batches_per_step,
@@ -143,12 +184,13 @@ class _Simulation:
         self.history.record(f, d)
         if d.action == STOP_PAGE:
             self.stopped = True
-        elif d.action in ROLLBACK_ACTIONS or d.action in RESTART_ACTIONS:
+        elif (d.action in ROLLBACK_ACTIONS or d.action in RESTART_ACTIONS) \
+                and self.pending is None:
             target = d.target_step or 0
             self._quarantine_after(target)
             if d.lr_scale is not None:
                 self.lr_scale = d.lr_scale
-            self.suite.reset_generation(self.generation or 0, f.wall_time, resume_step=target)
+            self.pending = _Pending(target=target, wall_time=f.wall_time)
 
     def _quarantine_after(self, step: int) -> None:
         self.checkpoints = {c for c in self.checkpoints if c <= step}
@@ -159,10 +201,17 @@ class _Simulation:
 def replay(lines: Iterable[dict], *, suite_config: DetectorSuite.Config | None = None,
            policy_config: Policy.Config | None = None, mode: str = AUTO,
            batches_per_step: int = 1, checkpoints: Iterable[int] = (),
-           last_known_good: int | None = None) -> list[tuple[Finding, Decision]]:
-    """(finding, decision) pairs, in order, that the daemon would have produced."""
+           last_known_good: int | None = None,
+           reference: Sequence[tuple[float, float]] | None = None,
+           apply_lag_records: int = 100) -> list[tuple[Finding, Decision]]:
+    """(finding, decision) pairs, in order, that the daemon would have produced.
+
+    `checkpoints` / `last_known_good`: valid checkpoint steps known before the spool starts;
+    `reference`: [(tokens_seen, loss)] of an earlier run, for slow-convergence findings;
+    `apply_lag_records`: records after an action within which the spool must show it landed
+    (a rewind or a new generation) before replay simulates it (see the module docstring)."""
     sim = _Simulation(suite_config, policy_config, mode, batches_per_step, checkpoints,
-                      last_known_good)
+                      last_known_good, reference, apply_lag_records)
     for n, line in enumerate(lines, 1):
         sim.feed(n, line)
         if sim.stopped:

@@ -1,12 +1,13 @@
 """Loss spikes: tolerate one that recovers, act on one that does not, act on a cluster.
 
 The lesson (LLM-jp, DESIGN.md §1): a single spike usually comes back down by itself, many
-overlapping spikes kill the run. So a spike is judged against a robust baseline (median and
-MAD of the last `window` healthy losses) and must clear two bars: a robust z-score above
-`z_threshold` *and* a relative jump above `min_relative_jump` over the median. The z-score
-alone would fire on tiny bumps of a very smooth curve; the relative jump alone would fire
-on noisy small models. Losses below the median never count, so the steep early drop is
-silent, and nothing is judged before `warmup` samples.
+overlapping spikes kill the run. So a spike is judged against a robust baseline (median
+and robust scale of the last `window` healthy losses, see robust.py) and must clear two
+bars: a robust z-score above `z_threshold` *and* a relative jump above `min_relative_jump`
+over the median. The z-score alone would fire on tiny bumps of a very smooth curve; the
+relative jump alone would fire on noisy small models. Losses below the median never count
+and the scale ignores trends, so the steep early drop is silent; nothing is judged before
+`warmup` samples.
 
 Life of a spike: `loss_spike` (warning) at the onset; if a later loss within
 `recovery_steps` steps is back under median·(1 + `recovery_tolerance`) -> `spike_recovered`
@@ -47,7 +48,7 @@ class LossSpikeDetector:
         window: int = 50
         #: baseline samples needed before anything is judged (covers the first steep drop)
         warmup: int = 20
-        #: robust z-score (vs 1.4826·MAD) a spike must exceed ...
+        #: robust z-score ((loss - median) / robust scale) a spike must exceed ...
         z_threshold: float = 6.0
         #: ... and its relative height over the median (0.2 = 20 % above)
         min_relative_jump: float = 0.20

@@ -2,8 +2,9 @@
 
 Why median/MAD and not mean/std: one spike moves a mean and a standard deviation a lot,
 and then hides the next spike; the median and the median absolute deviation barely move.
-`scale()` is 1.4826·MAD (≈ σ for Gaussian noise), floored so a perfectly flat window
-cannot divide by zero.
+The scale is the MAD of successive differences (≈ σ for Gaussian
+noise, and blind to a trend, see `stats`), floored so a perfectly flat window cannot
+divide by zero.
 
 Samples carry their step, and a longer history than the window is kept, so that after a
 rollback to checkpoint C the window can be rebuilt from the samples at steps ≤ C
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 
 MAD_TO_SIGMA = 1.4826
+SQRT2 = 2 ** 0.5
 
 
 def median(values: list[float]) -> float:
@@ -58,13 +60,26 @@ class RollingWindow:
     def values(self) -> list[float]:
         return [v for _, v in self._window]
 
+    def samples(self) -> list[tuple[int, float]]:
+        return list(self._window)
+
     def stats(self) -> tuple[float, float]:
-        """(median, robust scale) of the window; the window must not be empty."""
+        """(median, robust scale) of the window; the window must not be empty.
+
+        The scale is taken from successive differences (1.4826 · median|Δ| / √2, ≈ σ for
+        i.i.d. noise) rather than from deviations around the median: while the loss is
+        still falling steeply, the spread around the median is mostly trend, which would
+        inflate the scale and hide real spikes; successive differences barely see a trend.
+        """
         vals = self.values()
         med = median(vals)
-        mad = median([abs(v - med) for v in vals])
+        if len(vals) >= 2:
+            diffs = [abs(b - a) for a, b in zip(vals, vals[1:])]
+            spread = MAD_TO_SIGMA * median(diffs) / SQRT2
+        else:
+            spread = 0.0
         floor = max(abs(med) * self.min_scale_fraction, 1e-12)
-        return med, max(MAD_TO_SIGMA * mad, floor)
+        return med, max(spread, floor)
 
     def restart(self) -> None:
         """Forget the active window (the level changed); keep history for a later rewind."""

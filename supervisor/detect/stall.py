@@ -6,9 +6,10 @@ given to `tick(now)`, which the daemon calls about once a second.
 Hang timeout. Steps of a healthy run take a steady time, so the timeout is learned from
 it: clamp(`multiplier` × p95(step_seconds), `floor_seconds`, `ceiling_seconds`). Until the
 first record of a generation (process start, checkpoint load, compile) only the longer
-`startup_timeout` applies, counted from `reset(generation, now)`. A step that ends on a
-checkpoint interval gets at least `checkpoint_timeout` (the save happens after it).
-`expect_pause(until)` announces a known pause (a rollback being applied, an operator
+`startup_timeout` applies, counted from `reset(generation, now)`. While any rank's latest
+heartbeat says it is in a slow phase (`slow_phases`: loading, checkpoint save, in-process
+rollback, ...), the timeout is at least `slow_phase_timeout`: a checkpoint save is not a
+hang. `expect_pause(until)` announces a known pause (a rollback being applied, an operator
 checkpoint): no hang before `until`, and the ordinary timeout counts from `until`.
 A hang fires when `now >= deadline` (exactly at the timeout, not before), once per stall;
 the next progress re-arms it.
@@ -21,10 +22,14 @@ ingest does not look like a hang.
 Heartbeats: each rank beats about once a second; a rank silent for `heartbeat_timeout`
 gets one `missing_heartbeat` finding per silence. If `world_size` is given to `reset`, a
 rank never heard from within `startup_timeout` is missing too. When the step stream
-stalls while ranks are silent, the `hang` names the lowest silent rank (`rank`) and lists
-all of them. Failure model: clocks of the trainer hosts and the daemon are assumed to
-agree to well within `floor_seconds`; `floor_seconds` must exceed the telemetry flush
-interval. After `end()` (the generation exited or finished) nothing fires until `reset`.
+stalls, the `hang` names a suspect rank (`rank`): the lowest silent rank if any (its
+process or node is gone); else a rank whose heartbeat phase shows it stuck outside the
+training step while others are inside it (waiting for it in a collective), a phase
+starting with "fault:" (drills) first. Evidence lists every rank's phase and silence.
+
+Failure model: the clocks of the trainer hosts and of the daemon are assumed to agree to
+well within `floor_seconds`, and `floor_seconds` must exceed the telemetry flush interval.
+After `end()` (the generation exited or finished) nothing fires until `reset`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class _Beat:
     step: int
     host: str | None = None
     pid: int | None = None
+    phase: str = ""
 
 
 class StallDetector:
@@ -57,10 +63,13 @@ class StallDetector:
         heartbeat_timeout: float = 5.0
         #: step_seconds samples the p95 is taken over
         step_time_window: int = 200
-        #: steps that are multiples of this are followed by a checkpoint save (None = unknown)
-        checkpoint_interval_steps: int | None = None
-        #: minimum timeout after such a step
-        checkpoint_timeout: float = 600.0
+        #: heartbeat phases during which steps legitimately pause ...
+        slow_phases: tuple[str, ...] = ("starting", "loading", "checkpoint", "rollback",
+                                        "finishing")
+        #: ... and the minimum hang timeout while any rank reports one
+        slow_phase_timeout: float = 600.0
+        #: the phase of a rank inside the training step (others outside it are suspects)
+        step_phase: str = "train_step"
 
     def __init__(self, config: "StallDetector.Config | None" = None, *,
                  generation: int | None = None, now: float | None = None) -> None:
@@ -108,7 +117,7 @@ class StallDetector:
         prev = self._beats.get(hb.rank)
         if prev is None or hb.wall_time >= prev.wall_time:
             self._beats[hb.rank] = _Beat(hb.wall_time, hb.step, getattr(hb, "host", None),
-                                         getattr(hb, "pid", None))
+                                         getattr(hb, "pid", None), getattr(hb, "phase", "") or "")
             self._missing_reported.discard(hb.rank)
         if self._progress_step is not None:  # startup is over: heartbeats count as progress
             self._progress(hb.step, hb.wall_time)
@@ -142,16 +151,16 @@ class StallDetector:
         if self._progress_time is None:
             if self._started_at is None:
                 return None
-            deadline, basis, timeout = self._started_at + c.startup_timeout, "startup", c.startup_timeout
+            timeout, basis = c.startup_timeout, "startup"
+            deadline = self._started_at + timeout
         else:
             timeout = self.step_timeout()
             basis = "steps"
             if timeout is None:
                 timeout, basis = c.startup_timeout, "startup"
-            interval = c.checkpoint_interval_steps
-            if interval and self._progress_step is not None and self._progress_step % interval == 0 \
-                    and c.checkpoint_timeout > timeout:
-                timeout, basis = c.checkpoint_timeout, "checkpoint"
+            slow = sorted({b.phase for b in self._beats.values() if b.phase in c.slow_phases})
+            if slow and c.slow_phase_timeout > timeout:
+                timeout, basis = c.slow_phase_timeout, "phase:" + ",".join(slow)
             deadline = self._progress_time + timeout
         if self._pause_until is not None:
             after = self.step_timeout() or c.floor_seconds
@@ -214,20 +223,33 @@ class StallDetector:
             deadline, basis, timeout = hang
             self._hang_reported = True
             since = self._progress_time if self._progress_time is not None else self._started_at
+            suspects = silent or self._phase_suspects()
             out.append(Finding(
                 kind=HANG, step=step, severity=CRITICAL, wall_time=now,
-                rank=silent[0] if silent else None,
+                rank=suspects[0] if suspects else None,
                 evidence={
                     "last_step": self._progress_step,
                     "last_progress_wall_time": self._progress_time,
-                    "seconds_without_progress": round(now - since, 3) if since is not None else None,
+                    "seconds_without_progress": (round(now - since, 3) if since is not None
+                                                 else None),
                     "timeout_seconds": timeout, "basis": basis,
                     "p95_step_seconds": (percentile(list(self._step_times), 95)
                                          if self._step_times else None),
                     "silent_ranks": silent,
+                    "suspect_ranks": suspects,
+                    "rank_phases": {str(r): b.phase for r, b in sorted(self._beats.items())},
                     "heartbeat_ages": {str(r): round(now - b.wall_time, 3)
                                        for r, b in sorted(self._beats.items())},
                     "rank_steps": {str(r): b.step for r, b in sorted(self._beats.items())},
                 },
             ))
         return out
+
+    def _phase_suspects(self) -> list[int]:
+        """Ranks stuck outside the training step while another rank is inside it."""
+        inside = self.config.step_phase
+        phases = {r: b.phase for r, b in self._beats.items() if b.phase}
+        if inside not in phases.values():
+            return []
+        out = sorted((not p.startswith("fault:"), r) for r, p in phases.items() if p != inside)
+        return [r for _, r in out]

@@ -15,20 +15,23 @@ that want it and returns their findings in the order they happened. Rules it add
   onset, and a divergence whose onset is at or before the step of the previous divergence
   (e.g. the spike detector and the NaN streak seeing the same blow-up) is dropped.
 - A rank exit ends the generation for the stall detector (no hang on a dead job).
+- Slow convergence is watched only when a `reference` curve is given (`ConvergenceWatch`,
+  convergence.py). It follows rollbacks by itself (tokens_seen going back) and is never
+  reset here: its finding is raised once per run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from supervisor.detect.convergence import ConvergenceWatch
 from supervisor.detect.dead_rank import DeadRankDetector
 from supervisor.detect.findings import DIVERGENCE, Finding
 from supervisor.detect.grad_blowup import GradBlowupDetector
 from supervisor.detect.hardware import HardwareDetector
 from supervisor.detect.loss_spike import LossSpikeDetector
 from supervisor.detect.non_finite import NonFiniteDetector
-from supervisor.detect.slow_convergence import SlowConvergenceDetector
 from supervisor.detect.stall import StallDetector
 from supervisor.detect.straggler import StragglerDetector
 
@@ -43,11 +46,13 @@ class DetectorSuite:
         dead_rank: DeadRankDetector.Config = field(default_factory=DeadRankDetector.Config)
         straggler: StragglerDetector.Config = field(default_factory=StragglerDetector.Config)
         hardware: HardwareDetector.Config = field(default_factory=HardwareDetector.Config)
-        slow_convergence: SlowConvergenceDetector.Config = field(
-            default_factory=SlowConvergenceDetector.Config)
+        convergence: ConvergenceWatch.Config = field(default_factory=ConvergenceWatch.Config)
 
     def __init__(self, config: "DetectorSuite.Config | None" = None, *,
-                 generation: int | None = None, now: float | None = None) -> None:
+                 generation: int | None = None, now: float | None = None,
+                 reference: Sequence[tuple[float, float]] | None = None) -> None:
+        """`reference`: [(tokens_seen, loss)] of an earlier run; enables slow-convergence
+        detection (`ConvergenceWatch`, which follows rollbacks by itself via tokens_seen)."""
         self.config = c = config or DetectorSuite.Config()
         self.non_finite = NonFiniteDetector(c.non_finite)
         self.loss_spike = LossSpikeDetector(c.loss_spike)
@@ -56,7 +61,7 @@ class DetectorSuite:
         self.dead_rank = DeadRankDetector(c.dead_rank)
         self.straggler = StragglerDetector(c.straggler)
         self.hardware = HardwareDetector(c.hardware)
-        self.slow_convergence = SlowConvergenceDetector(c.slow_convergence)
+        self.convergence = ConvergenceWatch(reference, c.convergence) if reference else None
         self.generation = generation
         self.last_step: int | None = None
         self._last_divergence_step: int | None = None
@@ -68,7 +73,7 @@ class DetectorSuite:
         self.generation = generation
         self.last_step = resume_step
         self._last_divergence_step = None
-        for d in (self.loss_spike, self.grad_blowup, self.slow_convergence):
+        for d in (self.loss_spike, self.grad_blowup):
             if resume_step is None:
                 d.reset()
             else:
@@ -109,7 +114,8 @@ class DetectorSuite:
         found += self.loss_spike.observe(record)
         found += self.grad_blowup.observe(record)
         found += self.straggler.observe(record)
-        found += self.slow_convergence.observe(record)
+        if self.convergence is not None:
+            found += self.convergence.observe(record)
         found += self.stall.observe_record(record)
         return self._one_divergence_per_incident(found, open_onset)
 

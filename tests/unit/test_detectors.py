@@ -1,0 +1,506 @@
+"""Detectors: silent on healthy curves, loud and precise on each failure they own."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from supervisor.detect.dead_rank import DeadRankDetector, signal_of
+from supervisor.detect.findings import (DEAD_RANK, DIVERGENCE, GRAD_BLOWUP, HANG, HARDWARE,
+                                        LOSS_SPIKE, MISSING_HEARTBEAT, NON_FINITE, OOM,
+                                        SLOW_CONVERGENCE, SPIKE_RECOVERED, STRAGGLER, Finding)
+from supervisor.detect.grad_blowup import GradBlowupDetector
+from supervisor.detect.loss_spike import LossSpikeDetector
+from supervisor.detect.non_finite import NonFiniteDetector
+from supervisor.detect.stall import StallDetector
+from supervisor.detect.straggler import StragglerDetector
+from supervisor.detect.suite import DetectorSuite
+from supervisor.protocol import Heartbeat, StepRecord
+
+T0 = 1_000.0
+
+
+def rec(step: int, loss: float, grad: float = 1.0, *, gen: int = 0, step_seconds: float = 1.0,
+        wall: float | None = None, skipped: bool = False, rank_times=None) -> StepRecord:
+    return StepRecord(run_id="run", generation=gen, step=step, loss=loss, grad_norm=grad,
+                      lr=3e-4, lr_scale=1.0, tokens_per_s=1e4, step_seconds=step_seconds,
+                      wall_time=wall if wall is not None else T0 + step * step_seconds,
+                      update_skipped=skipped, rank_step_seconds=rank_times,
+                      tokens_seen=step * 1000)
+
+
+def hb(rank: int, step: int, wall: float, gen: int = 0, phase: str = "") -> Heartbeat:
+    return Heartbeat(run_id="run", generation=gen, rank=rank, step=step, pid=100 + rank,
+                     host=f"node{rank // 8}", wall_time=wall, phase=phase)
+
+
+def clean_loss(n: int = 500, seed: int = 0, noise: float = 0.03) -> list[float]:
+    """Steep early drop (10.5 -> ~2) then a slow plateau, with multiplicative noise."""
+    rng = random.Random(seed)
+    return [(2.0 + 8.5 * math.exp(-s / 40)) * (1 + rng.gauss(0, noise)) for s in range(1, n + 1)]
+
+
+def clean_grad(n: int = 500, seed: int = 0) -> list[float]:
+    rng = random.Random(seed + 1000)
+    return [(0.4 + 5 * math.exp(-s / 30)) * math.exp(rng.gauss(0, 0.15)) for s in range(1, n + 1)]
+
+
+def feed(det, losses, start: int = 1, **kw) -> list[Finding]:
+    out = []
+    for i, loss in enumerate(losses):
+        out += det.observe(rec(start + i, loss, **kw))
+    return out
+
+
+def kinds(findings) -> list[tuple[str, int]]:
+    return [(f.kind, f.step) for f in findings]
+
+
+# --- findings ------------------------------------------------------------------------------
+def test_finding_round_trips_as_strict_json():
+    f = Finding(kind=NON_FINITE, step=7, severity="critical", wall_time=12.5,
+                evidence={"loss": "nan", "fields": ["loss"]}, rank=None)
+    d = json.loads(json.dumps(f.to_dict(), allow_nan=False))
+    assert Finding.from_dict(d) == f
+
+
+def test_finding_rejects_unknown_kind_and_severity():
+    with pytest.raises(ValueError):
+        Finding(kind="spiky", step=1, severity="info", wall_time=1.0, evidence={})
+    with pytest.raises(ValueError):
+        Finding(kind=HANG, step=1, severity="fatal", wall_time=1.0, evidence={})
+
+
+# --- false alarms ----------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(5))
+def test_healthy_run_raises_nothing_at_all(seed):
+    losses, grads = clean_loss(seed=seed), clean_grad(seed=seed)
+    assert losses[0] > 4 * losses[-1]  # the curve does include the steep early drop
+    suite = DetectorSuite(generation=0, now=T0)
+    found = []
+    for step, (loss, g) in enumerate(zip(losses, grads), 1):
+        found += suite.observe_record(rec(step, loss, g, rank_times=[1.0, 1.02, 0.98, 1.01]))
+        found += suite.tick(T0 + step + 0.9)
+    assert found == []
+
+
+def test_early_drop_raises_nothing_even_with_tiny_window():
+    det = LossSpikeDetector(LossSpikeDetector.Config(window=10, warmup=5))
+    assert feed(det, [11.0 * math.exp(-s / 8) + 2 for s in range(60)]) == []
+
+
+# --- loss spikes -------------------------------------------------------------------------------
+def test_recovering_spike_is_recorded_not_divergence():
+    losses = clean_loss()
+    base = losses[299]
+    losses[299] = base * 1.8  # step 300
+    losses[300] = base * 1.3  # step 301: still above the 10 % tolerance
+    found = feed(LossSpikeDetector(), losses)
+    assert kinds(found) == [(LOSS_SPIKE, 300), (SPIKE_RECOVERED, 302)]
+    spike, rec_ = found
+    assert spike.severity == "warning" and spike.evidence["z"] > 6
+    assert spike.evidence["relative_jump"] > 0.2
+    assert rec_.severity == "info"
+    assert rec_.evidence["onset_step"] == 300
+    assert rec_.evidence["steps_to_recover"] == 2
+    assert rec_.evidence["peak"] == pytest.approx(base * 1.8)
+
+
+def test_small_bump_is_not_a_spike():
+    losses = clean_loss(noise=0.01)
+    losses[299] = (2.0 + 8.5 * math.exp(-300 / 40)) * 1.15  # z ~ 15, but under the 20 % bar
+    det = LossSpikeDetector()
+    assert feed(det, losses) == []
+    losses[299] = (2.0 + 8.5 * math.exp(-300 / 40)) * 1.25  # the same bump over the bar fires
+    assert kinds(feed(LossSpikeDetector(), losses)) == [(LOSS_SPIKE, 300), (SPIKE_RECOVERED, 301)]
+
+
+def test_spike_that_does_not_recover_is_divergence_after_k_steps():
+    losses = clean_loss(n=320)
+    for i in range(299, 320):
+        losses[i] *= 1.8
+    found = feed(LossSpikeDetector(), losses)
+    assert kinds(found) == [(LOSS_SPIKE, 300), (DIVERGENCE, 305)]
+    div = found[1]
+    assert div.severity == "critical"
+    assert div.evidence["cause"] == "no_recovery" and div.evidence["onset_step"] == 300
+
+
+def test_recovery_steps_is_configurable():
+    losses = clean_loss(n=320)
+    for i in range(299, 320):
+        losses[i] *= 1.8
+    det = LossSpikeDetector(LossSpikeDetector.Config(recovery_steps=8))
+    assert kinds(feed(det, losses)) == [(LOSS_SPIKE, 300), (DIVERGENCE, 308)]
+
+
+def test_late_recovery_after_k_steps_is_still_divergence():
+    losses = clean_loss(n=320)
+    for i in range(299, 306):  # steps 300..306 high, 307 back
+        losses[i] *= 1.8
+    found = feed(LossSpikeDetector(), losses)
+    assert (DIVERGENCE, 305) in kinds(found)
+    assert SPIKE_RECOVERED not in [k for k, _ in kinds(found)]
+
+
+def test_cluster_of_recovering_spikes_is_divergence_with_first_onset():
+    losses = clean_loss()
+    for s in (300, 315, 330):
+        losses[s - 1] *= 2.0
+    found = feed(LossSpikeDetector(), losses)
+    assert kinds(found) == [(LOSS_SPIKE, 300), (SPIKE_RECOVERED, 301), (LOSS_SPIKE, 315),
+                            (SPIKE_RECOVERED, 316), (LOSS_SPIKE, 330), (DIVERGENCE, 330)]
+    div = found[-1]
+    assert div.evidence["cause"] == "cluster"
+    assert div.evidence["onset_step"] == 300
+    assert div.evidence["spike_steps"] == [300, 315, 330]
+
+
+def test_spread_out_spikes_are_not_a_cluster():
+    losses = clean_loss()
+    for s in (300, 360, 420):
+        losses[s - 1] *= 2.0
+    found = feed(LossSpikeDetector(), losses)
+    assert [k for k, _ in kinds(found)].count(LOSS_SPIKE) == 3
+    assert DIVERGENCE not in [k for k, _ in kinds(found)]
+
+
+def test_skipped_and_non_finite_losses_do_not_poison_the_baseline():
+    losses = clean_loss(n=300)
+    det = LossSpikeDetector()
+    assert feed(det, losses[:200]) == []
+    median_before = det._window.stats()[0]
+    # 40 skipped updates with absurd losses, and NaNs: none may open a spike or enter the window
+    for step in range(201, 241):
+        assert det.observe(rec(step, 50.0, skipped=True)) == []
+    for step in range(241, 251):
+        assert det.observe(rec(step, float("nan"))) == []
+    assert det._window.stats()[0] == pytest.approx(median_before)
+    # a real spike is still judged against the healthy median
+    found = det.observe(rec(251, median_before * 1.6))
+    assert kinds(found) == [(LOSS_SPIKE, 251)]
+    assert found[0].evidence["median"] == pytest.approx(median_before)
+
+
+def test_skipped_records_count_toward_the_recovery_deadline():
+    losses = clean_loss(n=300)
+    det = LossSpikeDetector()
+    feed(det, losses)
+    assert kinds(det.observe(rec(301, 5.0))) == [(LOSS_SPIKE, 301)]
+    for step in range(302, 306):
+        assert det.observe(rec(step, 5.0, skipped=True)) == []
+    assert kinds(det.observe(rec(306, 5.0, skipped=True))) == [(DIVERGENCE, 306)]
+
+
+def test_rewind_restores_the_baseline_at_the_checkpoint():
+    losses = clean_loss(n=300)
+    det = LossSpikeDetector()
+    feed(det, losses)
+    median_at_250 = LossSpikeDetector()
+    feed(median_at_250, losses[:250])
+    det.rewind(250)
+    assert det._window.stats() == median_at_250._window.stats()
+    # a relapse right after the rollback is caught at once, no warm-up
+    assert kinds(det.observe(rec(251, losses[249] * 1.8))) == [(LOSS_SPIKE, 251)]
+
+
+# --- non-finite ------------------------------------------------------------------------------
+def test_nan_loss_and_inf_grad_are_critical_non_finite():
+    det = NonFiniteDetector()
+    assert det.observe(rec(1, 2.5)) == []
+    (f,) = det.observe(rec(2, float("nan")))
+    assert (f.kind, f.severity, f.evidence["fields"]) == (NON_FINITE, "critical", ["loss"])
+    json.dumps(f.to_dict(), allow_nan=False)
+    assert det.observe(rec(3, 2.5)) == []
+    (g,) = det.observe(rec(4, 2.5, grad=float("inf"), skipped=True))
+    assert g.evidence["fields"] == ["grad_norm"] and g.evidence["update_skipped"] is True
+
+
+def test_nan_streak_escalates_once_to_divergence():
+    det = NonFiniteDetector()
+    found = []
+    for step in range(10, 16):
+        found += det.observe(rec(step, float("nan")))
+    assert kinds(found).count((DIVERGENCE, 12)) == 1
+    assert [f.kind for f in found].count(DIVERGENCE) == 1
+    div = next(f for f in found if f.kind == DIVERGENCE)
+    assert div.evidence == {"cause": "non_finite_streak", "onset_step": 10, "consecutive": 3,
+                            "fields": ["loss"]}
+
+
+# --- grad blowup -----------------------------------------------------------------------------
+def test_grad_blowup_robust_and_absolute():
+    grads = clean_grad()
+    det = GradBlowupDetector()
+    for step, g in enumerate(grads[:300], 1):
+        assert det.observe(rec(step, 2.0, grad=g)) == []
+    (f,) = det.observe(rec(301, 2.0, grad=grads[299] * 10))
+    assert f.kind == GRAD_BLOWUP and f.evidence["rule"] == "robust_z" and f.evidence["z"] > 6
+    assert det.observe(rec(302, 2.0, grad=grads[301])) == []
+    bounded = GradBlowupDetector(GradBlowupDetector.Config(absolute_bound=100.0))
+    (b,) = bounded.observe(rec(1, 2.0, grad=150.0))  # fires even before warm-up
+    assert b.evidence["rule"] == "absolute_bound"
+
+
+# --- stall / hang ----------------------------------------------------------------------------
+def stall_after_records(step_seconds: float, n: int = 30, **cfg) -> StallDetector:
+    det = StallDetector(StallDetector.Config(**cfg), generation=0, now=T0)
+    for step in range(1, n + 1):
+        det.observe_record(rec(step, 2.0, step_seconds=step_seconds,
+                               wall=T0 + 60 + step * step_seconds))
+    return det
+
+
+@pytest.mark.parametrize("step_seconds,timeout", [(0.5, 5.0), (0.1, 3.0), (100.0, 600.0)])
+def test_hang_fires_exactly_at_the_clamped_timeout_and_once(step_seconds, timeout):
+    det = stall_after_records(step_seconds)
+    last = T0 + 60 + 30 * step_seconds
+    assert det.step_timeout() == pytest.approx(timeout)
+    assert det.tick(last + timeout - 0.001) == []
+    (h,) = det.tick(last + timeout)
+    assert (h.kind, h.step, h.severity, h.rank) == (HANG, 30, "critical", None)
+    assert h.evidence["timeout_seconds"] == pytest.approx(timeout)
+    assert h.evidence["basis"] == "steps"
+    assert det.tick(last + timeout + 1) == [] and det.tick(last + 10 * timeout) == []
+    # progress re-arms it
+    det.observe_record(rec(31, 2.0, step_seconds=step_seconds, wall=last + 11 * timeout))
+    assert kinds(det.tick(last + 12 * timeout)) == [(HANG, 31)]
+
+
+def test_hang_timeout_follows_p95_not_max():
+    det = StallDetector(StallDetector.Config(), generation=0, now=T0)
+    for step in range(1, 101):  # 2 slow steps out of 100 (e.g. compile, eval) stay above p95
+        det.observe_record(rec(step, 2.0, step_seconds=60.0 if step in (1, 50) else 1.0))
+    assert det.step_timeout() == pytest.approx(10.0)
+
+
+def test_startup_timeout_before_first_step_and_after_reset():
+    det = StallDetector(StallDetector.Config(startup_timeout=120.0), generation=0, now=T0)
+    assert det.tick(T0 + 119.9) == []
+    (h,) = det.tick(T0 + 120.0)
+    assert h.evidence["basis"] == "startup"
+    det.reset(1, T0 + 500)
+    assert det.tick(T0 + 619.9) == []
+    assert kinds(det.tick(T0 + 620.0)) == [(HANG, 0)]
+
+
+def test_expect_pause_defers_the_hang():
+    det = stall_after_records(0.5)  # timeout 5 s, last step at T0+75
+    det.expect_pause(T0 + 200)
+    assert det.tick(T0 + 80) == []
+    assert det.tick(T0 + 204.999) == []
+    (h,) = det.tick(T0 + 205)
+    assert h.evidence["basis"] == "pause"
+
+
+def test_checkpoint_phase_gets_the_slow_phase_timeout():
+    det = stall_after_records(0.5, n=30, slow_phase_timeout=60.0)  # last step at T0+75
+    found = []
+    for t in range(76, 135):
+        det.observe_heartbeat(hb(0, 30, T0 + t, phase="checkpoint"))
+        det.observe_heartbeat(hb(1, 30, T0 + t, phase="checkpoint"))
+        found += det.tick(T0 + t)
+    assert found == [] and det.tick(T0 + 75 + 59.9) == []
+    (h,) = det.tick(T0 + 75 + 60)
+    assert h.evidence["basis"] == "phase:checkpoint"
+    # the ordinary step timeout is back once the save is over
+    det2 = stall_after_records(0.5, n=30, slow_phase_timeout=60.0)
+    det2.observe_heartbeat(hb(0, 30, T0 + 76, phase="train_step"))
+    assert kinds(det2.tick(T0 + 80)) == [(HANG, 30)]
+
+
+def test_hang_names_the_rank_stuck_outside_the_step():
+    det = stall_after_records(1.0, n=20)  # timeout 10 s, last step at T0+80
+    found = []
+    for t in range(81, 91):
+        det.observe_heartbeat(hb(0, 20, T0 + t, phase="train_step"))  # waiting in a collective
+        det.observe_heartbeat(hb(1, 20, T0 + t, phase="fault:hang"))
+        det.observe_heartbeat(hb(2, 20, T0 + t, phase="train_step"))
+        found += det.tick(T0 + t)
+    (h,) = found
+    assert (h.kind, h.rank, h.wall_time) == (HANG, 1, T0 + 90)
+    assert h.evidence["silent_ranks"] == [] and h.evidence["suspect_ranks"] == [1]
+    assert h.evidence["rank_phases"] == {"0": "train_step", "1": "fault:hang", "2": "train_step"}
+
+
+def test_missing_heartbeat_names_the_rank_and_hang_blames_it():
+    det = StallDetector(StallDetector.Config(heartbeat_timeout=5.0), generation=0, now=T0)
+    for step in range(1, 21):  # 1 s steps; ranks 0-3 beat every second
+        det.observe_record(rec(step, 2.0, wall=T0 + step))
+        for r in range(4):
+            det.observe_heartbeat(hb(r, step, T0 + step))
+    # rank 2 dies after its beat at T0+20; the others keep beating; steps stop at 20
+    found = []
+    for t in range(21, 41):
+        for r in (0, 1, 3):
+            det.observe_heartbeat(hb(r, 20, T0 + t))
+        found += det.tick(T0 + t)
+    assert kinds(found) == [(MISSING_HEARTBEAT, 20), (HANG, 20)]
+    miss, hang = found
+    assert miss.rank == 2 and miss.wall_time == T0 + 25  # exactly heartbeat_timeout later
+    assert miss.evidence["host"] == "node0" and miss.evidence["last_step"] == 20
+    assert hang.wall_time == T0 + 30 and hang.rank == 2  # timeout = 10 * 1 s
+    assert hang.evidence["silent_ranks"] == [2]
+    # the missing rank fires once per silence, and again after it comes back and goes silent
+    det.observe_heartbeat(hb(2, 20, T0 + 41))
+    for r in (0, 1, 3):
+        det.observe_heartbeat(hb(r, 20, T0 + 45))
+    assert det.tick(T0 + 45.9) == []
+    assert [(f.kind, f.rank) for f in det.tick(T0 + 46)] == [(MISSING_HEARTBEAT, 2)]
+
+
+def test_expected_rank_that_never_beats_is_missing_after_startup():
+    det = StallDetector(StallDetector.Config(startup_timeout=60.0), generation=0, now=T0)
+    det.reset(0, T0, world_size=2)
+    for t in range(0, 61, 1):
+        det.observe_heartbeat(hb(0, 0, T0 + t))
+    found = det.tick(T0 + 60)
+    assert [(f.kind, f.rank) for f in found][:1] == [(MISSING_HEARTBEAT, 1)]
+    assert found[0].evidence["never_seen"] is True
+
+
+def test_heartbeat_progress_prevents_false_hang_when_records_are_dropped():
+    det = stall_after_records(1.0, n=20)  # timeout 10 s, last record at T0+80
+    for t in range(81, 120):
+        det.observe_heartbeat(hb(0, 20 + (t - 80), T0 + t))
+        assert det.tick(T0 + t) == []
+
+
+def test_heartbeats_of_another_generation_are_ignored():
+    det = stall_after_records(1.0, n=20)
+    for t in range(81, 100):
+        det.observe_heartbeat(hb(0, 100 + t, T0 + t, gen=7))
+    assert kinds(det.tick(T0 + 90)) == [(HANG, 20)]
+
+
+# --- dead ranks ------------------------------------------------------------------------------
+@pytest.mark.parametrize("code,sig,name", [(-9, 9, "SIGKILL"), (137, 9, "SIGKILL"),
+                                           (-11, 11, "SIGSEGV"), (1, None, None)])
+def test_dead_rank_decodes_signals(code, sig, name):
+    (f,) = DeadRankDetector().observe_exit(3, code, T0, 120, host="node1")
+    assert (f.kind, f.rank, f.step, f.severity) == (DEAD_RANK, 3, 120, "critical")
+    assert (f.evidence["signal"], f.evidence["signal_name"]) == (sig, name)
+    assert signal_of(code) == sig
+
+
+def test_oom_needs_evidence_and_only_one_finding_per_generation():
+    det = DeadRankDetector()
+    assert det.observe_exit(0, 0, T0, 5) == []  # clean exit
+    (f,) = det.observe_exit(1, -9, T0, 5, oom_killed=True)
+    assert f.kind == OOM and f.evidence["oom_killed"] is True
+    assert det.observe_exit(0, -15, T0 + 1, 5) == []  # collateral teardown of the peers
+    det.reset()
+    (g,) = det.observe_exit(2, 1, T0, 9, log_lines=["x", "torch.OutOfMemoryError: CUDA out of "
+                                                         "memory. Tried to allocate 2.00 GiB"])
+    assert g.kind == OOM and "CUDA out of memory" in g.evidence["oom_log_line"]
+    det.reset()
+    assert det.observe_exit(2, -9, T0, 9)[0].kind == DEAD_RANK  # bare SIGKILL is not an OOM
+
+
+# --- stragglers ------------------------------------------------------------------------------
+def test_straggler_needs_m_of_n_and_fires_once_per_episode():
+    det = StragglerDetector()  # ratio 1.5, 3 of last 5
+    slow = [1.0, 1.0, 1.6, 1.0]
+    fast = [1.0, 1.0, 1.0, 1.0]
+    seq = [slow, fast, slow, fast]
+    for i, times in enumerate(seq):
+        assert det.observe(rec(10 * (i + 1), 2.0, rank_times=times)) == []
+    (f,) = det.observe(rec(50, 2.0, rank_times=slow))  # third slow sample of the last five
+    assert (f.kind, f.rank, f.step) == (STRAGGLER, 2, 50)
+    assert f.evidence["ratio"] == pytest.approx(1.6) and f.evidence["slow_samples"] == 3
+    for i in range(5):
+        assert det.observe(rec(60 + 10 * i, 2.0, rank_times=slow)) == []  # same episode
+    for i in range(5):
+        assert det.observe(rec(110 + 10 * i, 2.0, rank_times=fast)) == []  # episode ends
+    found = []
+    for i in range(3):
+        found += det.observe(rec(160 + 10 * i, 2.0, rank_times=slow))
+    assert [(f.kind, f.rank) for f in found] == [(STRAGGLER, 2)]
+
+
+def test_mildly_slow_rank_is_not_a_straggler():
+    det = StragglerDetector()
+    for i in range(20):
+        assert det.observe(rec(i + 1, 2.0, rank_times=[1.0, 1.4, 1.0, 1.0])) == []
+
+
+# --- hardware, slow convergence ------------------------------------------------------------
+def test_hardware_log_pattern_reported_once_per_host():
+    suite = DetectorSuite(generation=0, now=T0)
+    line = "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus."
+    (f,) = suite.observe_log(line, wall_time=T0, step=10, host="node3")
+    assert (f.kind, f.evidence["pattern"], f.evidence["host"]) == (HARDWARE, "xid", "node3")
+    assert suite.observe_log(line, wall_time=T0 + 1, step=11, host="node3") == []
+    assert suite.observe_log("all good", wall_time=T0 + 1, step=11, host="node2") == []
+
+
+def test_suite_wires_the_reference_curve_to_slow_convergence():
+    reference = [(s * 1000, x) for s, x in enumerate(clean_loss(seed=9, noise=0.0), 1)]
+    on_track = DetectorSuite(generation=0, now=T0, reference=reference)
+    slow = DetectorSuite(generation=0, now=T0, reference=reference)
+    three_x = [2.0 + 8.5 * math.exp(-s / 120) for s in range(1, 501)]  # needs 3x the tokens
+    found_ok, found_slow = [], []
+    for step, (a, b) in enumerate(zip(clean_loss(), three_x), 1):
+        found_ok += on_track.observe_record(rec(step, a))
+        found_slow += slow.observe_record(rec(step, b))
+    assert found_ok == []
+    assert [f.kind for f in found_slow] == [SLOW_CONVERGENCE]
+    assert DetectorSuite().convergence is None  # no reference, no watch
+
+
+# --- the suite -------------------------------------------------------------------------------
+def test_suite_ignores_other_generations_and_resends():
+    suite = DetectorSuite(generation=2, now=T0)
+    assert suite.observe_record(rec(1, float("nan"), gen=1)) == []
+    assert kinds(suite.observe_record(rec(1, float("nan"), gen=2))) == [(NON_FINITE, 1)]
+    assert suite.observe_record(rec(1, float("nan"), gen=2)) == []  # resend of step 1
+    assert suite.observe_exit(0, -9, T0, 1, generation=1) == []
+
+
+def test_suite_reports_one_divergence_per_incident_with_the_earliest_onset():
+    suite = DetectorSuite(generation=0, now=T0)
+    losses = clean_loss(n=200)
+    for step, loss in enumerate(losses, 1):
+        assert suite.observe_record(rec(step, loss)) == []
+    found = suite.observe_record(rec(201, losses[-1] * 2))  # spike opens ...
+    for step in range(202, 212):  # ... then NaN: the streak and the spike are one incident
+        found += suite.observe_record(rec(step, float("nan")))
+    divs = [f for f in found if f.kind == DIVERGENCE]
+    assert len(divs) == 1
+    assert divs[0].step == 204 and divs[0].evidence["onset_step"] == 201
+
+
+def test_suite_rewind_catches_an_immediate_relapse():
+    suite = DetectorSuite(generation=0, now=T0)
+    losses = clean_loss(n=260)
+    for step, loss in enumerate(losses, 1):
+        suite.observe_record(rec(step, loss))
+    for step in range(261, 267):
+        suite.observe_record(rec(step, 6.0))
+    suite.reset_generation(1, T0 + 400, resume_step=255)
+    assert kinds(suite.observe_record(rec(256, 6.0, gen=1))) == [(LOSS_SPIKE, 256)]
+    cold = DetectorSuite(generation=0, now=T0)
+    cold.reset_generation(1, T0 + 400)
+    assert cold.observe_record(rec(256, 6.0, gen=1)) == []  # a cold start would miss it
+
+
+def test_suite_exit_ends_hang_detection_and_reports_dead_rank():
+    suite = DetectorSuite(generation=0, now=T0)
+    for step in range(1, 11):
+        suite.observe_record(rec(step, 2.0))
+    (f,) = suite.observe_exit(1, 137, T0 + 11, 10)
+    assert f.kind == DEAD_RANK and f.evidence["signal_name"] == "SIGKILL"
+    assert suite.tick(T0 + 10_000) == []
+    suite.reset_generation(1, T0 + 20_000)
+    assert kinds(suite.tick(T0 + 20_000 + 900)) == [(HANG, 0)]
+
+
+def test_detectors_accept_duck_typed_records():
+    r = SimpleNamespace(run_id="r", generation=0, step=1, loss=float("inf"), grad_norm=1.0,
+                        update_skipped=False, skip_reason=None, wall_time=T0, step_seconds=1.0,
+                        rank_step_seconds=None)
+    assert kinds(DetectorSuite().observe_record(r)) == [(NON_FINITE, 1)]

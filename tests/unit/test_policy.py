@@ -1,0 +1,266 @@
+"""Policy: every rung of the ladder, every budget, and rollback target selection."""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor.detect.findings import (DEAD_RANK, DIVERGENCE, GRAD_BLOWUP, HANG, HARDWARE,
+                                        LOSS_SPIKE, MISSING_HEARTBEAT, NON_FINITE, OOM,
+                                        SLOW_CONVERGENCE, SPIKE_RECOVERED, STRAGGLER, Finding)
+from supervisor.policy import (EXCLUDE_NODE, KILL_RESTART_HANG, RECORD, RESTART, ROLLBACK,
+                               ROLLBACK_LR_DOWN, SKIP_UPDATE, STOP_PAGE, Decision, History,
+                               Policy, RestartEntry, RollbackEntry, RunState)
+
+T0 = 50_000.0
+
+
+def finding(kind, step=100, *, wall=T0, rank=None, severity="critical", **evidence) -> Finding:
+    return Finding(kind=kind, step=step, severity=severity, wall_time=wall, evidence=evidence,
+                   rank=rank)
+
+
+def divergence(onset, step=None, cause="no_recovery", wall=T0) -> Finding:
+    return finding(DIVERGENCE, step or onset + 5, wall=wall, cause=cause, onset_step=onset,
+                   recovery_steps=5)
+
+
+def state(**kw) -> RunState:
+    base = dict(current_step=200, generation=1, valid_checkpoints=[0, 25, 50, 57, 75, 150],
+                batches_per_step=1, lr_scale=1.0, trainer_alive=True, mode="auto")
+    base.update(kw)
+    return RunState(**base)
+
+
+def crash(kind=DEAD_RANK, wall=T0, host="node1", step=120) -> Finding:
+    return finding(kind, step, wall=wall, rank=3, exitcode=-9, signal=9, signal_name="SIGKILL",
+                   host=host)
+
+
+P = Policy()
+
+
+# --- rungs 1 and 2 -------------------------------------------------------------------------
+def test_spike_onset_and_recovery_are_recorded_only():
+    d = P.decide(finding(LOSS_SPIKE, 57, severity="warning", loss=5.0, median=2.5, z=9.0,
+                         recovery_steps=5), state(), History())
+    assert (d.action, d.rung, d.acts) == (RECORD, 1, False)
+    d = P.decide(finding(SPIKE_RECOVERED, 59, severity="info", onset_step=57, steps_to_recover=2,
+                         peak=5.0), state(), History())
+    assert (d.action, d.rung) == (RECORD, 1)
+    assert "step 57 recovered after 2 steps" in d.reason
+
+
+@pytest.mark.parametrize("kind,ev", [(NON_FINITE, {"fields": ["loss"], "update_skipped": True}),
+                                     (GRAD_BLOWUP, {"rule": "robust_z", "grad_norm": 40.0,
+                                                    "median": 1.0, "ratio": 40.0, "z": 30.0})])
+def test_one_bad_step_is_skip_update(kind, ev):
+    d = P.decide(finding(kind, 77, **ev), state(), History())
+    assert (d.action, d.rung, d.target_step) == (SKIP_UPDATE, 2, None)
+    assert "step 77" in d.reason
+    d = P.decide(finding(kind, 77, **ev), state(trainer_alive=False), History())
+    assert d.action == RECORD
+
+
+@pytest.mark.parametrize("kind", [STRAGGLER, HARDWARE, MISSING_HEARTBEAT, SLOW_CONVERGENCE])
+def test_warnings_are_recorded(kind):
+    d = P.decide(finding(kind, 10, severity="warning", rank=2, host="node1"), state(), History())
+    assert (d.action, d.rung) == (RECORD, 1)
+
+
+# --- rung 3: rollback ------------------------------------------------------------------------
+def test_divergence_rolls_back_strictly_before_onset_and_skips_the_window():
+    policy = Policy(Policy.Config(data_skip_margin_steps=3))
+    d = policy.decide(divergence(57), state(), History())
+    assert (d.action, d.rung, d.target_step, d.skip_batches) == (ROLLBACK, 3, 50, 10)
+    assert d.lr_scale == 1.0 and d.acts
+    assert d.reason == ("loss spike at step 57 did not recover within 5 steps; rolling back to "
+                        "last-known-good step 50 and skipping 10 batches (steps 51-57 + 3 margin)")
+
+
+def test_skip_batches_scale_with_batches_per_step():
+    policy = Policy(Policy.Config(data_skip_margin_steps=3))
+    d = policy.decide(divergence(57), state(batches_per_step=4), History())
+    assert d.skip_batches == (57 - 50 + 3) * 4
+    assert "4 batches per step" in d.reason
+
+
+@pytest.mark.parametrize("onset,target", [(58, 57), (57, 50), (51, 50), (50, 25), (1, 0),
+                                          (10_000, 150)])
+def test_rollback_target_is_newest_valid_checkpoint_before_onset(onset, target):
+    assert P.rollback_target(onset, state()) == target
+
+
+def test_no_checkpoint_before_onset_stops_and_pages():
+    d = P.decide(divergence(40), state(valid_checkpoints=[50, 100]), History())
+    assert (d.action, d.rung, d.target_step) == (STOP_PAGE, 5, None)
+    assert "no valid checkpoint before step 40" in d.reason
+
+
+def test_last_known_good_is_the_fallback_when_catalog_list_is_empty():
+    d = P.decide(divergence(57), state(valid_checkpoints=[], last_known_good=40), History())
+    assert (d.action, d.target_step) == (ROLLBACK, 40)
+    assert P.rollback_target(57, state(valid_checkpoints=[], last_known_good=57)) is None
+
+
+def test_cluster_and_nan_streak_divergences_roll_back_from_their_onset():
+    d = P.decide(finding(DIVERGENCE, 90, cause="cluster", onset_step=60,
+                         spike_steps=[60, 75, 90], cluster_window_steps=50), state(), History())
+    assert (d.action, d.target_step) == (ROLLBACK, 57)
+    assert d.reason.startswith("3 loss spikes within 50 steps (steps 60, 75, 90)")
+    d = P.decide(finding(DIVERGENCE, 78, cause="non_finite_streak", onset_step=76, consecutive=3,
+                         fields=["loss"]), state(), History())
+    assert (d.action, d.target_step) == (ROLLBACK, 75)
+
+
+# --- rungs 4 and 5: same region again -----------------------------------------------------------
+def test_ladder_walk_in_one_region_escalates_then_stops():
+    h = History()
+    seen = []
+    scale = 1.0
+    for i, onset in enumerate([100, 110, 95, 105]):
+        d = P.decide(divergence(onset, wall=T0 + i), state(lr_scale=scale), h)
+        seen.append((d.action, d.rung, d.lr_scale))
+        h.record(divergence(onset, wall=T0 + i), d)
+        if d.lr_scale is not None:
+            scale = d.lr_scale
+    assert seen == [(ROLLBACK, 3, 1.0), (ROLLBACK_LR_DOWN, 4, 0.5), (ROLLBACK_LR_DOWN, 4, 0.25),
+                    (STOP_PAGE, 5, None)]
+    assert len(h.rollbacks) == 3
+    assert [r.onset_step for r in h.rollbacks] == [100, 110, 95]
+
+
+def test_lr_down_carries_ramp_and_explains_itself():
+    h = History(rollbacks=[RollbackEntry(onset_step=100, target_step=75, wall_time=T0 - 10,
+                                         lr_scale=1.0)])
+    d = P.decide(divergence(120), state(lr_scale=0.8), h)
+    assert (d.action, d.target_step, d.lr_scale, d.ramp_steps) == (ROLLBACK_LR_DOWN, 75, 0.4, 100)
+    assert "onset 100" in d.reason and "0.4" in d.reason and "100-step re-warm" in d.reason
+
+
+def test_divergence_in_another_region_is_a_plain_rollback():
+    h = History(rollbacks=[RollbackEntry(100, 75, T0 - 10, 1.0)])
+    d = P.decide(divergence(1_000), state(valid_checkpoints=[75, 900]), h)
+    assert (d.action, d.target_step) == (ROLLBACK, 900)
+
+
+def test_total_rollback_budget_stops():
+    policy = Policy(Policy.Config(max_total_rollbacks=2))
+    h = History(rollbacks=[RollbackEntry(1_000, 900, T0, 1.0),
+                           RollbackEntry(5_000, 4_900, T0, 1.0)])
+    d = policy.decide(divergence(57), state(), h)
+    assert (d.action, d.rung) == (STOP_PAGE, 5)
+    assert "all 2 rollbacks" in d.reason
+
+
+def test_lr_floor_stops_instead_of_crawling():
+    h = History(rollbacks=[RollbackEntry(100, 75, T0, 1.0)])
+    d = P.decide(divergence(110), state(lr_scale=0.08), h)
+    assert d.action == STOP_PAGE
+
+
+# --- crashes, OOM, hangs -----------------------------------------------------------------------
+def test_dead_rank_restarts_from_newest_checkpoint_with_exponential_backoff():
+    h = History()
+    backoffs = []
+    for i in range(5):
+        d = P.decide(crash(wall=T0 + 60 * i), state(), h)
+        assert (d.action, d.target_step, d.rung) == (RESTART, 150, 3)
+        backoffs.append(d.backoff_seconds)
+        h.record(crash(wall=T0 + 60 * i), d)
+    assert backoffs == [10, 20, 40, 80, 160]
+    d = P.decide(crash(wall=T0 + 400), state(), h)  # sixth within the hour: budget exhausted
+    assert (d.action, d.rung) == (STOP_PAGE, 5)
+    assert "5 restarts in the last 1h" in d.reason
+
+
+def test_backoff_is_capped_and_old_restarts_age_out():
+    policy = Policy(Policy.Config(max_restarts=20, backoff_max_seconds=100))
+    h = History(restarts=[RestartEntry(T0 - 10 * i, DEAD_RANK, 10) for i in range(1, 8)])
+    assert policy.decide(crash(), state(), h).backoff_seconds == 100
+    old = History(restarts=[RestartEntry(T0 - 7_200, DEAD_RANK, 10)] * 10)
+    d = P.decide(crash(), state(), old)
+    assert (d.action, d.backoff_seconds) == (RESTART, 10)
+
+
+def test_hang_is_kill_restart_and_shares_the_restart_budget():
+    hang = finding(HANG, 300, rank=2, seconds_without_progress=30.0, timeout_seconds=30.0,
+                   basis="steps")
+    d = P.decide(hang, state(), History())
+    assert (d.action, d.target_step, d.backoff_seconds) == (KILL_RESTART_HANG, 150, 10)
+    assert "rank 2 stopped heartbeating" in d.reason
+    full = History(restarts=[RestartEntry(T0 - i, DEAD_RANK, 10) for i in range(1, 6)])
+    assert P.decide(hang, state(), full).action == STOP_PAGE
+
+
+def test_oom_once_restarts_repeated_oom_moves_to_a_safer_layout():
+    h = History()
+    d1 = P.decide(crash(OOM), state(), h)
+    assert (d1.action, d1.next_layout, d1.rung) == (RESTART, False, 3)
+    h.record(crash(OOM), d1)
+    d2 = P.decide(crash(OOM, wall=T0 + 100), state(), h)
+    assert (d2.action, d2.next_layout, d2.rung) == (RESTART, True, 4)
+    assert "safer layout" in d2.reason
+
+
+def test_repeated_crashes_on_one_host_exclude_it_when_enabled():
+    policy = Policy(Policy.Config(exclude_node_after=2))
+    h = History(restarts=[RestartEntry(T0 - 100, DEAD_RANK, 10, host="node7")])
+    d = policy.decide(crash(host="node7"), state(), h)
+    assert (d.action, d.node, d.target_step) == (EXCLUDE_NODE, "node7", 150)
+    assert policy.decide(crash(host="node8"), state(), h).action == RESTART
+    assert P.decide(crash(host="node7"), state(), h).action == RESTART  # off by default
+
+
+def test_crash_without_any_checkpoint():
+    d = P.decide(crash(), state(valid_checkpoints=[], current_step=30), History())
+    assert (d.action, d.target_step) == (RESTART, 0)
+    assert "from scratch" in d.reason
+    d = P.decide(crash(), state(valid_checkpoints=[], current_step=50_000), History())
+    assert d.action == STOP_PAGE
+
+
+# --- modes, unknown kinds, (de)serialisation -------------------------------------------------
+def test_advise_mode_computes_the_same_decision_but_flags_it():
+    auto = P.decide(divergence(57), state(), History())
+    adv = P.decide(divergence(57), state(mode="advise"), History())
+    assert adv.advisory and not adv.acts
+    assert (adv.action, adv.target_step, adv.skip_batches, adv.reason) == \
+        (auto.action, auto.target_step, auto.skip_batches, auto.reason)
+    h = History()
+    h.record(divergence(57), adv)
+    assert h.rollbacks == []  # advice is not an action; it spends no budget
+
+
+def test_off_mode_only_records():
+    d = P.decide(crash(), state(mode="off"), History())
+    assert (d.action, d.acts) == (RECORD, False)
+    assert "auto would restart" in d.reason
+
+
+def test_unknown_mode_is_an_error():
+    with pytest.raises(ValueError):
+        P.decide(crash(), state(mode="yolo"), History())
+
+
+def test_decision_and_history_round_trip():
+    d = P.decide(divergence(57), state(), History())
+    assert Decision.from_dict(d.to_dict()) == d
+    with pytest.raises(ValueError):
+        Decision.from_dict({**d.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError):
+        Decision(action="reboot_universe", reason="", rung=0)
+    h = History()
+    h.record(divergence(57), d)
+    h.record(crash(), P.decide(crash(), state(), h))
+    assert History.from_dict(h.to_dict()) == h
+    assert h.restarts[0].host == "node1" and h.restarts[0].rank == 3
+    assert h.rollbacks[0] == RollbackEntry(57, 50, T0, 1.0, "no_recovery")
+
+
+def test_record_and_skip_do_not_spend_budget():
+    h = History()
+    for kind in (LOSS_SPIKE, NON_FINITE):
+        f = finding(kind, 10, fields=["loss"])
+        h.record(f, P.decide(f, state(), h))
+    assert h == History()
+    assert P.decide(finding(DEAD_RANK), state(), h).action == RESTART
