@@ -10,8 +10,8 @@ COPY supervisor ./supervisor
 COPY training ./training
 # The lock pins torch==2.13.0; from PyPI on Linux that is the CUDA build.
 RUN python3.11 -m venv /opt/venv && /opt/venv/bin/pip install -r requirements.lock \
-    && /opt/venv/bin/pip install --no-deps . && /opt/venv/bin/python -m training.assets
-ENV PATH=/opt/venv/bin:$PATH
+    && /opt/venv/bin/pip install --no-deps . && TITAN_ASSETS_DIR=/opt/titan-supervisor/assets /opt/venv/bin/python -m training.assets
+ENV PATH=/opt/venv/bin:$PATH TITAN_ASSETS_DIR=/opt/titan-supervisor/assets
 USER 1000:1000
 ENTRYPOINT ["titan-supervisor"]
 CMD ["run", "/etc/titan-supervisor/config.toml"]

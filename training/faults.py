@@ -127,6 +127,10 @@ class FaultPlan:
         for f in self._due("oom", step):
             _allocate_gib(float(f.params.get("gib", 64.0)))
 
+    def clear_transient(self) -> None:
+        """A rollback rewinds the steps: an LR spike in progress does not replay."""
+        self._spike_until = -1
+
     def lr_factor(self, step: int) -> float:
         return self._spike_factor if self._spike_from <= step <= self._spike_until else 1.0
 

@@ -101,6 +101,10 @@ def build_config(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     argv = sys.argv[1:] if argv is None else argv
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor's hang stack dump
     from training import cpu
 
     cpu.enable()

@@ -447,6 +447,7 @@ class SupervisedTrainer(Trainer):
         if dist.is_initialized():
             dist.barrier()
         self._set_phase("rollback")
+        self.faults.clear_transient()
         self.checkpointer.load(step=d.step)
         scale = d.lr_scale if d.lr_scale is not None else self.lr_scale.target
         data = self._after_load(d.skip_batches, scale, d.ramp_steps if d.lr_scale is not None else 0)

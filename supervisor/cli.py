@@ -1,0 +1,112 @@
+"""`titan-supervisor`: the daemon, the offline tools, and (later) the on-call client.
+
+Exit codes: 0 ok; 1 the command ran and found a problem (preflight errors, replay decisions
+that stop the run); 2 bad usage or bad input (config, arguments, files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_run(args) -> int:
+    from supervisor import service
+    from supervisor.settings import ConfigError, Settings
+
+    overrides: dict = {}
+    if args.port is not None:
+        overrides.setdefault("server", {})["port"] = args.port
+    if args.workdir is not None:
+        overrides.setdefault("run", {})["workdir"] = args.workdir
+    try:
+        settings = Settings.load(args.config, **overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return service.run(settings)
+
+
+def _cmd_replay(args) -> int:
+    from supervisor.replay import ReplayError, format_decisions, replay
+    from supervisor.settings import ConfigError, Settings
+
+    try:
+        settings = Settings.load(args.config) if args.config else Settings.load()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    path = Path(args.spool)
+    if not path.is_file():
+        print(f"error: {path} does not exist", file=sys.stderr)
+        return 2
+    lines = []
+    for n, text in enumerate(path.read_text().splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            lines.append(json.loads(text))
+        except ValueError as e:
+            print(f"error: {path}:{n}: not JSON: {e}", file=sys.stderr)
+            return 2
+    try:
+        pairs = replay(lines, suite_config=settings.detector_config(), policy_config=settings.policy_config())
+    except ReplayError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([{"finding": f.to_dict(), "decision": d.to_dict()} for f, d in pairs], indent=1))
+    else:
+        print(format_decisions(pairs))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from supervisor import demo
+
+    return demo.main(workdir=args.workdir, steps=args.steps, keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="titan-supervisor", description="Keeps a torchtitan run alive and healthy.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the daemon for the run described by CONFIG",
+                       description="Run the supervisor daemon.\n\nexample:\n  titan-supervisor run /etc/titan-supervisor/run.toml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("config", nargs="?", help="TOML settings file (then TITAN_SUPERVISOR_* env, then flags)")
+    r.add_argument("--port", type=int, help="override server.port")
+    r.add_argument("--workdir", help="override run.workdir")
+    r.set_defaults(func=_cmd_run)
+
+    rp = sub.add_parser("replay", help="run the detectors and policy over a recorded spool",
+                        description="Print the decisions the daemon would make on a recorded run.\n\n"
+                                    "example:\n  titan-supervisor replay runs/demo/telemetry/spool.jsonl --config run.toml",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rp.add_argument("spool", help="the trainer's telemetry spool (JSON lines)")
+    rp.add_argument("--config", help="TOML settings whose [detect]/[policy] tables to use")
+    rp.add_argument("--json", action="store_true", help="machine-readable output")
+    rp.set_defaults(func=_cmd_replay)
+
+    d = sub.add_parser("demo", help="a supervised 2-rank CPU run with a scripted failure drill",
+                       description="Run the demo: real torchtitan on 2 CPU ranks, a loss spike, a NaN, a killed rank\n"
+                                   "and a hung rank, each handled by the supervisor; then a summary.\n\n"
+                                   "example:\n  titan-supervisor demo --workdir runs/demo",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--workdir", default="runs/demo", help="where the run writes (default runs/demo; emptied first)")
+    d.add_argument("--steps", type=int, default=240, help="training steps (default 240)")
+    d.add_argument("--keep", action="store_true", help="do not empty the workdir first")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

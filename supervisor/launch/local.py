@@ -1,0 +1,254 @@
+"""Start, watch and stop one generation of trainer ranks on this machine.
+
+A generation is one fresh ``torchrun --standalone`` in its own session (process group), with
+its own rendezvous port: torchrun's in-place restarts share a rendezvous store across
+restarts and were unreliable on gloo (see shared/notes), so every restart is a new torchrun.
+
+Failure model and guarantees:
+- The trainer survives a daemon crash: it runs in its own session, so a SIGKILL of the daemon
+  does not reach it, and the daemon re-adopts it by pid from the journal (``adopt``).
+- ``poll`` reports each rank's exit once: from torchrun's own exit code when we are its parent,
+  and from the rank pids (known from heartbeats or /proc) disappearing otherwise. A SIGKILLed
+  rank is seen within one poll interval.
+- ``stop`` is idempotent: SIGTERM to the whole process group, SIGKILL after a grace period
+  (a SIGSTOPped rank cannot handle SIGTERM; SIGKILL still reaches it).
+- Nothing here decides anything: it reports facts to the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+
+@dataclass
+class LaunchSpec:
+    generation: int
+    nproc: int
+    preset: str
+    workdir: Path
+    supervisor_url: str
+    run_id: str
+    load_step: int | None = None
+    skip_batches: int = 0
+    lr_scale: float = 1.0
+    lr_ramp_steps: int = 0
+    steps: int | None = None
+    checkpoint_interval: int | None = None
+    faults: str = ""
+    extra_args: list[str] = field(default_factory=list)
+    python: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    def command(self) -> list[str]:
+        py = self.python or _default_python()
+        cmd = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
+               "-m", "training.run", "--preset", self.preset, "--dump_folder", str(self.workdir),
+               "--supervision.url", self.supervisor_url, "--supervision.run_id", self.run_id,
+               "--supervision.generation", str(self.generation),
+               "--supervision.skip_batches", str(self.skip_batches),
+               "--supervision.lr_scale", repr(float(self.lr_scale)),
+               "--supervision.lr_ramp_steps", str(self.lr_ramp_steps)]
+        if self.load_step is not None:
+            cmd += ["--checkpoint.load_step", str(self.load_step)]
+        if self.steps is not None:
+            cmd += ["--training.steps", str(self.steps)]
+        if self.checkpoint_interval is not None:
+            cmd += ["--checkpoint.interval", str(self.checkpoint_interval)]
+        if self.faults:
+            cmd += ["--supervision.faults", self.faults]
+        return cmd + list(self.extra_args)
+
+
+def _default_python() -> str:
+    import sys
+
+    return sys.executable
+
+
+@dataclass
+class RankExit:
+    rank: int | None
+    exitcode: int
+    pid: int | None
+    log_tail: list[str]
+    wall_time: float
+
+
+_EXITCODE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+class Generation:
+    """One running (or adopted) torchrun process group."""
+
+    def __init__(self, spec: LaunchSpec, pid: int, log_path: Path, proc: subprocess.Popen | None) -> None:
+        self.spec = spec
+        self.pid = pid
+        self.log_path = log_path
+        self._proc = proc
+        self.rank_pids: dict[int, int] = {}
+        self._reported: set[int] = set()
+        self._dead_since: dict[int, float] = {}
+        self.exited: int | None = None
+        self.started_at = time.time()
+        self.exit_expected = False  # the trainer said it finished: rank exits are normal
+
+    @property
+    def generation(self) -> int:
+        return self.spec.generation
+
+    def note_rank_pid(self, rank: int, pid: int) -> None:
+        self.rank_pids.setdefault(rank, pid)
+
+    def alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        try:
+            p = psutil.Process(self.pid)
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def log_tail(self, n: int = 60) -> list[str]:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - 64 * 1024))
+                return f.read().decode(errors="replace").splitlines()[-n:]
+        except OSError:
+            return []
+
+    def poll(self) -> list[RankExit]:
+        """New rank exits since the last poll (each reported once)."""
+        out: list[RankExit] = []
+        now = time.time()
+        for rank, pid in sorted(self.rank_pids.items()):
+            if rank in self._reported:
+                continue
+            if not _pid_alive(pid):
+                # torchrun logs the exit code ~0.4 s after the death: wait for it, at most 0.5 s.
+                first = self._dead_since.setdefault(rank, now)
+                code = self._exitcode_from_log(rank)
+                if code is None and self.exit_expected:
+                    if self.alive() and now - first < 30:
+                        continue  # a normal exit: torchrun's own exit code will tell
+                    code = self._proc.returncode if self._proc is not None and self._proc.returncode is not None else 0
+                elif code is None and now - first < 0.5 and self.alive():
+                    continue
+                self._reported.add(rank)
+                out.append(RankExit(rank, code if code is not None else -9, pid, self.log_tail(), now))
+        if self.exited is None and not self.alive():
+            code = self._proc.returncode if self._proc is not None else None
+            self.exited = code if code is not None else 1
+            if self.exited != 0 and not out and len(self._reported) < max(1, len(self.rank_pids)):
+                rank = next((r for r in sorted(self.rank_pids) if r not in self._reported), None)
+                logged = self._exitcode_from_log(rank) if rank is not None else None
+                out.append(RankExit(rank, logged if logged is not None else self.exited, None, self.log_tail(), now))
+                if rank is not None:
+                    self._reported.add(rank)
+        return out
+
+    def _exitcode_from_log(self, rank: int | None) -> int | None:
+        text = "\n".join(self.log_tail(200))
+        for m in _EXITCODE.finditer(text):
+            if rank is None or int(m.group(1)) == rank:
+                return int(m.group(2))
+        return None
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left after ``grace_s``. Idempotent."""
+        pids = set(self.rank_pids.values()) | {self.pid}
+        _signal_group(self.pid, signal.SIGTERM)
+        deadline = time.time() + grace_s
+        while time.time() < deadline and any(_pid_alive(p) for p in pids):
+            time.sleep(0.05)
+        _signal_group(self.pid, signal.SIGKILL)
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def dump_stacks(self) -> str:
+        """Stack dumps of every rank (py-spy when installed, else faulthandler via SIGUSR1 into the log)."""
+        pyspy = shutil.which("py-spy")
+        out = []
+        for rank, pid in sorted(self.rank_pids.items()):
+            if pyspy:
+                try:
+                    r = subprocess.run([pyspy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=20)
+                    out.append(f"--- rank {rank} pid {pid} (py-spy) ---\n{r.stdout or r.stderr}")
+                    continue
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    out.append(f"--- rank {rank} pid {pid}: py-spy failed: {e}")
+            try:
+                os.kill(pid, signal.SIGUSR1)
+                out.append(f"--- rank {rank} pid {pid}: faulthandler dump sent to {self.log_path}")
+            except ProcessLookupError:
+                out.append(f"--- rank {rank} pid {pid}: gone")
+        return "\n".join(out)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class LocalLauncher:
+    """The daemon's node agent for a single machine."""
+
+    def __init__(self, logs_dir: Path) -> None:
+        self.logs_dir = Path(logs_dir)
+
+    def start(self, spec: LaunchSpec) -> Generation:
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs_dir / f"generation-{spec.generation}.log"
+        env = dict(os.environ)
+        env.update({"PYTHONUNBUFFERED": "1", "HF_DATASETS_OFFLINE": "1",
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+        env.update(spec.env)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        log = open(log_path, "ab")
+        proc = subprocess.Popen(spec.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=root, start_new_session=True)
+        log.close()
+        return Generation(spec, proc.pid, log_path, proc)
+
+    def adopt(self, spec: LaunchSpec, pid: int, rank_pids: dict[int, int]) -> Generation | None:
+        """Re-attach to a generation started by a previous daemon process, if it still runs."""
+        if not _pid_alive(pid):
+            return None
+        try:
+            cmdline = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            return None
+        if "training.run" not in cmdline:
+            return None  # pid reused by something else
+        gen = Generation(spec, pid, self.logs_dir / f"generation-{spec.generation}.log", None)
+        for r, p in rank_pids.items():
+            gen.note_rank_pid(int(r), int(p))
+        return gen

@@ -1,0 +1,228 @@
+"""Carry out a decision, idempotently (DESIGN.md §3 "Remedies").
+
+Light remedies are directives to the running trainer (applied at a step boundary on every
+rank); heavy ones restart the generation through the launcher. Each step of a remedy is safe
+to repeat: quarantining an already quarantined checkpoint moves nothing, a directive id the
+trainer has applied is acknowledged again without effect, and starting a generation is only
+done when none is running. That is what lets a restarted daemon finish a half-done action
+(``resume``) without doing it twice.
+
+Guarantees: nothing is deleted (newer checkpoints move to the quarantine folder); a hot
+rollback that is not acknowledged in ``launch.directive_timeout_s`` (or whose trainer dies)
+falls back to a cold restart from the same checkpoint with the same data skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from typing import TYPE_CHECKING
+
+from supervisor.policy import (KILL_RESTART_HANG, RECORD, RESTART, ROLLBACK, ROLLBACK_LR_DOWN, SKIP_UPDATE,
+                               STOP_PAGE)
+
+if TYPE_CHECKING:
+    from supervisor.daemon import ActiveAction, Supervisor
+
+
+async def carry_out(sup: "Supervisor", a: "ActiveAction") -> dict:
+    kind = a.kind
+    if kind in (ROLLBACK, ROLLBACK_LR_DOWN, "operator_rollback"):
+        return await rollback(sup, a)
+    if kind in (RESTART, KILL_RESTART_HANG):
+        return await restart(sup, a, hang=kind == KILL_RESTART_HANG)
+    if kind == STOP_PAGE:
+        return await stop_and_page(sup, a)
+    if kind == SKIP_UPDATE:
+        if a.finding is not None and a.finding.evidence.get("update_skipped"):
+            return {"note": "the trainer's guard already skipped the update"}
+        if sup.gen is None or sup.gen.exited is not None:
+            return {"note": "no trainer running; nothing to skip"}
+        d = sup.send_directive(a, kind="skip_updates", n=1, reason=f"action {a.id}")
+        return {"directive": d.id, "note": "the next update will be skipped (fire and forget)"}
+    if kind == RECORD:
+        return {"note": "recorded"}
+    raise ValueError(f"no remedy for action {kind!r}")
+
+
+async def resume(sup: "Supervisor", a: "ActiveAction", row: dict) -> dict:
+    """Finish an action found unfinished in the journal after a daemon restart."""
+    if a.kind in (ROLLBACK, ROLLBACK_LR_DOWN, "operator_rollback"):
+        directive = sup.journal.get_meta(f"action_{a.id}_directive")
+        if directive and _applied_in_spool(sup, directive["id"]) is not None:
+            ok, detail = _applied_in_spool(sup, directive["id"])
+            if ok:
+                _after_rollback(sup, a, int(a.params["target_step"]))
+                return {"mode": "hot", "detail": detail, "resumed": True, "note": "applied before the daemon restarted"}
+        return await rollback(sup, a)
+    return await carry_out(sup, a)
+
+
+def _applied_in_spool(sup: "Supervisor", directive_id: str) -> tuple[bool, str] | None:
+    spool = sup.workdir / "telemetry" / "spool.jsonl"
+    if not spool.exists():
+        return None
+    found = None
+    for line in spool.read_text().splitlines():
+        if directive_id in line:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("kind") == "directive_applied" and ev.get("directive_id") == directive_id:
+                if found is None or ev.get("ok"):
+                    found = (bool(ev.get("ok")), str(ev.get("detail", "")))
+    return found
+
+
+def _quarantine_newer(sup: "Supervisor", target: int, action_id: int) -> list[int]:
+    moved = sup.catalog.quarantine_after(target, reason=f"rollback to step {target} (action {action_id})",
+                                         tag=f"rollback-a{action_id}")
+    for m in moved:
+        sup.journal.record_checkpoint(m.step, path=str(m.dst), state="quarantined",
+                                      note=f"rolled back past it (action {action_id})")
+    sup._valid_cache = None
+    return [m.step for m in moved]
+
+
+def _after_rollback(sup: "Supervisor", a: "ActiveAction", target: int) -> None:
+    _quarantine_newer(sup, target, a.id)  # anything saved between the order and the ack
+    sup.suite.reset_generation(sup.generation, time.time(), resume_step=target,
+                               world_size=sup.settings.run.nproc_per_node)
+    lost = max(0, int(a.params.get("from_step", sup.last_step)) - target)
+    sup.metrics.add_lost(steps=lost, gpu_hours=lost * _median_step(sup) * sup.settings.run.nproc_per_node / 3600)
+    sup.last_step = target
+    sup.lkg_candidate = None
+
+
+def _median_step(sup: "Supervisor") -> float:
+    import statistics
+
+    return statistics.median(sup._step_times) if sup._step_times else 0.0
+
+
+def _resolve_target(sup: "Supervisor", target: int) -> int:
+    """The target if it is a valid checkpoint; else the newest valid older one (a corrupt
+    checkpoint is quarantined, never used, never deleted)."""
+    for info in sorted(sup.catalog.scan(), key=lambda i: -i.step):
+        if info.step > target:
+            continue
+        if info.valid:
+            return info.step
+        if info.state == "corrupt":
+            sup.catalog.quarantine(info.step, reason=f"corrupt: {info.reason}", tag="corrupt")
+            sup.journal.record_checkpoint(info.step, state="corrupt", note=info.reason)
+            sup.log.warning("corrupt checkpoint set aside", step=info.step, reason=info.reason)
+    raise LookupError(f"no valid checkpoint at or before step {target}")
+
+
+async def rollback(sup: "Supervisor", a: "ActiveAction") -> dict:
+    p = a.params
+    target = _resolve_target(sup, int(p["target_step"]))
+    skip = int(p.get("skip_batches", 0))
+    lr_scale = p.get("lr_scale")
+    ramp = int(p.get("ramp_steps", 0))
+    sup._set_state("recovering")
+    moved = _quarantine_newer(sup, target, a.id)
+    gen = sup.gen
+    if gen is not None and gen.exited is None and gen.alive():
+        fields = {"kind": "rollback", "step": target, "skip_batches": skip, "reason": f"action {a.id}"}
+        if lr_scale is not None and float(lr_scale) != sup.lr_scale:
+            fields.update(lr_scale=float(lr_scale), ramp_steps=ramp)
+        if a.directive_id is None or a.directive_id not in sup.pending:
+            sup.send_directive(a, **fields)
+        sup.suite.expect_pause(time.time() + sup.settings.launch.directive_timeout_s)
+        try:
+            await asyncio.wait_for(_ack_or_death(sup, a, gen), sup.settings.launch.directive_timeout_s)
+        except asyncio.TimeoutError:
+            a.ack_ok, a.ack_detail = False, "not acknowledged in time"
+        if a.acked.is_set() and a.ack_ok:
+            if lr_scale is not None:
+                sup.lr_scale = float(lr_scale)
+            _after_rollback(sup, a, target)
+            sup._set_state("running")
+            return {"mode": "hot", "target_step": target, "skip_batches": skip, "quarantined": moved,
+                    "detail": a.ack_detail}
+        sup.pending.pop(a.directive_id or "", None)
+        sup.log.warning("hot rollback failed, restarting cold", detail=a.ack_detail or "trainer died")
+    await sup._stop_generation(f"cold rollback to step {target} (action {a.id})")
+    scale = float(lr_scale) if lr_scale is not None else sup.lr_scale
+    _after_rollback(sup, a, target)
+    await sup._launch(load_step=target, skip_batches=skip, lr_scale=scale,
+                      ramp_steps=ramp if lr_scale is not None else 0, reason=f"rollback (action {a.id})")
+    return {"mode": "cold", "target_step": target, "skip_batches": skip, "quarantined": moved,
+            "generation": sup.generation, "detail": a.ack_detail}
+
+
+async def _ack_or_death(sup, a, gen) -> None:
+    while not a.acked.is_set():
+        if gen.exited is not None or not gen.alive():
+            return
+        await asyncio.sleep(0.05)
+
+
+async def restart(sup: "Supervisor", a: "ActiveAction", *, hang: bool) -> dict:
+    p = a.params
+    out: dict = {}
+    sup._set_state("recovering")
+    if hang and sup.gen is not None:
+        out["stacks"] = (await asyncio.to_thread(sup.gen.dump_stacks))[-20000:]
+    await sup._stop_generation(f"{a.kind} (action {a.id})")
+    backoff = float(p.get("backoff_seconds", 0.0))
+    if backoff > 0:
+        sup.log.info("backing off before restart", seconds=backoff)
+        await asyncio.sleep(backoff)
+    target = p.get("target_step")
+    try:
+        load = _resolve_target(sup, int(target)) if target is not None else _resolve_target(sup, 10**12)
+    except LookupError:
+        load = None  # nothing valid yet: a fresh start
+    lost = max(0, int(p.get("from_step", sup.last_step)) - (load or 0))
+    sup.metrics.add_lost(steps=lost, gpu_hours=lost * _median_step(sup) * sup.settings.run.nproc_per_node / 3600)
+    if load is not None:
+        _quarantine_newer(sup, load, a.id)
+    await sup._launch(load_step=load, skip_batches=0, lr_scale=sup.lr_scale, reason=f"{a.kind} (action {a.id})")
+    out.update({"load_step": load, "generation": sup.generation, "backoff_s": backoff, "lost_steps": lost})
+    return out
+
+
+async def stop_and_page(sup: "Supervisor", a: "ActiveAction") -> dict:
+    reason = (a.decision.reason if a.decision else "") or "budget exhausted"
+    gen = sup.gen
+    mode = "none"
+    if gen is not None and gen.alive():
+        if a.directive_id is None:
+            sup.send_directive(a, kind="stop", reason=reason[:500])
+        mode = "directive"
+        deadline = time.time() + sup.settings.launch.directive_timeout_s
+        while gen.alive() and time.time() < deadline:
+            await asyncio.sleep(0.1)
+        if gen.alive():
+            mode = "killed"
+    await sup._stop_generation(f"stop and page (action {a.id})")
+    sup._set_state("stopped")
+    page(sup, reason, action_id=a.id)
+    return {"stopped": mode, "paged": True, "reason": reason}
+
+
+def page(sup: "Supervisor", reason: str, **extra) -> None:
+    """Tell a human: a metric, a log event, and the webhook when one is configured."""
+    sup.metrics.observe_action("page", "sent")
+    body = {"run_id": sup.settings.run.run_id, "state": sup.state, "step": sup.last_step, "reason": reason,
+            "generation": sup.generation, **extra}
+    sup.log.error("page", **body)
+    sup.journal.set_meta("last_page", body)
+    url = sup.settings.page.webhook_url
+    if url:
+        def post():
+            try:
+                req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+                urllib.request.urlopen(req, timeout=5).read()
+            except OSError as e:
+                sup.log.error("page webhook failed", url=url, error=str(e))
+
+        threading.Thread(target=post, daemon=True).start()
