@@ -97,6 +97,7 @@ class Supervisor:
         self._first_record_of_gen = True
         self.last_record: StepRecord | None = None
         self._trainer_finished = None
+        self._close_on_next_record: str | None = None
         self.journal.record_run(s.run.run_id, {"preset": s.run.preset, "workdir": str(self.workdir)})
 
     # ------------------------------------------------------------------ lifecycle ---------
@@ -238,12 +239,14 @@ class Supervisor:
                       skip_batches=skip_batches, lr_scale=lr_scale, reason=reason, pid=self.gen.pid,
                       command=" ".join(spec.command()))
 
-    async def _stop_generation(self, reason: str) -> None:
+    async def _stop_generation(self, reason: str, *, grace_s: float | None = None) -> None:
         gen = self.gen
         if gen is None:
             return
+        gen.stopping = True  # exits from here on are ours, not findings
         self.suite.end_generation()
-        await asyncio.to_thread(gen.stop, self.settings.launch.stop_grace_s)
+        grace = self.settings.launch.stop_grace_s if grace_s is None else grace_s
+        await asyncio.to_thread(gen.stop, grace)
         self.journal.record_generation_end(gen.generation, exit_code=gen.exited, reason=reason,
                                            state="stopped")
         self.log.info("generation stopped", generation=gen.generation, reason=reason)
@@ -280,6 +283,9 @@ class Supervisor:
                 self._set_state("running")
         self._steps_buffer.append(rec)
         self.last_record = rec
+        if self._close_on_next_record and self.action is None:
+            self._close_incident(f"{self._close_on_next_record}; training resumed at step {rec.step}")
+            self._close_on_next_record = None
         self.metrics.observe_step(rec)
         self.last_step = rec.step
         if math.isfinite(rec.step_seconds) and not rec.update_skipped:
@@ -423,6 +429,8 @@ class Supervisor:
             if a.finding is not None and a.decision is not None:
                 self.history.record(a.finding, a.decision)
                 self.journal.set_meta("policy_history", self.history.to_dict())
+            if self.state not in ("stopped", "paused", "finished"):
+                self._close_on_next_record = f"{a.kind} done (action {a.id})"
             self.log.info("action done", id=a.id, kind=a.kind, outcome=outcome)
         except Exception as e:  # noqa: BLE001 - an action failing must not kill the daemon
             self.journal.action_failed(a.id, {"error": repr(e)})
@@ -509,7 +517,7 @@ class Supervisor:
             for ex in gen.poll():
                 self.log.warning("rank exited", generation=gen.generation, rank=ex.rank, exitcode=ex.exitcode,
                                  pid=ex.pid)
-                if ex.exitcode != 0:
+                if ex.exitcode != 0 and not gen.stopping:
                     for f in self.suite.observe_exit(ex.rank if ex.rank is not None else 0, ex.exitcode,
                                                      ex.wall_time, self.last_step, generation=gen.generation,
                                                      log_lines=ex.log_tail):

@@ -186,9 +186,10 @@ class Policy:
         max_rollbacks_per_region: int = 3
         #: rollbacks allowed over the whole run; then stop
         max_total_rollbacks: int = 20
-        #: the rollback target must be at least this many steps before the onset
-        #: (1 = strictly before it)
-        min_steps_before_onset: int = 1
+        #: the rollback target must be at least this many steps before the onset. 2, because
+        #: the loss recorded at step N is measured on the weights after update N-1: a spike
+        #: first seen at step N may already be baked into a checkpoint saved at step N-1.
+        min_steps_before_onset: int = 2
         #: extra steps of data skipped past the onset
         data_skip_margin_steps: int = 10
         #: LR scale multiplier on a repeat divergence in one region ...

@@ -170,7 +170,9 @@ async def restart(sup: "Supervisor", a: "ActiveAction", *, hang: bool) -> dict:
     sup._set_state("recovering")
     if hang and sup.gen is not None:
         out["stacks"] = (await asyncio.to_thread(sup.gen.dump_stacks))[-20000:]
-    await sup._stop_generation(f"{a.kind} (action {a.id})")
+    # A hung rank (SIGSTOPped, or stuck in a collective) ignores SIGTERM: its stacks are
+    # already dumped, so kill at once.
+    await sup._stop_generation(f"{a.kind} (action {a.id})", grace_s=0.0 if hang else None)
     backoff = float(p.get("backoff_seconds", 0.0))
     if backoff > 0:
         sup.log.info("backing off before restart", seconds=backoff)

@@ -5,6 +5,8 @@ Spec: comma-separated ``KIND@STEP[:key=value...]``; keys ``rank`` (default 0), `
 
   spike@30:lr=1000:steps=3   multiply the LR by ``lr`` for ``steps`` steps (a real instability)
   nan@50                     put NaN into one gradient after backward
+  badbatch@40                replace that step's batch with random tokens (a bad-data spike
+                             that recovers by itself)
   hang@70:rank=1:mode=sleep  sleep forever at the step boundary (mode=stop: SIGSTOP itself)
   crash@90:rank=1            SIGKILL this rank
   slow@10:rank=1:seconds=0.2 sleep that long every step from STEP on (a straggler)
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 KINDS = {
     "spike": {"lr": float, "steps": int},
     "nan": {},
+    "badbatch": {},
     "hang": {"mode": str},
     "crash": {},
     "slow": {"seconds": float},
@@ -133,6 +136,9 @@ class FaultPlan:
 
     def lr_factor(self, step: int) -> float:
         return self._spike_factor if self._spike_from <= step <= self._spike_until else 1.0
+
+    def badbatch_now(self, step: int) -> bool:
+        return bool(self._due("badbatch", step))
 
     def nan_now(self, step: int) -> bool:
         return bool(self._due("nan", step))

@@ -183,9 +183,14 @@ class SupervisedTrainer(Trainer):
             self._skip_reason = None
 
     def batch_generator(self, data_iterable):
-        for batch in super().batch_generator(data_iterable):
+        for input_dict, labels in super().batch_generator(data_iterable):
             self.batches_consumed += 1
-            yield batch
+            if self.faults.active and self.faults.badbatch_now(self.step):
+                vocab = self.config.model_spec.model.vocab_size
+                gen = torch.Generator().manual_seed(self.step)
+                input_dict = dict(input_dict, input=torch.randint(0, vocab, input_dict["input"].shape, generator=gen))
+                labels = torch.randint(0, vocab, labels.shape, generator=gen)
+            yield input_dict, labels
 
     # --- train state that rides in every checkpoint ----------------------------------------
     def state_dict(self):

@@ -83,7 +83,9 @@ class RankExit:
     wall_time: float
 
 
-_EXITCODE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+# torchrun's failure report: "exitcode  : -9 (pid: 1234)" and "failed (exitcode: -9) local_rank: 1 (pid: 1234)"
+_EXIT_BY_PID = (re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)"),
+                re.compile(r"exitcode:\s*(-?\d+)\)\s*local_rank:\s*\d+\s*\(pid:\s*(\d+)\)"))
 
 
 class Generation:
@@ -100,6 +102,7 @@ class Generation:
         self.exited: int | None = None
         self.started_at = time.time()
         self.exit_expected = False  # the trainer said it finished: rank exits are normal
+        self.stopping = False  # the daemon is stopping it: rank exits are not findings
 
     @property
     def generation(self) -> int:
@@ -131,7 +134,9 @@ class Generation:
         """New rank exits since the last poll (each reported once)."""
         out: list[RankExit] = []
         now = time.time()
-        for rank, pid in sorted(self.rank_pids.items()):
+        # The rank seen dead first is the root cause (torchrun then SIGTERMs the others).
+        order = sorted(self.rank_pids.items(), key=lambda rp: (self._dead_since.get(rp[0], now), rp[0]))
+        for rank, pid in order:
             if rank in self._reported:
                 continue
             if not _pid_alive(pid):
@@ -158,10 +163,13 @@ class Generation:
         return out
 
     def _exitcode_from_log(self, rank: int | None) -> int | None:
-        text = "\n".join(self.log_tail(200))
-        for m in _EXITCODE.finditer(text):
-            if rank is None or int(m.group(1)) == rank:
-                return int(m.group(2))
+        """The exit code torchrun reported for this rank's pid, if it has yet."""
+        pid = self.rank_pids.get(rank) if rank is not None else None
+        text = "\n".join(self.log_tail(300))
+        for pattern in _EXIT_BY_PID:
+            for m in pattern.finditer(text):
+                if pid is None or int(m.group(2)) == pid:
+                    return int(m.group(1))
         return None
 
     def stop(self, grace_s: float = 10.0) -> None:

@@ -84,8 +84,10 @@ def test_skip_batches_scale_with_batches_per_step():
     assert "4 batches per step" in d.reason
 
 
-@pytest.mark.parametrize("onset,target", [(58, 57), (57, 50), (51, 50), (50, 25), (1, 0),
-                                          (10_000, 150)])
+# The loss at step N is measured on the weights after update N-1, so a checkpoint at N-1 may
+# already hold the bad update: the target is the newest valid checkpoint <= onset - 2.
+@pytest.mark.parametrize("onset,target", [(58, 50), (59, 57), (57, 50), (52, 50), (51, 25), (50, 25),
+                                          (2, 0), (10_000, 150)])
 def test_rollback_target_is_newest_valid_checkpoint_before_onset(onset, target):
     assert P.rollback_target(onset, state()) == target
 
@@ -107,7 +109,7 @@ def test_cluster_and_nan_streak_divergences_roll_back_from_their_onset():
                          spike_steps=[60, 75, 90], cluster_window_steps=50), state(), History())
     assert (d.action, d.target_step) == (ROLLBACK, 57)
     assert d.reason.startswith("3 loss spikes within 50 steps (steps 60, 75, 90)")
-    d = P.decide(finding(DIVERGENCE, 78, cause="non_finite_streak", onset_step=76, consecutive=3,
+    d = P.decide(finding(DIVERGENCE, 79, cause="non_finite_streak", onset_step=77, consecutive=3,
                          fields=["loss"]), state(), History())
     assert (d.action, d.target_step) == (ROLLBACK, 75)
 

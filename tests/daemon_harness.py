@@ -1,0 +1,152 @@
+"""Run the real daemon (`titan-supervisor run CONFIG`) as a subprocess for drills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.trainer_harness import ROOT, trainer_env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def to_toml(cfg: dict) -> str:
+    lines = []
+    for k, v in cfg.items():
+        if not isinstance(v, dict):
+            lines.append(f"{k} = {_toml_value(v)}")
+    for section, body in cfg.items():
+        if not isinstance(body, dict):
+            continue
+        flat = {k: v for k, v in body.items() if not isinstance(v, dict)}
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in flat.items()]
+        for sub, subbody in body.items():
+            if isinstance(subbody, dict):
+                lines.append(f"\n[{section}.{sub}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in subbody.items()]
+    return "\n".join(lines) + "\n"
+
+
+def drill_config(workdir: Path, port: int, **run) -> dict:
+    cfg = {
+        "run": {"workdir": str(workdir), "run_id": "drill", "preset": "tiny", "nproc_per_node": 2,
+                "checkpoint_interval": 10, **run},
+        "server": {"port": port},
+        "policy": {"backoff_base_seconds": 0.5, "backoff_max_seconds": 2.0},
+        "detect": {"stall": {"heartbeat_timeout": 2.5}},
+    }
+    return cfg
+
+
+class Daemon:
+    def __init__(self, tmp: Path, cfg: dict) -> None:
+        self.tmp = Path(tmp)
+        self.cfg = cfg
+        self.port = cfg["server"]["port"]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = Path(cfg["run"]["workdir"])
+        self.config_path = self.tmp / "supervisor.toml"
+        self.config_path.write_text(to_toml(cfg))
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> "Daemon":
+        self.starts += 1
+        self.log_path = self.tmp / f"daemon-{self.starts}.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", str(self.config_path)],
+                                     stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
+                                     env=trainer_env(), cwd=ROOT, start_new_session=True)
+        return self
+
+    def get(self, path: str, timeout: float = 2.0):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            body = r.read()
+            return json.loads(body) if r.headers.get_content_type() == "application/json" else body.decode()
+
+    def status(self) -> dict | None:
+        try:
+            return self.get("/v1/status")
+        except OSError:
+            return None
+
+    def wait_for(self, pred, timeout: float, what: str, interval: float = 0.05):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            st = self.status()
+            if st is not None:
+                got = pred(st)
+                if got:
+                    return got
+            if self.proc is not None and self.proc.poll() is not None and not pred({}):
+                raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}:\n{self.log_tail()}")
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; status={self.status()}\n{self.log_tail()}")
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"daemon still running after {timeout}s; status={self.status()}\n{self.log_tail()}")
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        os.kill(self.proc.pid, sig)
+        self.proc.wait(timeout=10)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def events(self) -> list[dict]:
+        out = []
+        for i in range(1, self.starts + 1):
+            for line in (self.tmp / f"daemon-{i}.log").read_text().splitlines():
+                if line.startswith("{"):
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        pass
+        return out
+
+    def journal(self):
+        from supervisor.journal import Journal
+
+        return Journal.open(self.workdir / "supervisor" / "journal.sqlite", readonly=True)
+
+    def cleanup(self) -> None:
+        """Kill the daemon and any trainer it left (they run in their own sessions)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        import psutil
+
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if str(self.workdir) in " ".join(p.info["cmdline"] or []):
+                    p.kill()
+            except psutil.Error:
+                pass
