@@ -32,8 +32,10 @@ from supervisor.detect.suite import DetectorSuite
 from supervisor.journal import Journal
 from supervisor.launch.local import Generation, LaunchSpec, LocalLauncher
 from supervisor.metrics import Metrics
-from supervisor.policy import (ROLLBACK_ACTIONS, RESTART_ACTIONS, STOP_PAGE, Decision, History, Policy,
-                               RunState)
+from supervisor.policy import (RECORD, ROLLBACK_ACTIONS, RESTART_ACTIONS, SKIP_UPDATE, STOP_PAGE, Decision,
+                               History, Policy, RunState)
+
+LIGHT_ACTIONS = frozenset({SKIP_UPDATE, RECORD})
 from supervisor.protocol import Directive, Heartbeat, StepRecord, TelemetryBatch, TelemetryReply
 from supervisor.settings import Settings
 
@@ -413,9 +415,23 @@ class Supervisor:
         intent = self.journal.action_intent(decision.action, params, actor=actor, decision_id=decision_id,
                                             request_id=request_id)
         a = ActiveAction(intent.id, decision.action, params, finding, decision)
+        if decision.action in LIGHT_ACTIONS:
+            self._run_light(a)  # no waiting involved: done before the next finding is decided
+            return a
         self.action = a
         self._spawn(self._run_action(a))
         return a
+
+    def _run_light(self, a: ActiveAction) -> None:
+        from supervisor import remedies
+
+        self.journal.action_running(a.id)
+        outcome = remedies.light(self, a)
+        self.journal.action_done(a.id, outcome)
+        self.metrics.observe_action(a.kind, "done")
+        self.log.info("action done", id=a.id, kind=a.kind, outcome=outcome)
+        if self.incident_id is not None and self.state not in ("stopped", "paused", "finished"):
+            self._close_on_next_record = f"{a.kind} done (action {a.id})"
 
     async def _run_action(self, a: ActiveAction) -> None:
         from supervisor import remedies

@@ -36,16 +36,21 @@ async def carry_out(sup: "Supervisor", a: "ActiveAction") -> dict:
         return await restart(sup, a, hang=kind == KILL_RESTART_HANG)
     if kind == STOP_PAGE:
         return await stop_and_page(sup, a)
-    if kind == SKIP_UPDATE:
-        if a.finding is not None and a.finding.evidence.get("update_skipped"):
-            return {"note": "the trainer's guard already skipped the update"}
-        if sup.gen is None or sup.gen.exited is not None:
-            return {"note": "no trainer running; nothing to skip"}
-        d = sup.send_directive(a, kind="skip_updates", n=1, reason=f"action {a.id}")
-        return {"directive": d.id, "note": "the next update will be skipped (fire and forget)"}
-    if kind == RECORD:
-        return {"note": "recorded"}
+    if kind in (SKIP_UPDATE, RECORD):
+        return light(sup, a)
     raise ValueError(f"no remedy for action {kind!r}")
+
+
+def light(sup: "Supervisor", a: "ActiveAction") -> dict:
+    """Actions that only record, or only queue a directive: synchronous, never wait."""
+    if a.kind == RECORD:
+        return {"note": "recorded"}
+    if a.finding is not None and a.finding.evidence.get("update_skipped"):
+        return {"note": "the trainer's guard already skipped the update"}
+    if sup.gen is None or sup.gen.exited is not None:
+        return {"note": "no trainer running; nothing to skip"}
+    d = sup.send_directive(a, kind="skip_updates", n=1, reason=f"action {a.id}")
+    return {"directive": d.id, "note": "the next update will be skipped"}
 
 
 async def resume(sup: "Supervisor", a: "ActiveAction", row: dict) -> dict:

@@ -129,6 +129,8 @@ class _Simulation:
         self.max_step = rec.step if self.max_step is None else max(self.max_step, rec.step)
         self.last_wall = rec.wall_time
         for f in self.suite.observe_record(rec):
+            if self.pending is not None:
+                continue  # like the daemon: one action at a time, findings meanwhile get no decision
             self._decide(f)
             if self.stopped:
                 return
