@@ -87,8 +87,7 @@ def build_app(sup) -> FastAPI:
             return JSONResponse({"ready": False, "state": sup.state}, status_code=503)
         return {"ready": True, "state": sup.state}
 
-    @app.get("/v1/status", tags=["read"], summary="What the run and the supervisor are doing now")
-    async def status():
-        return sup.status()
+    from supervisor.control import build_router
 
+    app.include_router(build_router(sup))  # /v1 reads, commands, alerts (supervisor/control.py)
     return app

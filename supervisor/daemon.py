@@ -88,6 +88,7 @@ class Supervisor:
         self.lr_scale = 1.0
         self.action: ActiveAction | None = None
         self.pending: dict[str, Directive] = {}
+        self.directive_acks: dict[str, object] = {}  # directive id -> its DirectiveApplied event
         self.incident_id: int | None = None
         self.lkg_candidate: int | None = None
         self.finished = asyncio.Event()
@@ -318,6 +319,9 @@ class Supervisor:
                     self.journal.record_checkpoint(info.step, state="deleted_by_retention")
         elif kind == "directive_applied":
             self.pending.pop(ev.directive_id, None)
+            self.directive_acks[ev.directive_id] = ev  # read by operator commands (control.py)
+            if len(self.directive_acks) > 1000:
+                self.directive_acks.pop(next(iter(self.directive_acks)))
             a = self.action
             if a is not None and a.directive_id == ev.directive_id:
                 a.ack_ok, a.ack_detail = ev.ok, ev.detail

@@ -27,6 +27,8 @@ from supervisor.policy import (KILL_RESTART_HANG, RECORD, RESTART, ROLLBACK, ROL
 if TYPE_CHECKING:
     from supervisor.daemon import ActiveAction, Supervisor
 
+PAUSE, RESUME = "pause", "resume"  # operator actions (supervisor/control.py)
+
 
 async def carry_out(sup: "Supervisor", a: "ActiveAction") -> dict:
     kind = a.kind
@@ -38,6 +40,10 @@ async def carry_out(sup: "Supervisor", a: "ActiveAction") -> dict:
         return await stop_and_page(sup, a)
     if kind in (SKIP_UPDATE, RECORD):
         return light(sup, a)
+    if kind == PAUSE:
+        return await pause(sup, a)
+    if kind == RESUME:
+        return await resume_run(sup, a)
     raise ValueError(f"no remedy for action {kind!r}")
 
 
@@ -233,3 +239,41 @@ def page(sup: "Supervisor", reason: str, **extra) -> None:
                 sup.log.error("page webhook failed", url=url, error=str(e))
 
         threading.Thread(target=post, daemon=True).start()
+
+
+async def pause(sup: "Supervisor", a: "ActiveAction") -> dict:
+    """Operator pause: the trainer finishes its step, checkpoints and exits (a ``stop``
+    directive); the generation is closed and the run waits in state "paused" with everything
+    kept. Safe to repeat: with no trainer left it only records the state."""
+    gen = sup.gen
+    how = "no trainer running"
+    if gen is not None and gen.exited is None and gen.alive():
+        if a.directive_id is None or a.directive_id not in sup.pending:
+            sup.send_directive(a, kind="stop", reason=f"paused by operator (action {a.id})")
+        timeout = sup.settings.launch.directive_timeout_s
+        sup.suite.expect_pause(time.time() + timeout)
+        deadline = time.time() + timeout
+        while gen.alive() and gen.exited is None and time.time() < deadline:
+            await asyncio.sleep(0.05)
+        how = "trainer checkpointed and exited" if not gen.alive() or gen.exited is not None else "killed (no exit in time)"
+    finished = sup._trainer_finished
+    await sup._stop_generation(f"paused (action {a.id})")
+    sup._trainer_finished = None
+    step = finished[0] if finished else sup.last_step
+    if finished and finished[1] == "completed":
+        sup._set_state("finished")
+        sup.finished.set()
+        return {"paused": False, "note": "the run completed before the pause took effect", "step": step}
+    sup._set_state("paused")
+    newest = sup._newest_valid_step()
+    return {"paused": True, "step": step, "stopped": how, "newest_checkpoint": newest}
+
+
+async def resume_run(sup: "Supervisor", a: "ActiveAction") -> dict:
+    """Operator resume: a new generation from the newest valid checkpoint, same LR scale."""
+    if sup.gen is not None and sup.gen.exited is None and sup.gen.alive():
+        return {"note": "a generation is already running", "generation": sup.generation}
+    load = sup._newest_valid_step()
+    await sup._launch(load_step=load, skip_batches=0, lr_scale=sup.lr_scale,
+                      reason=f"resumed by operator (action {a.id})")
+    return {"load_step": load, "generation": sup.generation, "lr_scale": sup.lr_scale}

@@ -29,8 +29,10 @@ async def serve(settings: Settings, *, on_ready=None, exit_when_finished: bool =
     logging.getLogger("uvicorn.access").disabled = True
     sup = Supervisor(settings)
     app = build_app(sup)
+    tls = {"ssl_certfile": str(settings.server.tls_cert_file), "ssl_keyfile": str(settings.server.tls_key_file)} \
+        if settings.server.tls_cert_file else {}
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port, log_level="warning",
-                            lifespan="off", access_log=False, timeout_keep_alive=30)
+                            lifespan="off", access_log=False, timeout_keep_alive=30, **tls)
     server = _Server(config)
     server_task = asyncio.create_task(server.serve())
     while not server.started:
@@ -40,7 +42,7 @@ async def serve(settings: Settings, *, on_ready=None, exit_when_finished: bool =
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     host = settings.server.host if settings.server.host != "0.0.0.0" else "127.0.0.1"
-    sup.url = f"http://{host}:{port}"
+    sup.url = f"{'https' if tls else 'http'}://{host}:{port}"
     sup.log.info("listening", url=sup.url, workdir=str(sup.workdir))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -52,7 +52,26 @@ class RunSettings(_Section):
 class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Bind address for telemetry, API and /metrics. Loopback by default.")
     port: int = Field(8642, ge=0, le=65535, description="TCP port (0: pick a free one).")
-    token_file: Path | None = Field(None, description="Bearer tokens file (required to bind beyond loopback).")
+    token_file: Path | None = Field(None, description="Bearer tokens file (required to bind beyond loopback): JSON "
+                                    "lines of {name, role, sha256}, written by `titan-supervisor token add` "
+                                    "(supervisor/auth.py). TITAN_SUPERVISOR_TOKENS may add name:role:sha256 entries.")
+    tls_cert_file: Path | None = Field(None, description="TLS certificate (PEM) for the API; set with tls_key_file.")
+    tls_key_file: Path | None = Field(None, description="TLS private key (PEM) for the API; set with tls_cert_file.")
+    plaintext_behind_tls_proxy: bool = Field(
+        False, description="Allow a non-loopback bind without tls_cert_file because a proxy in front terminates TLS.")
+    allow_unauthenticated_loopback: bool = Field(
+        False, description="With no tokens configured, accept operator/admin commands from loopback as actor "
+                           "'local' (reads from loopback are always allowed then). Off by default: configure a "
+                           "token file instead. Ignored once tokens are configured.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServerSettings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("server.tls_cert_file and server.tls_key_file must be set together")
+        for f in (self.tls_cert_file, self.tls_key_file):
+            if f is not None and not f.is_file():
+                raise ValueError(f"TLS file {f} does not exist")
+        return self
 
     @field_validator("host")
     @classmethod
@@ -114,6 +133,14 @@ class Settings(BaseSettings):
         if not self.server.loopback and self.server.token_file is None:
             raise ValueError(f"server.host {self.server.host} is not loopback: set server.token_file "
                              "(bearer tokens) before exposing the supervisor beyond this machine")
+        if not self.server.loopback and self.server.tls_cert_file is None and not self.server.plaintext_behind_tls_proxy:
+            raise ValueError(f"server.host {self.server.host} is not loopback: set server.tls_cert_file and "
+                             "server.tls_key_file (or server.plaintext_behind_tls_proxy = true when a proxy "
+                             "terminates TLS) so tokens never cross the network in clear text")
+        if self.server.token_file is not None:
+            from supervisor.auth import load_token_file
+
+            load_token_file(self.server.token_file)  # a bad token file is a config error at start
         return self
 
     # --- typed views of the pass-through tables ---------------------------------------------
