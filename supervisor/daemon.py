@@ -334,6 +334,7 @@ class Supervisor:
         elif kind == "finished":
             self.log.info("trainer finished", generation=self.generation, step=ev.step, reason=ev.reason)
             self._trainer_finished = (ev.step, ev.reason)
+            self.suite.end_generation()  # ranks going quiet now is expected, not a finding
             if self.gen is not None:
                 self.gen.exit_expected = True
 

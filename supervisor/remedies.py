@@ -118,16 +118,19 @@ def _median_step(sup: "Supervisor") -> float:
 def _resolve_target(sup: "Supervisor", target: int) -> int:
     """The target if it is a valid checkpoint; else the newest valid older one (a corrupt
     checkpoint is quarantined, never used, never deleted)."""
+    found = None
     for info in sorted(sup.catalog.scan(), key=lambda i: -i.step):
-        if info.step > target:
-            continue
-        if info.valid:
-            return info.step
         if info.state == "corrupt":
-            sup.catalog.quarantine(info.step, reason=f"corrupt: {info.reason}", tag="corrupt")
-            sup.journal.record_checkpoint(info.step, state="corrupt", note=info.reason)
+            moved = sup.catalog.quarantine(info.step, reason=f"corrupt: {info.reason}", tag="corrupt")
+            sup.journal.record_checkpoint(info.step, path=str(moved.dst) if moved else None, state="corrupt",
+                                          note=info.reason)
             sup.log.warning("corrupt checkpoint set aside", step=info.step, reason=info.reason)
-    raise LookupError(f"no valid checkpoint at or before step {target}")
+        elif info.valid and info.step <= target and found is None:
+            found = info.step
+    sup._valid_cache = None
+    if found is None:
+        raise LookupError(f"no valid checkpoint at or before step {target}")
+    return found
 
 
 async def rollback(sup: "Supervisor", a: "ActiveAction") -> dict:

@@ -60,9 +60,9 @@ async def serve(settings: Settings, *, on_ready=None, exit_when_finished: bool =
     reconcile.cancel()
     for w in waits:
         w.cancel()
-    await sup.stop()
-    server.should_exit = True
+    server.should_exit = True  # stop answering before the journal closes
     await server_task
+    await sup.stop()
     return sup
 
 

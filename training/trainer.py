@@ -240,11 +240,17 @@ class SupervisedTrainer(Trainer):
             self.step += 1
             self.gc_handler.run(self.step)
             self._set_phase("between_steps")
+            own_start = time.perf_counter()
             self.faults.before_step(self.step, on_phase=self._set_phase)
             if self.faults.lr_factor(self.step) != 1.0 or self.faults.lr_factor(self.step - 1) != 1.0:
                 self._sync_param_group_lrs()
             lr = self.optimizers.optimizers[0].param_groups[0]["lr"]
             self._set_phase("train_step")
+            own_seconds = time.perf_counter() - own_start
+            if self._gather_step():
+                # Straggler sample: a rank's own time excludes waiting for the slowest rank.
+                # Ranks wait at this barrier instead of inside the step's collectives.
+                dist.barrier()
             start = time.perf_counter()
             try:
                 self.train_step(data)
@@ -259,7 +265,7 @@ class SupervisedTrainer(Trainer):
             step_seconds = time.perf_counter() - start
             self._set_phase("checkpoint")
             self._maybe_save(force=False)
-            self._report(lr, step_seconds)
+            self._report(lr, step_seconds, own_seconds + step_seconds)
             if self._trace is not None:
                 self._write_trace(lr)
             if self.step - loaded_step == 1:
@@ -316,12 +322,16 @@ class SupervisedTrainer(Trainer):
             ev.setdefault("wall_time", time.time())
             self.telemetry.event(ev)
 
-    def _report(self, lr: float, step_seconds: float) -> None:
+    def _gather_step(self) -> bool:
+        every = self.config.supervision.gather_every
+        return every > 0 and self.world > 1 and self.step % every == 0
+
+    def _report(self, lr: float, step_seconds: float, own_seconds: float) -> None:
         sup = self.config.supervision
         self.telemetry.last_step = self.step
         rank_times = None
-        if sup.gather_every > 0 and self.world > 1 and self.step % sup.gather_every == 0:
-            local = torch.tensor([step_seconds], dtype=torch.float64, device=self.device)
+        if self._gather_step():
+            local = torch.tensor([own_seconds], dtype=torch.float64, device=self.device)
             gathered = [torch.zeros_like(local) for _ in range(self.world)]
             dist.all_gather(gathered, local)
             rank_times = [float(t.item()) for t in gathered]

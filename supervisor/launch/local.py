@@ -153,7 +153,9 @@ class Generation:
                 out.append(RankExit(rank, code if code is not None else -9, pid, self.log_tail(), now))
         if self.exited is None and not self.alive():
             code = self._proc.returncode if self._proc is not None else None
-            self.exited = code if code is not None else 1
+            if code is None:  # adopted: not our child, so no exit status; the trainer told us
+                code = 0 if self.exit_expected else 1
+            self.exited = code
             if self.exited != 0 and not out and len(self._reported) < max(1, len(self.rank_pids)):
                 rank = next((r for r in sorted(self.rank_pids) if r not in self._reported), None)
                 logged = self._exitcode_from_log(rank) if rank is not None else None

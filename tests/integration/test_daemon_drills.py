@@ -279,7 +279,7 @@ class _PageSink:
 def test_ladder_scales_lr_down_then_stops_and_pages(make_daemon):
     sink = _PageSink()
     d = make_daemon({"policy": {"max_rollbacks_per_region": 2}, "page": {"webhook_url": sink.url}},
-                    steps=120, faults="spike@35:lr=1000:steps=3,spike@40:lr=1000:steps=3,spike@45:lr=1000:steps=3")
+                    steps=120, faults="spike@35:lr=1000:steps=3,spike@50:lr=1000:steps=3,spike@60:lr=10000:steps=3")
     d.start()
     d.wait_for(lambda st: st.get("state") == "stopped", 240, "the stop")
     deadline = time.time() + 10
