@@ -1,13 +1,16 @@
-"""`titan-supervisor`: the daemon, the offline tools, and (later) the on-call client.
+# PYTHON_ARGCOMPLETE_OK
+"""`titan-supervisor`: the daemon, the offline tools, and the on-call client (supervisor/oncall.py).
 
 Exit codes: 0 ok; 1 the command ran and found a problem (preflight errors, replay decisions
-that stop the run); 2 bad usage or bad input (config, arguments, files).
+that stop the run, an action that failed); 2 bad usage or bad input (config, arguments, files,
+a command the daemon refused as invalid); the on-call commands add 3-7 (supervisor/client.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +29,11 @@ def _cmd_run(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    return service.run(settings)
+    try:
+        return service.run(settings)
+    except ConfigError as e:  # found while starting (e.g. an unreadable reference spool)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
 
 
 def _cmd_replay(args) -> int:
@@ -63,6 +70,23 @@ def _cmd_replay(args) -> int:
     return 0
 
 
+def _cmd_preflight(args) -> int:
+    import psutil
+
+    from supervisor.preflight import exit_code, format_report, preflight
+    from supervisor.run_plan import build_plan
+    from supervisor.settings import ConfigError, Settings
+
+    try:
+        settings = Settings.load(args.config)
+        report = preflight(build_plan(settings, psutil.virtual_memory().total / 2**30))
+    except (ConfigError, ValueError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(report.to_json() if args.json else format_report(report))
+    return exit_code(report)
+
+
 def _cmd_demo(args) -> int:
     from supervisor import demo
 
@@ -70,7 +94,13 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="titan-supervisor", description="Keeps a torchtitan run alive and healthy.")
+    from supervisor import oncall
+    from supervisor.client import EXIT_CODES
+
+    p = argparse.ArgumentParser(prog="titan-supervisor", description="Keeps a torchtitan run alive and healthy.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="exit codes:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items())
+                                       + "\n\nexample:\n  titan-supervisor status --watch")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run the daemon for the run described by CONFIG",
@@ -90,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true", help="machine-readable output")
     rp.set_defaults(func=_cmd_replay)
 
+    pf = sub.add_parser("preflight", help="lint hyperparameters and the parallel plan before launching",
+                        description="Check the run described by CONFIG before it costs GPU hours: Adam epsilon,\n"
+                                    "beta2, weight decay, warmup, peak LR for the model size; DPxTPxPP(xCP) = world,\n"
+                                    "head/layer divisibility, batch divisibility, a per-GPU memory estimate.\n"
+                                    "Exit 1 on errors. Also runs automatically before every launch.\n\n"
+                                    "example:\n  titan-supervisor preflight run.toml --json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pf.add_argument("config", help="TOML settings ([run], [optimizer], [preflight] tables)")
+    pf.add_argument("--json", action="store_true", help="machine-readable output")
+    pf.set_defaults(func=_cmd_preflight)
+
     d = sub.add_parser("demo", help="a supervised 2-rank CPU run with a scripted failure drill",
                        description="Run the demo: real torchtitan on 2 CPU ranks, a loss spike, a NaN, a killed rank\n"
                                    "and a hung rank, each handled by the supervisor; then a summary.\n\n"
@@ -99,11 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=240, help="training steps (default 240)")
     d.add_argument("--keep", action="store_true", help="do not empty the workdir first")
     d.set_defaults(func=_cmd_demo)
+    oncall.add_subcommands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # shell completion (`titan-supervisor completion bash`)
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -7,89 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from supervisor.api import build_app
-from supervisor.auth import add_token
 from supervisor.daemon import Supervisor
 from supervisor.settings import Settings
-
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "dcp" / "step-10"
-
-
-class FakeGen:
-    """Stands in for a launched generation (supervisor.launch.local.Generation)."""
-
-    def __init__(self, generation: int) -> None:
-        self.generation = generation
-        self.exited = None
-        self.stopping = False
-        self.exit_expected = False
-        self.rank_pids: dict[int, int] = {0: 101, 1: 102}
-        self.pid = 100
-
-    def alive(self) -> bool:
-        return self.exited is None
-
-    def stop(self, grace) -> None:
-        if self.exited is None:
-            self.exited = -15
-
-    def poll(self):
-        return []
-
-    def note_rank_pid(self, rank, pid):
-        self.rank_pids[rank] = pid
-
-
-class FakeLauncher:
-    def __init__(self) -> None:
-        self.specs = []
-
-    def start(self, spec):
-        self.specs.append(spec)
-        return FakeGen(spec.generation)
-
-
-def make_checkpoint(root: Path, step: int) -> Path:
-    dst = root / f"step-{step}"
-    shutil.copytree(FIXTURE, dst)
-    return dst
+from tests.control_fixtures import make_checkpoint, make_sup, make_tokens
 
 
 @pytest.fixture
 def tokens(tmp_path):
-    f = tmp_path / "tokens.jsonl"
-    return {"file": f, "admin": add_token(f, "root", "admin"), "operator": add_token(f, "alice", "operator"),
-            "viewer": add_token(f, "vic", "viewer")}
+    return make_tokens(tmp_path)
 
 
 @pytest.fixture
 def sup(tmp_path, tokens):
-    s = Settings.load(run={"workdir": str(tmp_path / "run"), "run_id": "t"},
-                      server={"port": 0, "token_file": str(tokens["file"])},
-                      launch={"directive_timeout_s": 5.0, "stop_grace_s": 0.0})
-    sup = Supervisor(s)
-    ckroot = sup.workdir / "checkpoint"
-    for step in (10, 20, 30):
-        make_checkpoint(ckroot, step)
-    bad = make_checkpoint(ckroot, 25)
-    (bad / "__1_0.distcp").write_bytes(b"x")  # a truncated shard: corrupt
-    q = make_checkpoint(sup.workdir / "quarantine", 35)
-    q.rename(sup.workdir / "quarantine" / "step-35.corrupt")
-    (sup.workdir / "quarantine" / "step-35.corrupt.reason.json").write_text(json.dumps({"reason": "corrupt: torn"}))
-    sup.launcher = FakeLauncher()
-    sup.generation = 0
-    sup.journal.record_generation_start(generation=0, run_id="t")
-    sup.gen = FakeGen(0)
-    sup.state = "running"
-    sup.last_step = 33
+    sup = make_sup(tmp_path, tokens)
     yield sup
     sup.journal.close()
 
@@ -304,8 +241,10 @@ def test_operator_rollback_runs_hot_and_is_audited(sup, client, tokens):
     wait(lambda: sup.action is None)
     a = sup.journal.action(aid)
     assert a["state"] == "done" and a["actor"] == "alice" and a["outcome"]["mode"] == "hot"
-    assert a["outcome"]["quarantined"] == [25, 30] and sup.last_step == 20
+    assert 30 in a["outcome"]["quarantined"] and sup.last_step == 20
     assert sorted(p.name for p in (sup.workdir / "checkpoint").iterdir()) == ["step-10", "step-20"]
+    kept = sorted(p.name.split(".")[0] for p in (sup.workdir / "quarantine").glob("step-*") if p.is_dir())
+    assert kept == ["step-25", "step-30", "step-35"]  # moved aside, nothing deleted
     audit = client.get("/v1/audit", headers=hdr(tokens, "viewer")).json()["commands"][0]
     assert audit["command"] == "rollback" and audit["reason"] == "bad data" and audit["accepted"]
     assert audit["action"]["state"] == "done" and audit["action"]["id"] == aid
