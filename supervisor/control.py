@@ -508,6 +508,8 @@ class ControlPlane:
 
     async def confirm(self, who: Principal, b: Command, decision_id: int) -> dict:
         sup = self.sup
+        if not 0 <= decision_id < 2**62:
+            raise Refusal(409, f"decision {decision_id} is not a pending proposal")
         if b.request_id is not None and not b.dry_run:
             row = sup.journal.action_by_request(b.request_id)
             if row is not None:
@@ -559,7 +561,7 @@ class ControlPlane:
 
     async def ack(self, who: Principal, b: Command, incident_id: int) -> dict:
         j = self.sup.journal
-        inc = j.incident(incident_id)
+        inc = j.incident(incident_id) if 0 <= incident_id < 2**62 else None
         if inc is None:
             raise Refusal(404, f"no incident {incident_id}")
         if b.dry_run:

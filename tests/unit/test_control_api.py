@@ -164,6 +164,10 @@ def test_incident_show_and_ack(sup, client, tokens):
     assert r.status_code == 200 and "already acknowledged by alice" in r.json()["message"]
     r = client.post("/v1/incidents/999/ack", json={"reason": "x"}, headers=hdr(tokens, "operator"))
     assert r.status_code == 404 and sup.journal.commands()[0]["accepted"] is False
+    r = client.post(f"/v1/incidents/{2**70}/ack", json={"reason": "x"}, headers=hdr(tokens, "operator"))
+    assert r.status_code == 404  # found by the schemathesis run: an id SQLite cannot hold was a 500
+    r = client.post(f"/v1/proposals/{2**70}/confirm", json={"reason": "x"}, headers=hdr(tokens, "operator"))
+    assert r.status_code == 409
 
 
 # --- rollback validation --------------------------------------------------------------------
