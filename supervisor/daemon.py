@@ -37,11 +37,15 @@ from supervisor.policy import (RECORD, ROLLBACK_ACTIONS, RESTART_ACTIONS, SKIP_U
 
 LIGHT_ACTIONS = frozenset({SKIP_UPDATE, RECORD})
 from supervisor.protocol import Directive, Heartbeat, StepRecord, TelemetryBatch, TelemetryReply
-from supervisor.settings import Settings
+from supervisor.settings import ConfigError, Settings
 
 def _num(x: float):
     """JSON has no NaN: non-finite numbers are reported as strings."""
     return x if math.isfinite(x) else str(x)
+
+
+class PreflightFailed(RuntimeError):
+    """The plan about to launch has errors (and no override reason)."""
 
 
 STATES = ("starting", "running", "recovering", "paused", "stopped", "failed", "finished")
@@ -74,7 +78,7 @@ class Supervisor:
                                               in_progress_grace_s=s.checkpoints.in_progress_grace_s))
         self.metrics = Metrics()
         self.metrics.set_run_info(s.run.run_id, preset=s.run.preset)
-        self.suite = DetectorSuite(s.detector_config())
+        self.suite = DetectorSuite(s.detector_config(), reference=self._reference_curve())
         self.policy = Policy(s.policy_config())
         self.history = History.from_dict(self.journal.get_meta("policy_history", {}) or {})
         self.launcher = LocalLauncher(self.workdir / "logs")
@@ -101,6 +105,13 @@ class Supervisor:
         self.last_record: StepRecord | None = None
         self._trainer_finished = None
         self._close_on_next_record: str | None = None
+        from supervisor.model_table import PRESET_TRAINING
+
+        preset = PRESET_TRAINING.get(s.run.preset)
+        self.checkpoint_interval = s.run.checkpoint_interval or (preset.checkpoint_interval if preset else None)
+        if self.checkpoint_interval:
+            self.metrics.set_checkpoint_interval(self.checkpoint_interval)
+        self.recommended_interval = None
         self.journal.record_run(s.run.run_id, {"preset": s.run.preset, "workdir": str(self.workdir)})
 
     # ------------------------------------------------------------------ lifecycle ---------
@@ -125,7 +136,10 @@ class Supervisor:
             for a in unfinished:
                 self._spawn(self._resume_action(a))
         elif not resumed:
-            await self._launch(load_step=None, skip_batches=0, lr_scale=self.lr_scale, reason="initial start")
+            try:
+                await self._launch(load_step=None, skip_batches=0, lr_scale=self.lr_scale, reason="initial start")
+            except PreflightFailed:
+                return  # state "failed", paged; the service exits non-zero
 
     def _adopt(self, last: dict) -> bool:
         pids = last.get("pids") or []
@@ -215,10 +229,75 @@ class Supervisor:
         return LaunchSpec(generation=generation, nproc=r.nproc_per_node, preset=r.preset, workdir=self.workdir,
                           supervisor_url=self.url, run_id=r.run_id, load_step=load_step,
                           skip_batches=skip_batches, lr_scale=lr_scale, lr_ramp_steps=ramp_steps,
-                          steps=self.total_steps, checkpoint_interval=r.checkpoint_interval,
-                          faults=r.faults, extra_args=list(r.trainer_args), python=r.python, env=dict(r.env))
+                          steps=self.total_steps, checkpoint_interval=self.checkpoint_interval,
+                          faults=r.faults, extra_args=list(r.trainer_args), python=r.python, env=dict(r.env),
+                          optimizer_json=self._optimizer_json())
+
+    def _reference_curve(self):
+        path = self.settings.convergence.reference_spool
+        if path is None:
+            return None
+        from supervisor.detect.convergence import reference_from_spool_lines
+
+        if not Path(path).is_file():
+            raise ConfigError(f"convergence.reference_spool {path} does not exist")
+        lines = []
+        for n, text in enumerate(Path(path).read_text().splitlines(), 1):
+            if text.strip():
+                try:
+                    lines.append(json.loads(text))
+                except ValueError as e:
+                    raise ConfigError(f"convergence.reference_spool {path}:{n}: not JSON: {e}") from None
+        curve = reference_from_spool_lines(lines)
+        if len(curve) < 2:
+            raise ConfigError(f"convergence.reference_spool {path}: too few usable records for a reference curve")
+        return curve
+
+    def run_preflight(self) -> dict:
+        """Lint the plan about to launch; journal every finding; raise on errors unless overridden."""
+        import psutil
+
+        from supervisor.preflight import exit_code, format_report, preflight
+        from supervisor.run_plan import build_plan
+
+        pf = self.settings.preflight
+        try:
+            report = preflight(build_plan(self.settings, psutil.virtual_memory().total / 2**30))
+        except ValueError as e:
+            raise PreflightFailed(f"preflight could not read the plan: {e}") from None
+        summary = report.to_dict()
+        self.journal.set_meta("preflight", summary)
+        for issue in report.all_issues():
+            if issue.level in ("error", "warning"):
+                self.journal.add_finding(f"preflight_{issue.level}", self.last_step, issue.level,
+                                         "critical" if issue.level == "error" else "warning", issue.to_dict())
+        text = format_report(report)
+        if exit_code(report) != 0:
+            if pf.override_reason:
+                self.log.warning("preflight errors overridden", reason=pf.override_reason, report=text)
+                self.journal.set_meta("preflight_override", {"reason": pf.override_reason, "at": time.time()})
+            else:
+                raise PreflightFailed("preflight found errors (set preflight.override_reason to launch anyway):\n" + text)
+        elif report.all_issues():
+            self.log.info("preflight", report=text)
+        return summary
+
+    def _optimizer_json(self) -> str:
+        o = self.settings.optimizer.overrides()
+        return json.dumps(o) if o else ""
 
     async def _launch(self, *, load_step, skip_batches: int, lr_scale: float, ramp_steps: int = 0, reason: str) -> None:
+        if self.settings.preflight.enabled:
+            try:
+                self.run_preflight()
+            except PreflightFailed as e:
+                from supervisor.remedies import page
+
+                self.log.error("preflight failed: launch refused", error=str(e))
+                self._set_state("failed")
+                page(self, f"launch refused by preflight: {e}")
+                self.finished.set()
+                raise
         self.generation += 1
         spec = self._spec(self.generation, load_step=load_step, skip_batches=skip_batches, lr_scale=lr_scale,
                           ramp_steps=ramp_steps)
@@ -314,6 +393,7 @@ class Supervisor:
             self.metrics.set_checkpoint(ev.step, saved_at=ev.wall_time)
             if self.incident_id is None:
                 self.lkg_candidate = ev.step
+            self._recommend_interval()
             if self.settings.checkpoints.keep_last:
                 for info in self.catalog.apply_retention():
                     self.journal.record_checkpoint(info.step, state="deleted_by_retention")
@@ -337,6 +417,40 @@ class Supervisor:
             self.suite.end_generation()  # ranks going quiet now is expected, not a finding
             if self.gen is not None:
                 self.gen.exit_expected = True
+
+    def _recommend_interval(self) -> None:
+        """Young/Daly: checkpoint every sqrt(2 * C * MTBF) seconds, C = measured save cost, MTBF
+        from the journal's failure history (a configured prior until failures are seen)."""
+        from supervisor.checkpoint_interval import mtbf_from_failures, recommend_interval_steps
+
+        c = self.settings.checkpoints
+        fh = self.journal.failure_history()
+        if not fh.save_seconds or not self._step_times:
+            return
+        now = time.time()
+        since = fh.observed_since or self._first_start or now - 1
+        mtbf = mtbf_from_failures(fh.failure_times, since, max(now, since + 1e-3), prior_mtbf_s=c.mtbf_prior_hours * 3600)
+        rec = recommend_interval_steps(statistics.median(fh.save_seconds), mtbf, statistics.median(self._step_times),
+                                       min_steps=c.min_interval_steps, max_steps=c.max_interval_steps)
+        self.recommended_interval = rec
+        self.metrics.set_recommended_checkpoint_interval(rec.steps)
+        current = self.checkpoint_interval
+        if not c.adaptive or self.action is not None or self.gen is None or self.gen.exited is not None:
+            return
+        if current is not None and abs(rec.steps - current) <= 0.2 * current:
+            return  # hysteresis: the estimate moves a little with every save
+        reason = (f"Young/Daly: {rec.formula} with C={rec.inputs['save_cost_s']:.3g}s, "
+                  f"MTBF={rec.inputs['mtbf_s']:.4g}s, step={rec.inputs['step_seconds']:.3g}s "
+                  f"-> every {rec.steps} steps (was {current})")
+        intent = self.journal.action_intent("set_checkpoint_interval", {"steps": rec.steps, "was": current,
+                                                                        "inputs": rec.inputs})
+        a = ActiveAction(intent.id, "set_checkpoint_interval", {"steps": rec.steps}, None, None)
+        self.journal.action_running(a.id)
+        d = self.send_directive(a, kind="set_checkpoint_interval", n=rec.steps, reason=reason[:500])
+        self.journal.action_done(a.id, {"directive": d.id, "steps": rec.steps})
+        self.checkpoint_interval = rec.steps
+        self.metrics.set_checkpoint_interval(rec.steps)
+        self.log.info("checkpoint interval", steps=rec.steps, was=current, reason=reason)
 
     def _maybe_pin_lkg(self, rec: StepRecord) -> None:
         """A checkpoint with healthy telemetry after it becomes the pinned last-known-good."""
@@ -519,6 +633,12 @@ class Supervisor:
             "open_incidents": [i["id"] for i in self.journal.incidents(state="unresolved", limit=50)],
             "action": {"id": a.id, "kind": a.kind, "params": a.params} if a else None,
             "trainer_pids": dict(self.gen.rank_pids) if self.gen else {},
+            "checkpoint_interval": self.checkpoint_interval,
+            "recommended_checkpoint_interval": (
+                {"steps": self.recommended_interval.steps, "seconds": self.recommended_interval.seconds,
+                 "formula": self.recommended_interval.formula, "inputs": self.recommended_interval.inputs,
+                 "clamped": self.recommended_interval.clamped}
+                if self.recommended_interval else None),
         }
 
     # ------------------------------------------------------------------ reconcile loop -----

@@ -69,3 +69,40 @@ TINY = {
 }
 
 ALL_SHAPES: dict[str, ModelShape] = {**TINY, **LLMJP3}
+
+
+@dataclass(frozen=True)
+class PresetTraining:
+    """A preset's training defaults (what `training.presets` builds; what preflight lints)."""
+
+    model: str
+    lr: float
+    warmup_steps: int
+    local_batch: int
+    seq_len: int
+    steps: int
+    checkpoint_interval: int
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+
+
+def _llmjp_training(name: str, lr: float) -> PresetTraining:
+    return PresetTraining(name, lr=lr, warmup_steps=2000, local_batch=1, seq_len=4096, steps=100_000,
+                          checkpoint_interval=500)
+
+
+# Peak LRs: the lab used 3e-4 (8B) and 2e-4 (32B); smaller models take larger ones.
+PRESET_TRAINING: dict[str, PresetTraining] = {
+    "tiny": PresetTraining("tiny", lr=8e-4, warmup_steps=10, local_batch=4, seq_len=256, steps=100,
+                           checkpoint_interval=10),
+    "small": PresetTraining("small", lr=8e-4, warmup_steps=20, local_batch=4, seq_len=256, steps=200,
+                            checkpoint_interval=20),
+    **{t.model: t for t in (
+        _llmjp_training("llmjp3-150m", 6e-4), _llmjp_training("llmjp3-440m", 5e-4),
+        _llmjp_training("llmjp3-980m", 4e-4), _llmjp_training("llmjp3-1.8b", 3e-4),
+        _llmjp_training("llmjp3-3.7b", 3e-4), _llmjp_training("llmjp3-7.2b", 3e-4),
+        _llmjp_training("llmjp3-13b", 2.5e-4), _llmjp_training("llmjp3-172b", 1.5e-4),
+    )},
+}

@@ -68,5 +68,5 @@ async def serve(settings: Settings, *, on_ready=None, exit_when_finished: bool =
 
 def run(settings: Settings) -> int:
     log.configure(settings.log_level)
-    asyncio.run(serve(settings))
-    return 0
+    sup = asyncio.run(serve(settings))
+    return 1 if sup.state == "failed" else 0

@@ -98,6 +98,44 @@ class LaunchSettings(_Section):
 class CheckpointSettings(_Section):
     keep_last: int = Field(0, ge=0, description="Retention: newest valid checkpoints kept (0: keep all). Pinned ones are always kept.")
     in_progress_grace_s: float = Field(300.0, gt=0, description="A step folder without .metadata younger than this is still being written.")
+    adaptive: bool = Field(False, description="Apply the Young/Daly interval sqrt(2*C*MTBF) to the live trainer (always computed and exported).")
+    min_interval_steps: int = Field(10, ge=1, description="Lower bound for the adaptive interval.")
+    max_interval_steps: int = Field(5000, ge=1, description="Upper bound for the adaptive interval.")
+    mtbf_prior_hours: float = Field(24.0, gt=0, description="MTBF assumed until the journal has seen failures (the run's own history replaces it).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "CheckpointSettings":
+        if self.min_interval_steps > self.max_interval_steps:
+            raise ValueError(f"min_interval_steps {self.min_interval_steps} > max_interval_steps {self.max_interval_steps}")
+        return self
+
+
+class OptimizerSettings(_Section):
+    """Overrides of the preset's AdamW settings: passed to the trainer and linted by preflight."""
+
+    lr: float | None = Field(None, gt=0, description="Peak learning rate.")
+    eps: float | None = Field(None, ge=0, description="Adam epsilon (the lab's trap: 1e-5 instead of 1e-8).")
+    beta1: float | None = Field(None, ge=0, lt=1)
+    beta2: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)
+
+    def overrides(self) -> dict[str, float]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class PreflightSettings(_Section):
+    enabled: bool = Field(True, description="Lint hyperparameters and the parallel plan before every launch.")
+    device: str = Field("cpu", description="Accelerator for the memory estimate: H100, H200, B200, B300, A100-80 or cpu.")
+    device_memory_gib: float | None = Field(None, gt=0, description="Memory per device (required for cpu; default: this machine's RAM).")
+    global_batch: int | None = Field(None, ge=1, description="Global batch in sequences (default: ranks x the preset's local batch).")
+    layouts: list[dict[str, Any]] = Field(default_factory=list,
+                                          description="Ordered parallel layouts, fastest first ({dp, tp, pp, cp, micro_batch, ...}); default: pure DP over all ranks.")
+    override_reason: str = Field("", description="Launch despite preflight errors; the reason is journaled.")
+
+
+class ConvergenceSettings(_Section):
+    reference_spool: Path | None = Field(None, description="A previous run's telemetry spool: the live loss is compared with it by tokens seen.")
 
 
 class PageSettings(_Section):
@@ -114,6 +152,9 @@ class Settings(BaseSettings):
     launch: LaunchSettings = Field(default_factory=LaunchSettings)
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     page: PageSettings = Field(default_factory=PageSettings)
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
+    preflight: PreflightSettings = Field(default_factory=PreflightSettings)
+    convergence: ConvergenceSettings = Field(default_factory=ConvergenceSettings)
     detect: dict[str, dict[str, Any]] = Field(default_factory=dict, description="DetectorSuite.Config overrides per detector.")
     policy: dict[str, Any] = Field(default_factory=dict, description="Policy.Config overrides.")
     mode: Literal["auto", "advise", "off"] = Field("auto", description="auto: act; advise: propose only; off: record only.")

@@ -24,7 +24,7 @@ from torchtitan.models.llama3 import _EMBEDDING_INIT, _NORM_INIT
 from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.protocols.model_spec import ModelSpec
 
-from supervisor.model_table import ALL_SHAPES, LLMJP3, TINY, ModelShape
+from supervisor.model_table import ALL_SHAPES, PRESET_TRAINING, ModelShape
 from training.trainer import SupervisedTrainer
 
 
@@ -64,53 +64,44 @@ def model_spec(shape: ModelShape) -> ModelSpec:
     )
 
 
-def _base(shape: ModelShape, *, lr: float, steps: int, warmup: int, local_batch: int, seq_len: int,
-          ckpt_interval: int) -> SupervisedTrainer.Config:
+def _base(name: str) -> SupervisedTrainer.Config:
+    shape, t = ALL_SHAPES[name], PRESET_TRAINING[name]
     return SupervisedTrainer.Config(
         model_spec=model_spec(shape),
         loss=CrossEntropyLoss.Config(),
-        optimizer=default_adamw(lr=lr),  # β 0.9/0.95, ε 1e-8, wd 0.1
+        optimizer=default_adamw(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay),
         lr_scheduler=LRSchedulersContainer.Config(
-            warmup_steps=warmup, decay_ratio=0.2, decay_type="linear", min_lr_factor=0.1,
+            warmup_steps=t.warmup_steps, decay_ratio=0.2, decay_type="linear", min_lr_factor=0.1,
         ),
-        training=TrainingConfig(local_batch_size=local_batch, seq_len=seq_len, steps=steps),
+        training=TrainingConfig(local_batch_size=t.local_batch, seq_len=t.seq_len, steps=t.steps),
         dataloader=HuggingFaceTextDataLoader.Config(dataset="c4_test"),
         metrics=MetricsProcessor.Config(log_freq=1),
         parallelism=ParallelismConfig(),
         checkpoint=CheckpointManager.Config(
-            enable=True, interval=ckpt_interval, keep_latest_k=0, last_save_model_only=False,
+            enable=True, interval=t.checkpoint_interval, keep_latest_k=0, last_save_model_only=False,
         ),
     )
 
 
-def tiny() -> SupervisedTrainer.Config:
-    """2 layers, dim 64 (~150K params): 100 CPU steps in well under a minute on 2 cores."""
-    return _base(TINY["tiny"], lr=8e-4, steps=100, warmup=10, local_batch=4, seq_len=256, ckpt_interval=10)
-
-
-def small() -> SupervisedTrainer.Config:
-    return _base(TINY["small"], lr=8e-4, steps=200, warmup=20, local_batch=4, seq_len=256, ckpt_interval=20)
-
-
-def _llmjp(name: str, lr: float):
+def _preset(name: str):
     def preset() -> SupervisedTrainer.Config:
-        return _base(LLMJP3[name], lr=lr, steps=100_000, warmup=2000, local_batch=1, seq_len=4096,
-                     ckpt_interval=500)
+        return _base(name)
 
     preset.__name__ = name.replace("-", "_").replace(".", "_")
-    preset.__doc__ = f"LLM-jp-3 {name.split('-')[1]} (torchtitan llama3), peak LR {lr:g}."
+    preset.__doc__ = f"{name}: {ALL_SHAPES[name].layers} layers, hidden {ALL_SHAPES[name].hidden}, peak LR {PRESET_TRAINING[name].lr:g}."
     return preset
 
 
-# Peak LRs: the lab used 3e-4 (8B) and 2e-4 (32B); smaller models take larger ones.
-llmjp3_150m = _llmjp("llmjp3-150m", 6e-4)
-llmjp3_440m = _llmjp("llmjp3-440m", 5e-4)
-llmjp3_980m = _llmjp("llmjp3-980m", 4e-4)
-llmjp3_1_8b = _llmjp("llmjp3-1.8b", 3e-4)
-llmjp3_3_7b = _llmjp("llmjp3-3.7b", 3e-4)
-llmjp3_7_2b = _llmjp("llmjp3-7.2b", 3e-4)
-llmjp3_13b = _llmjp("llmjp3-13b", 2.5e-4)
-llmjp3_172b = _llmjp("llmjp3-172b", 1.5e-4)
+tiny = _preset("tiny")  # 2 layers, dim 64 (~150K params): 100 CPU steps in well under a minute
+small = _preset("small")
+llmjp3_150m = _preset("llmjp3-150m")
+llmjp3_440m = _preset("llmjp3-440m")
+llmjp3_980m = _preset("llmjp3-980m")
+llmjp3_1_8b = _preset("llmjp3-1.8b")
+llmjp3_3_7b = _preset("llmjp3-3.7b")
+llmjp3_7_2b = _preset("llmjp3-7.2b")
+llmjp3_13b = _preset("llmjp3-13b")
+llmjp3_172b = _preset("llmjp3-172b")
 
 PRESETS = {name: globals()[name.replace("-", "_").replace(".", "_")] for name in ALL_SHAPES}
 

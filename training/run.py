@@ -79,6 +79,39 @@ def validate(config) -> None:
         config.checkpoint.keep_latest_k = 0  # the supervisor owns retention; torchtitan never deletes
 
 
+OPTIMIZER_KEYS = {"lr", "eps", "beta1", "beta2", "weight_decay", "warmup_steps"}
+
+
+def apply_optimizer_overrides(config) -> None:
+    import json
+
+    text = config.supervision.optimizer
+    if not text:
+        return
+    try:
+        overrides = json.loads(text)
+    except ValueError as e:
+        raise StartError(f"--supervision.optimizer is not JSON: {e}") from None
+    if not isinstance(overrides, dict):
+        raise StartError("--supervision.optimizer must be a JSON object")
+    unknown = set(overrides) - OPTIMIZER_KEYS
+    if unknown:
+        raise StartError(f"--supervision.optimizer: unknown keys {sorted(unknown)} (known: {sorted(OPTIMIZER_KEYS)})")
+    for key, value in overrides.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise StartError(f"--supervision.optimizer: {key} must be a non-negative number, got {value!r}")
+    for group in config.optimizer.param_groups:
+        kw = group.optimizer_kwargs
+        for key in ("lr", "eps", "weight_decay"):
+            if key in overrides:
+                kw[key] = float(overrides[key])
+        if "beta1" in overrides or "beta2" in overrides:
+            b1, b2 = kw.get("betas", (0.9, 0.999))
+            kw["betas"] = (float(overrides.get("beta1", b1)), float(overrides.get("beta2", b2)))
+    if "warmup_steps" in overrides:
+        config.lr_scheduler.warmup_steps = int(overrides["warmup_steps"])
+
+
 def build_config(argv: list[str]):
     from torchtitan.config import ConfigManager
 
@@ -90,6 +123,7 @@ def build_config(argv: list[str]):
     config = ConfigManager().parse_args(["--module", "training.presets", "--config", presets.PRESETS[preset].__name__, *rest])
     config.metrics.log_freq = 1  # the supervisor needs every step's loss
     validate(config)
+    apply_optimizer_overrides(config)
     cpu.adapt_config(config)
     if config.dataloader.dataset_path is None or config.hf_assets_path == "./tests/assets/tokenizer":
         a = assets.ensure_assets()

@@ -58,6 +58,9 @@ class SupervisionConfig:
     """Gather per-rank step times to rank 0 every this many steps (straggler detection)."""
     heartbeat_s: float = 1.0
     queue_size: int = 4096
+    optimizer: str = ""
+    """JSON overrides of the preset's AdamW settings, e.g. '{"eps": 1e-3, "lr": 4e-4}'
+    (keys: lr, eps, beta1, beta2, weight_decay, warmup_steps). The daemon passes its [optimizer] table."""
     trace: bool = False
     """Write <dump>/telemetry/rank-<r>.jsonl per rank (LR, param checksum, Adam step) for drills/tests."""
     faults: str = ""

@@ -44,6 +44,7 @@ class LaunchSpec:
     steps: int | None = None
     checkpoint_interval: int | None = None
     faults: str = ""
+    optimizer_json: str = ""
     extra_args: list[str] = field(default_factory=list)
     python: str = ""
     env: dict[str, str] = field(default_factory=dict)
@@ -65,6 +66,8 @@ class LaunchSpec:
             cmd += ["--checkpoint.interval", str(self.checkpoint_interval)]
         if self.faults:
             cmd += ["--supervision.faults", self.faults]
+        if self.optimizer_json:
+            cmd += ["--supervision.optimizer", self.optimizer_json]
         return cmd + list(self.extra_args)
 
 
