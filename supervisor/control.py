@@ -359,13 +359,14 @@ class ControlPlane:
                 "ramp_steps": b.ramp_steps if b.lr_scale is not None else 0}
         if not b.dry_run and (r := self.replayed(b.request_id, ROLLBACK, keys)):
             return r | {"command": "rollback"}
+        if not b.dry_run:
+            self.ensure_idle()  # first: a racing second command learns what runs, not a side effect of it
         plan = self.rollback_plan(b, target)
         msg = (f"roll back from step {plan['from_step']} to step {target}, skip {b.skip_batches} batches, "
                f"LR scale {plan['lr_scale']:g}; {len(plan['quarantine'])} newer checkpoint(s) to quarantine")
         if b.dry_run:
             return {"command": "rollback", "accepted": True, "dry_run": True, "plan": plan,
                     "message": "dry run: would " + msg}
-        self.ensure_idle()
         rid = b.request_id or f"srv-{uuid.uuid4().hex}"
         decision = Decision(action=ROLLBACK, reason=f"operator {who.name}: {b.reason}", rung=0, target_step=target,
                             skip_batches=b.skip_batches, lr_scale=b.lr_scale, ramp_steps=keys["ramp_steps"])
@@ -378,6 +379,8 @@ class ControlPlane:
         sup = self.sup
         if not b.dry_run and (r := self.replayed(b.request_id, "pause", {})):
             return r | {"command": "pause"}
+        if not b.dry_run:
+            self.ensure_idle()
         if sup.state not in RUNNING_STATES:
             raise Refusal(409, f"the run is {sup.state}; only a running run can be paused")
         self.ensure_trainer("pause")
@@ -387,7 +390,6 @@ class ControlPlane:
         if b.dry_run:
             return {"command": "pause", "accepted": True, "dry_run": True, "plan": plan,
                     "message": f"dry run: would pause at step {sup.last_step} (checkpoint, then stop)"}
-        self.ensure_idle()
         rid = b.request_id or f"srv-{uuid.uuid4().hex}"
         a = self.start_action("pause", {"reason": b.reason}, who, rid)
         return {"command": "pause", "accepted": True, "dry_run": False, "replayed": False, "request_id": rid,
@@ -398,6 +400,8 @@ class ControlPlane:
         sup = self.sup
         if not b.dry_run and (r := self.replayed(b.request_id, "resume", {})):
             return r | {"command": "resume"}
+        if not b.dry_run:
+            self.ensure_idle()
         if sup.state not in RESUMABLE_STATES or self.trainer_alive():
             raise Refusal(409, f"the run is {sup.state}; resume applies to a paused or stopped run")
         load = sup._newest_valid_step()
@@ -408,7 +412,6 @@ class ControlPlane:
         if b.dry_run:
             return {"command": "resume", "accepted": True, "dry_run": True, "plan": plan,
                     "message": f"dry run: would start generation {sup.generation + 1} from {where}"}
-        self.ensure_idle()
         rid = b.request_id or f"srv-{uuid.uuid4().hex}"
         a = self.start_action("resume", {"reason": b.reason, "load_step": load}, who, rid)
         return {"command": "resume", "accepted": True, "dry_run": False, "replayed": False, "request_id": rid,
@@ -422,13 +425,14 @@ class ControlPlane:
         keys = {k: v for k, v in directive.items() if k not in ("kind", "reason")}
         if not b.dry_run and (r := self.replayed(b.request_id, kind, keys)):
             return r | {"command": command}
+        if not b.dry_run:
+            self.ensure_idle()
         self.ensure_trainer(command)
         plan = {"action": kind, "directive": directive, "at_step": f"the next step boundary after {sup.last_step}",
                 "generation": sup.generation}
         if b.dry_run:
             return {"command": command, "accepted": True, "dry_run": True, "plan": plan,
                     "message": f"dry run: would {describe}"}
-        self.ensure_idle()
         from supervisor.daemon import ActiveAction
 
         rid = b.request_id or f"srv-{uuid.uuid4().hex}"
@@ -518,6 +522,8 @@ class ControlPlane:
                 return {"command": "confirm", "accepted": True, "replayed": True, "request_id": b.request_id,
                         "action_id": row["id"], "state": row["state"],
                         "message": f"proposal {decision_id} was already confirmed as action {row['id']}"}
+        if not b.dry_run:
+            self.ensure_idle()
         prop = next((p for p in self.proposals() if p["decision_id"] == decision_id), None)
         if prop is None:
             raise Refusal(409, f"decision {decision_id} is not a pending proposal (unknown, not advisory, "
@@ -537,7 +543,6 @@ class ControlPlane:
         if b.dry_run:
             return {"command": "confirm", "accepted": True, "dry_run": True, "plan": plan,
                     "message": f"dry run: would carry out proposal {decision_id} ({decision.action})"}
-        self.ensure_idle()
         finding = self._finding(prop["finding_id"], prop["incident_id"])
         rid = b.request_id or f"srv-{uuid.uuid4().hex}"
         a = sup._begin_action(decision, finding, decision_id, actor=who.name, request_id=rid)
