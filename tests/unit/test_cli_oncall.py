@@ -229,3 +229,29 @@ def test_client_config_precedence(tmp_path):
     assert e.value.exit_code == C.EXIT_USAGE
     with pytest.raises(C.ClientError):
         C.ClientConfig.resolve(url="ftp://x", env={})
+
+
+def test_status_watch_refreshes_until_ctrl_c(run, sup, monkeypatch):
+    import supervisor.oncall as oncall
+
+    fetched = []
+    real_render = oncall.render_status
+
+    def counting_render(st):
+        fetched.append(st["step"])
+        sup.last_step += 1  # the run moves on between refreshes
+        return real_render(st)
+
+    sleeps = iter([None, None, KeyboardInterrupt])
+
+    def fake_sleep(s):
+        nxt = next(sleeps)
+        if nxt is KeyboardInterrupt:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(oncall, "render_status", counting_render)
+    import types
+
+    monkeypatch.setattr(oncall, "time", types.SimpleNamespace(sleep=fake_sleep, time=time.time))
+    code, out, _ = run("status", "--watch", "--interval", "0.1", role="viewer")
+    assert code == 0 and fetched == [33, 34, 35]  # three fetches, each showing the newer step
