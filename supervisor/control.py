@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 import uuid
 from typing import Any, Awaitable, Callable, Literal
@@ -40,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from supervisor.auth import Principal, TokenStore
 from supervisor.checkpoints import CheckpointNotFound, parse_step
+from supervisor.daemon import _num
 from supervisor.detect.findings import Finding
 from supervisor.policy import (KILL_RESTART_HANG, RESTART, ROLLBACK, ROLLBACK_LR_DOWN, SKIP_UPDATE, STOP_PAGE,
                                Decision)
@@ -160,12 +160,6 @@ def _reject_constant(name: str):
 def _validation_details(e: ValidationError) -> list[dict]:
     return [{"field": ".".join(str(x) for x in err.get("loc", ())), "problem": err.get("msg", "")}
             for err in e.errors()]
-
-
-def _num(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
 
 
 # --- the control plane -------------------------------------------------------------------
@@ -746,33 +740,33 @@ def build_router(sup, tokens: TokenStore | None = None) -> APIRouter:
         return read(cred, lambda: {"mode": sup.mode, "proposals": cp.proposals()})
 
     # -- commands --------------------------------------------------------------------------
-    def light_route(path: str, model, summary: str, build):
+    def command_route(path: str, model, summary: str, build):
         async def handler(request: Request, cred: HTTPAuthorizationCredentials | None = cred_dep):
             return await cp.command(request, cred, path, "operator", model, lambda who, b: build(who, b))
         r.add_api_route(f"/commands/{path}", handler, methods=["POST"], tags=["commands"], summary=summary,
                         responses=_CMD_ERRORS, openapi_extra=_body_doc(model), name=f"command_{path}")
 
-    light_route("rollback", RollbackBody, "Roll back to a checkpoint (hot if a trainer runs, else cold)",
+    command_route("rollback", RollbackBody, "Roll back to a checkpoint (hot if a trainer runs, else cold)",
                 cp.rollback)
-    light_route("pause", Command, "Finish the step, checkpoint, stop the generation, keep state", cp.pause)
-    light_route("resume", Command, "Start a new generation from the newest valid checkpoint", cp.resume)
-    light_route("lr", LrBody, "Set the LR scale (optionally ramped)",
+    command_route("pause", Command, "Finish the step, checkpoint, stop the generation, keep state", cp.pause)
+    command_route("resume", Command, "Start a new generation from the newest valid checkpoint", cp.resume)
+    command_route("lr", LrBody, "Set the LR scale (optionally ramped)",
                 lambda who, b: cp.light(who, b, "lr", "lr", {"kind": "set_lr_scale", "scale": b.scale,
                                                              "ramp_steps": b.ramp_steps},
                                         f"set the LR scale to {b.scale:g} over {b.ramp_steps} steps",
                                         cp._set_lr(b.scale)))
-    light_route("skip-data", SkipDataBody, "Consume the next K batches without an optimizer update",
+    command_route("skip-data", SkipDataBody, "Consume the next K batches without an optimizer update",
                 lambda who, b: cp.light(who, b, "skip-data", "skip_data", {"kind": "skip_updates", "n": b.batches},
                                         f"skip the next {b.batches} batches (no update)"))
-    light_route("checkpoint-now", LightCommand, "Save a checkpoint at the next step boundary",
+    command_route("checkpoint-now", LightCommand, "Save a checkpoint at the next step boundary",
                 lambda who, b: cp.light(who, b, "checkpoint-now", "checkpoint_now", {"kind": "checkpoint_now"},
                                         "save a checkpoint at the next step boundary"))
-    light_route("decay-now", DecayNowBody, "Start the WSD decay at this step",
+    command_route("decay-now", DecayNowBody, "Start the WSD decay at this step",
                 lambda who, b: cp.light(who, b, "decay-now", "decay_now",
                                         {"kind": "decay_now"} | ({"steps": b.steps} if b.steps else {}),
                                         f"start the LR decay now ({b.steps or 'default'} decay steps)",
                                         cp._set_total))
-    light_route("extend", ExtendBody, "Make the run N steps long in total",
+    command_route("extend", ExtendBody, "Make the run N steps long in total",
                 lambda who, b: _extend(who, b))
 
     async def _extend(who, b: ExtendBody):
