@@ -269,7 +269,7 @@ class Supervisor:
         self.journal.set_meta("preflight", summary)
         for issue in report.all_issues():
             if issue.level in ("error", "warning"):
-                self.journal.add_finding(f"preflight_{issue.level}", self.last_step, issue.level,
+                self.journal.add_finding(f"preflight_{issue.level}", self.last_step,
                                          "critical" if issue.level == "error" else "warning", issue.to_dict())
         text = format_report(report)
         if exit_code(report) != 0:
