@@ -213,13 +213,17 @@ def test_daemon_sigkilled_mid_rollback_completes_it_once(make_daemon):
     # slow steps from 30 on give the rollback a wide window to be killed in
     d = make_daemon(steps=70, faults="spike@35:lr=1000:steps=3,slow@30:rank=0:seconds=0.5").start()
     journal_path = d.workdir / "supervisor" / "journal.sqlite"
-    from supervisor.journal import Journal
+    from supervisor.journal import Journal, JournalError
 
     deadline = time.time() + 180
     caught = None
     while time.time() < deadline and caught is None:
         if journal_path.exists():
-            j = Journal.open(journal_path, readonly=True)
+            try:
+                j = Journal.open(journal_path, readonly=True)
+            except JournalError:
+                time.sleep(0.02)
+                continue  # the daemon is still creating the schema
             try:
                 caught = next((a for a in j.actions() if a["kind"] == "rollback" and a["state"] in ("intent", "running")), None)
             finally:
