@@ -266,7 +266,7 @@ class SupervisedTrainer(Trainer):
                     raise
                 self._loss = float("nan")  # the guard already skipped the update
             step_seconds = time.perf_counter() - start
-            self._set_phase("checkpoint")
+            self._set_phase("reporting")
             self._maybe_save(force=False)
             self._report(lr, step_seconds, own_seconds + step_seconds)
             if self._trace is not None:
@@ -299,6 +299,7 @@ class SupervisedTrainer(Trainer):
             return
         if not force and (self.ckpt_interval <= 0 or self.step % self.ckpt_interval != 0):
             return
+        self._set_phase("checkpoint")
         self._move_aside_existing(self.step)
         begin = time.perf_counter()
         self.checkpointer.save(self.step, last_step=False)

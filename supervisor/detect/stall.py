@@ -158,9 +158,15 @@ class StallDetector:
             basis = "steps"
             if timeout is None:
                 timeout, basis = c.startup_timeout, "startup"
-            slow = sorted({b.phase for b in self._beats.values() if b.phase in c.slow_phases})
+            slow = [b for b in self._beats.values() if b.phase in c.slow_phases]
             if slow and c.slow_phase_timeout > timeout:
-                timeout, basis = c.slow_phase_timeout, "phase:" + ",".join(slow)
+                # A slow phase only counts while its rank keeps beating: a rank that went
+                # silent mid-save (SIGSTOP, a wedged driver) is hung, not saving.
+                stale_at = max(b.wall_time for b in slow) + c.heartbeat_timeout
+                slow_deadline = min(self._progress_time + c.slow_phase_timeout, stale_at)
+                if slow_deadline > self._progress_time + timeout:
+                    timeout = slow_deadline - self._progress_time
+                    basis = "phase:" + ",".join(sorted({b.phase for b in slow}))
             deadline = self._progress_time + timeout
         if self._pause_until is not None:
             after = self.step_timeout() or c.floor_seconds

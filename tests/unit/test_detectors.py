@@ -313,6 +313,20 @@ def test_checkpoint_phase_gets_the_slow_phase_timeout():
     assert kinds(det2.tick(T0 + 80)) == [(HANG, 30)]
 
 
+def test_a_rank_silent_in_a_slow_phase_is_hung_not_saving():
+    # rank 1's last beat said "checkpoint", then it was SIGSTOPped: no 600 s save allowance
+    det = stall_after_records(0.5, n=30, slow_phase_timeout=600.0, heartbeat_timeout=2.5)  # last step T0+75
+    det.observe_heartbeat(hb(1, 30, T0 + 75.2, phase="checkpoint"))
+    found = []
+    for t in range(76, 84):
+        det.observe_heartbeat(hb(0, 30, T0 + t, phase="train_step"))
+        found += det.tick(T0 + t)
+    hangs = [f for f in found if f.kind == HANG]
+    assert len(hangs) == 1 and hangs[0].rank == 1
+    assert hangs[0].evidence["timeout_seconds"] == pytest.approx(5.0)  # the step timeout, not 600 s
+    assert hangs[0].wall_time == T0 + 80
+
+
 def test_hang_names_the_rank_stuck_outside_the_step():
     det = stall_after_records(1.0, n=20)  # timeout 10 s, last step at T0+80
     found = []
