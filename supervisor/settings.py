@@ -189,6 +189,8 @@ class Settings(BaseSettings):
         from supervisor.detect.suite import DetectorSuite
 
         base = DetectorSuite.Config()
+        # launch.startup_timeout_s is the failed-start rule: no step within it is a hang
+        base.stall = dataclasses.replace(base.stall, startup_timeout=self.launch.startup_timeout_s)
         for name, overrides in self.detect.items():
             if not hasattr(base, name):
                 known = ", ".join(f.name for f in dataclasses.fields(base))

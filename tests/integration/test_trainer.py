@@ -179,3 +179,30 @@ def test_bad_start_input_is_a_clear_error_and_writes_nothing(tmp_path, args, nee
     assert proc.returncode == 2
     assert needle in proc.stderr
     assert not dump.exists()
+
+
+def test_extend_and_decay_now_change_the_schedule_without_a_restart(tmp_path):
+    """WSD control: extend a 30-step run, then start the decay now for 10 more steps."""
+    script = [
+        (8, {"id": "ext", "kind": "extend", "steps": 60}),
+        (33, {"id": "dec", "kind": "decay_now", "steps": 10}),
+    ]
+    dump = tmp_path / "wsd"
+    with ScriptedPeer(script) as peer:
+        proc = run_trainer(dump, 2, ["--training.steps", "30", "--supervision.url", peer.url,
+                                     "--supervision.trace"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records, events = spool(dump)
+    acks = {e["directive_id"]: e for e in events if e["kind"] == "directive_applied"}
+    assert acks["ext"]["ok"] and acks["dec"]["ok"], acks
+    decay_from = acks["dec"]["step"]
+    steps = [r["step"] for r in records]
+    assert steps == list(range(1, decay_from + 10 + 1))  # past the original 30, ended by the decay
+    lr = {r["step"]: r["lr"] for r in records}
+    assert lr[decay_from] == pytest.approx(BASE_LR)  # stable phase until the decay starts
+    tail = [lr[s] for s in range(decay_from + 1, decay_from + 11)]
+    assert all(a > b for a, b in zip(tail, tail[1:]))  # then it decays every step
+    assert tail[-1] == pytest.approx(BASE_LR * 0.1)  # to the preset's min_lr_factor
+    for trace in (read_jsonl(dump / "telemetry" / f"rank-{r}.jsonl") for r in (0, 1)):
+        assert len({t["pid"] for t in trace}) == 1
+        assert [t["lr"] for t in trace] == [lr[s] for s in steps]  # both ranks, same LR, same steps

@@ -53,3 +53,31 @@ def test_fault_spec_parsing_and_once_per_process():
 def test_bad_fault_spec_names_the_problem(spec, needle):
     with pytest.raises(ValueError, match=needle):
         parse_faults(spec)
+
+
+def test_oom_fault_fails_like_an_allocator_oom_and_restores_the_limit():
+    """The memory blow-up fault on CPU: the allocation fails with torch.OutOfMemoryError (what
+    the dead-rank detector's OOM patterns match), not the kernel OOM killer. Run in a
+    subprocess: it lowers the address-space limit of its own process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch\n"
+        "from training.faults import FaultPlan\n"
+        "before = resource.getrlimit(resource.RLIMIT_AS)\n"
+        "plan = FaultPlan('oom@3:gib=64', rank=0, generation=0)\n"
+        "try:\n"
+        "    plan.before_step(3)\n"
+        "except torch.OutOfMemoryError as e:\n"
+        "    print('OOM:', str(e)[:80])\n"
+        "assert resource.getrlimit(resource.RLIMIT_AS) == before\n"
+        "x = torch.ones(1 << 20)  # allocation works again\n"
+        "print('ok', float(x.sum()))\n"
+    )
+    from tests.trainer_harness import ROOT, trainer_env
+
+    p = subprocess.run([sys.executable, "-c", code], env=trainer_env(), cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "OOM: CPU out of memory (injected)" in p.stdout and "ok 1048576.0" in p.stdout
