@@ -7,6 +7,7 @@ record reaches the journal or the detectors.
 
 from __future__ import annotations
 
+import hmac
 import json
 
 from fastapi import FastAPI, Request
@@ -61,14 +62,29 @@ def build_app(sup) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError):
         return _bad_request("invalid request", _errors(exc))
 
+    def _trainer_allowed(request: Request) -> bool:
+        token = getattr(sup, "trainer_token", None)
+        if not token:
+            return True
+        got = request.headers.get("authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
+
+    def _trainer_refused() -> JSONResponse:
+        return JSONResponse({"error": "trainer token missing or wrong", "details": []}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
     @app.post("/v1/telemetry", tags=["trainer"], summary="Step records and events from rank 0; replies with directives")
     async def telemetry(request: Request):
+        if not _trainer_allowed(request):
+            return _trainer_refused()
         batch = await _parse(request, TelemetryBatch)
         reply = sup.ingest(batch)
         return JSONResponse(reply.model_dump(mode="json", exclude_none=True))
 
     @app.post("/v1/heartbeat", tags=["trainer"], summary="Liveness of one rank")
     async def heartbeat(request: Request):
+        if not _trainer_allowed(request):
+            return _trainer_refused()
         hb = await _parse(request, Heartbeat)
         sup.heartbeat(hb)
         return {"ok": True}

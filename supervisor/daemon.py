@@ -44,6 +44,9 @@ def _num(x: float):
     return x if math.isfinite(x) else str(x)
 
 
+TRAINER_TOKEN_ENV = "TITAN_SUPERVISOR_TRAINER_TOKEN"
+
+
 class PreflightFailed(RuntimeError):
     """The plan about to launch has errors (and no override reason)."""
 
@@ -113,6 +116,14 @@ class Supervisor:
             self.metrics.set_checkpoint_interval(self.checkpoint_interval)
         self.recommended_interval = None
         self.journal.record_run(s.run.run_id, {"preset": s.run.preset, "workdir": str(self.workdir)})
+        # The per-run secret the ranks present on telemetry/heartbeats (kept across daemon
+        # restarts so a re-adopted generation still gets in). Never logged.
+        self.trainer_token: str | None = None
+        if s.server.require_trainer_token:
+            import secrets
+
+            self.trainer_token = self.journal.get_meta("trainer_token") or secrets.token_urlsafe(32)
+            self.journal.set_meta("trainer_token", self.trainer_token)
 
     # ------------------------------------------------------------------ lifecycle ---------
     async def start(self) -> None:
@@ -230,7 +241,8 @@ class Supervisor:
                           supervisor_url=self.url, run_id=r.run_id, load_step=load_step,
                           skip_batches=skip_batches, lr_scale=lr_scale, lr_ramp_steps=ramp_steps,
                           steps=self.total_steps, checkpoint_interval=self.checkpoint_interval,
-                          faults=r.faults, extra_args=list(r.trainer_args), python=r.python, env=dict(r.env),
+                          faults=r.faults, extra_args=list(r.trainer_args), python=r.python,
+                          env=dict(r.env, **({TRAINER_TOKEN_ENV: self.trainer_token} if self.trainer_token else {})),
                           optimizer_json=self._optimizer_json())
 
     def _reference_curve(self):

@@ -59,6 +59,9 @@ class ServerSettings(_Section):
     tls_key_file: Path | None = Field(None, description="TLS private key (PEM) for the API; set with tls_cert_file.")
     plaintext_behind_tls_proxy: bool = Field(
         False, description="Allow a non-loopback bind without tls_cert_file because a proxy in front terminates TLS.")
+    trainer_token: bool | None = Field(
+        None, description="Require the per-run trainer token on /v1/telemetry and /v1/heartbeat (the daemon makes "
+                          "one and hands it to the ranks it launches). Default: required when bound beyond loopback.")
     allow_unauthenticated_loopback: bool = Field(
         False, description="With no tokens configured, accept operator/admin commands from loopback as actor "
                            "'local' (reads from loopback are always allowed then). Off by default: configure a "
@@ -86,6 +89,10 @@ class ServerSettings(_Section):
     @property
     def loopback(self) -> bool:
         return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+
+    @property
+    def require_trainer_token(self) -> bool:
+        return (not self.loopback) if self.trainer_token is None else self.trainer_token
 
 
 class LaunchSettings(_Section):

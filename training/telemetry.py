@@ -60,6 +60,10 @@ class TelemetryClient:
             if parsed.scheme != "http" or not parsed.hostname:
                 raise ValueError(f"supervisor url must look like http://HOST:PORT, got {config.url!r}")
             self._host, self._port = parsed.hostname, parsed.port or 80
+            self._headers = {"Content-Type": "application/json"}
+            token = os.environ.get("TITAN_SUPERVISOR_TRAINER_TOKEN")  # set by the daemon when it requires one
+            if token:
+                self._headers["Authorization"] = f"Bearer {token}"
             self._conn: http.client.HTTPConnection | None = None
             self._thread = threading.Thread(target=self._run, name="titan-telemetry", daemon=True)
             self._thread.start()
@@ -116,7 +120,7 @@ class TelemetryClient:
             try:
                 if self._conn is None:
                     self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.config.post_timeout_s)
-                self._conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+                self._conn.request("POST", path, body=data, headers=self._headers)
                 resp = self._conn.getresponse()
                 payload = resp.read()
                 if resp.status != 200:

@@ -113,3 +113,33 @@ def test_daemon_imports_no_torch_and_starts_fast():
     p = subprocess.run([sys.executable, "-c", code], env=trainer_env(), cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_trainer_token_guards_telemetry_and_heartbeats_when_required(tmp_path):
+    s = Settings.load(run={"workdir": str(tmp_path / "run"), "run_id": "t"},
+                      server={"port": 0, "trainer_token": True})
+    sup = Supervisor(s)
+    sup.generation = 0
+    try:
+        assert sup.trainer_token and len(sup.trainer_token) >= 32
+        client = TestClient(build_app(sup))
+        body = {"run_id": "t", "generation": 0, "records": [record(1)]}
+        hb = {"run_id": "t", "generation": 0, "rank": 0, "step": 1, "pid": 1, "host": "h", "wall_time": time.time()}
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            assert client.post("/v1/telemetry", json=body, headers=headers).status_code == 401
+            assert client.post("/v1/heartbeat", json=hb, headers=headers).status_code == 401
+        assert steps_in_journal(sup) == 0  # a refused batch records nothing
+        ok = {"Authorization": f"Bearer {sup.trainer_token}"}
+        assert client.post("/v1/telemetry", json=body, headers=ok).json()["accepted"] == 1
+        assert client.post("/v1/heartbeat", json=hb, headers=ok).status_code == 200
+        # the ranks get it through their environment, never on the command line
+        spec = sup._spec(1, load_step=None, skip_batches=0, lr_scale=1.0)
+        assert spec.env["TITAN_SUPERVISOR_TRAINER_TOKEN"] == sup.trainer_token
+        assert sup.trainer_token not in " ".join(spec.command())
+    finally:
+        sup.journal.close()
+
+
+def test_loopback_default_needs_no_trainer_token(sup, client):
+    assert sup.trainer_token is None
+    assert client.post("/v1/telemetry", json={"run_id": "t", "generation": 0, "records": [record(1)]}).status_code == 200
