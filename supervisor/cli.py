@@ -45,19 +45,13 @@ def _cmd_replay(args) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    path = Path(args.spool)
-    if not path.is_file():
-        print(f"error: {path} does not exist", file=sys.stderr)
+    from supervisor.spool import SpoolError, read_spool
+
+    try:
+        lines = read_spool(Path(args.spool), strict=True)
+    except SpoolError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    lines = []
-    for n, text in enumerate(path.read_text().splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            lines.append(json.loads(text))
-        except ValueError as e:
-            print(f"error: {path}:{n}: not JSON: {e}", file=sys.stderr)
-            return 2
     try:
         pairs = replay(lines, suite_config=settings.detector_config(), policy_config=settings.policy_config())
     except ReplayError as e:

@@ -177,17 +177,12 @@ class Supervisor:
         """Feed the trainer's spool through the detectors (to rebuild their windows) and journal
         the steps the daemon missed while it was down. Findings from the replay are not acted
         on again: the journal already holds what was decided then."""
-        spool = self.workdir / "telemetry" / "spool.jsonl"
+        from supervisor.spool import read_spool, spool_path
+
         journaled = {r["step"] for r in self.journal.recent_steps(limit=100_000, generation=self.generation)}
         missed: list[StepRecord] = []
-        if not spool.exists():
-            return
         segment: list[StepRecord] = []
-        for line in spool.read_text().splitlines():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
+        for obj in read_spool(spool_path(self.workdir), strict=False):
             if "kind" in obj:
                 if obj["kind"] == "checkpoint_saved":
                     self._valid_cache = None
@@ -251,15 +246,12 @@ class Supervisor:
             return None
         from supervisor.detect.convergence import reference_from_spool_lines
 
-        if not Path(path).is_file():
-            raise ConfigError(f"convergence.reference_spool {path} does not exist")
-        lines = []
-        for n, text in enumerate(Path(path).read_text().splitlines(), 1):
-            if text.strip():
-                try:
-                    lines.append(json.loads(text))
-                except ValueError as e:
-                    raise ConfigError(f"convergence.reference_spool {path}:{n}: not JSON: {e}") from None
+        from supervisor.spool import SpoolError, read_spool
+
+        try:
+            lines = read_spool(Path(path), strict=True)
+        except SpoolError as e:
+            raise ConfigError(f"convergence.reference_spool: {e}") from None
         curve = reference_from_spool_lines(lines)
         if len(curve) < 2:
             raise ConfigError(f"convergence.reference_spool {path}: too few usable records for a reference curve")

@@ -63,8 +63,9 @@ async def resume(sup: "Supervisor", a: "ActiveAction", row: dict) -> dict:
     """Finish an action found unfinished in the journal after a daemon restart."""
     if a.kind in (ROLLBACK, ROLLBACK_LR_DOWN, "operator_rollback"):
         directive = sup.journal.get_meta(f"action_{a.id}_directive")
-        if directive and _applied_in_spool(sup, directive["id"]) is not None:
-            ok, detail = _applied_in_spool(sup, directive["id"])
+        applied = _applied_in_spool(sup, directive["id"]) if directive else None
+        if applied is not None:
+            ok, detail = applied
             if ok:
                 _after_rollback(sup, a, int(a.params["target_step"]))
                 return {"mode": "hot", "detail": detail, "resumed": True, "note": "applied before the daemon restarted"}
@@ -73,19 +74,14 @@ async def resume(sup: "Supervisor", a: "ActiveAction", row: dict) -> dict:
 
 
 def _applied_in_spool(sup: "Supervisor", directive_id: str) -> tuple[bool, str] | None:
-    spool = sup.workdir / "telemetry" / "spool.jsonl"
-    if not spool.exists():
-        return None
+    """(ok, detail) of the trainer's acknowledgement of a directive, if the spool holds one."""
+    from supervisor.spool import read_spool, spool_path
+
     found = None
-    for line in spool.read_text().splitlines():
-        if directive_id in line:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if ev.get("kind") == "directive_applied" and ev.get("directive_id") == directive_id:
-                if found is None or ev.get("ok"):
-                    found = (bool(ev.get("ok")), str(ev.get("detail", "")))
+    for ev in read_spool(spool_path(sup.workdir), strict=False):
+        if ev.get("kind") == "directive_applied" and ev.get("directive_id") == directive_id:
+            if found is None or ev.get("ok"):
+                found = (bool(ev.get("ok")), str(ev.get("detail", "")))
     return found
 
 
