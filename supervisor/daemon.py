@@ -147,8 +147,11 @@ class Supervisor:
             for a in unfinished:
                 self._spawn(self._resume_action(a))
         elif not resumed:
+            # A first start begins from scratch; a run whose trainer vanished with the daemon
+            # (a machine reboot) resumes from its newest valid checkpoint.
+            load, reason = (None, "initial start") if last is None else (self._newest_valid_step(), "restart after the trainer was lost")
             try:
-                await self._launch(load_step=None, skip_batches=0, lr_scale=self.lr_scale, reason="initial start")
+                await self._launch(load_step=load, skip_batches=0, lr_scale=self.lr_scale, reason=reason)
             except PreflightFailed:
                 return  # state "failed", paged; the service exits non-zero
 
@@ -612,9 +615,14 @@ class Supervisor:
                                    reason="no generation after resuming actions")
 
     def _newest_valid_step(self) -> int | None:
-        self._valid_cache = None
-        steps = self._valid_steps()
-        return steps[-1] if steps else None
+        """The newest valid checkpoint; corrupt ones met on the way are quarantined (never
+        loaded, never deleted)."""
+        from supervisor.remedies import _resolve_target
+
+        try:
+            return _resolve_target(self, 10**12)
+        except LookupError:
+            return None
 
     def send_directive(self, a: ActiveAction, **fields) -> Directive:
         d = Directive(id=f"a{a.id}", **fields)

@@ -306,3 +306,30 @@ def test_ladder_scales_lr_down_then_stops_and_pages(make_daemon):
     assert saved <= present
     assert _replay_actions(d) == [(x["finding_kind"], x["finding_step"], x["action"]) for x in _decisions(d)]
     d.kill(signal.SIGTERM)
+
+
+def test_machine_reboot_resumes_from_the_newest_valid_checkpoint(make_daemon):
+    """Daemon and trainer both SIGKILLed (a reboot), the newest checkpoint half-written: a new
+    daemon re-reads the journal, finds the trainer gone, sets the corrupt checkpoint aside and
+    resumes from the one before it. Restarting is the recovery path."""
+    d = make_daemon(steps=100, faults="slow@1:rank=0:seconds=0.15").start()
+    st = _wait_step(d, 45)
+    d.kill(signal.SIGKILL)
+    for pid in st["trainer_pids"].values():
+        os.kill(int(pid), signal.SIGKILL)
+    d.cleanup()  # nothing of the old generation survives
+    newest = max(int(p.name[5:]) for p in (d.workdir / "checkpoint").glob("step-*"))
+    shard = d.workdir / "checkpoint" / f"step-{newest}" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:10])
+    d.start()
+    assert d.wait_exit(300) == 0, d.log_tail()
+    j = d.journal()
+    try:
+        gens = sorted(j.generations(), key=lambda g: g["id"])
+        assert [g["state"] for g in gens[:-1]] == ["lost"] and gens[-1]["load_step"] == newest - 10
+    finally:
+        j.close()
+    assert list((d.workdir / "quarantine").glob(f"step-{newest}.corrupt*"))
+    records = spool(d.workdir)[0]
+    assert max(r["step"] for r in records) == 100
+    assert [r["step"] for r in records if r["generation"] == gens[-1]["id"]][0] == newest - 10 + 1
