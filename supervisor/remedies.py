@@ -229,15 +229,27 @@ def page(sup: "Supervisor", reason: str, **extra) -> None:
     sup.journal.set_meta("last_page", body)
     url = sup.settings.page.webhook_url
     if url:
-        def post():
-            try:
-                req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                             headers={"Content-Type": "application/json"})
-                urllib.request.urlopen(req, timeout=5).read()
-            except OSError as e:
-                sup.log.error("page webhook failed", url=url, error=str(e))
+        threading.Thread(target=_post_page, args=(sup, url, body), daemon=True).start()
 
-        threading.Thread(target=post, daemon=True).start()
+
+def _post_page(sup: "Supervisor", url: str, body: dict, attempts: int = 5) -> bool:
+    """POST the page, retrying with exponential backoff (1, 2, 4, 8 s): a pager endpoint that
+    blips must not swallow the one message that wakes a human. Runs off the event loop."""
+    from tenacity import RetryError, retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+    @retry(stop=stop_after_attempt(attempts), wait=wait_exponential(multiplier=1, max=8),
+           retry=retry_if_exception_type(OSError), reraise=False)
+    def send() -> None:
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=5).read()
+
+    try:
+        send()
+        return True
+    except RetryError as e:
+        sup.log.error("page webhook failed", url=url, attempts=attempts, error=str(e.last_attempt.exception()))
+        sup.metrics.observe_action("page", "failed")
+        return False
 
 
 async def pause(sup: "Supervisor", a: "ActiveAction") -> dict:
