@@ -435,9 +435,8 @@ class ControlPlane:
         sup.journal.action_running(intent.id)
         a = ActiveAction(intent.id, kind, params, None, None)
         d = sup.send_directive(a, **directive, reason=f"{command} by {who.name} (action {intent.id})"[:500])
-        sup.journal.action_done(intent.id, {"directive": d.id, "queued_at_step": sup.last_step})
-        sup.metrics.observe_action(kind, "done")
-        sup._spawn(self._follow_ack(d.id, on_ack))
+        # The action row stays "running" until the trainer acknowledges (or refuses) it.
+        sup._spawn(self._follow_ack(intent.id, kind, d.id, on_ack))
         ack = await self._wait_ack(d.id, b.wait_s)
         out = {"command": command, "accepted": True, "dry_run": False, "replayed": False, "request_id": rid,
                "action_id": intent.id, "directive": d.id, "plan": plan}
@@ -458,10 +457,24 @@ class ControlPlane:
                 return ack
             await asyncio.sleep(0.05)
 
-    async def _follow_ack(self, directive_id: str, on_ack) -> None:
-        ack = await self._wait_ack(directive_id, self.sup.settings.launch.directive_timeout_s)
-        if ack is not None and ack.ok and on_ack is not None:
-            on_ack(ack)
+    async def _follow_ack(self, action_id: int, kind: str, directive_id: str, on_ack) -> None:
+        sup = self.sup
+        timeout = sup.settings.launch.directive_timeout_s
+        ack = await self._wait_ack(directive_id, timeout)
+        if ack is None:
+            sup.journal.action_failed(action_id, {"directive": directive_id,
+                                                  "error": f"not acknowledged by the trainer within {timeout:g}s"})
+            sup.metrics.observe_action(kind, "failed")
+            return
+        outcome = {"directive": directive_id, "applied_at_step": ack.step, "ok": ack.ok, "detail": ack.detail}
+        if ack.ok:
+            sup.journal.action_done(action_id, outcome)
+            sup.metrics.observe_action(kind, "done")
+            if on_ack is not None:
+                on_ack(ack)
+        else:
+            sup.journal.action_failed(action_id, outcome)
+            sup.metrics.observe_action(kind, "failed")
 
     def _set_lr(self, scale: float):
         def apply(ack):

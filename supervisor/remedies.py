@@ -59,8 +59,23 @@ def light(sup: "Supervisor", a: "ActiveAction") -> dict:
     return {"directive": d.id, "note": "the next update will be skipped"}
 
 
+# Operator commands that are a single trainer directive (supervisor/control.py).
+DIRECTIVE_ACTIONS = frozenset({"lr", "skip_data", "checkpoint_now", "decay_now", "extend", "set_checkpoint_interval"})
+
+
 async def resume(sup: "Supervisor", a: "ActiveAction", row: dict) -> dict:
     """Finish an action found unfinished in the journal after a daemon restart."""
+    if a.kind in DIRECTIVE_ACTIONS:
+        # Its outcome is whatever the trainer acknowledged; a directive queued but never
+        # delivered is not re-sent on the operator's behalf minutes later.
+        directive = sup.journal.get_meta(f"action_{a.id}_directive")
+        applied = _applied_in_spool(sup, directive["id"]) if directive else None
+        if applied is None:
+            raise RuntimeError("the trainer had not acknowledged it when the daemon restarted; not re-sent")
+        ok, detail = applied
+        if not ok:
+            raise RuntimeError(f"refused by the trainer: {detail}")
+        return {"directive": directive["id"], "detail": detail, "resumed": True}
     if a.kind in (ROLLBACK, ROLLBACK_LR_DOWN, "operator_rollback"):
         directive = sup.journal.get_meta(f"action_{a.id}_directive")
         applied = _applied_in_spool(sup, directive["id"]) if directive else None

@@ -306,9 +306,21 @@ def test_lr_is_a_directive_acknowledged_by_the_trainer(sup, client, tokens):
     d = sup.pending[body["directive"]]
     assert (d.kind, d.scale, d.ramp_steps) == ("set_lr_scale", 0.5, 10)
     a = sup.journal.action(body["action_id"])
-    assert (a["kind"], a["actor"], a["state"]) == ("lr", "alice", "done")
+    assert (a["kind"], a["actor"], a["state"]) == ("lr", "alice", "running")  # queued, not yet applied
     send_events(client, sup, ack_event(d.id, detail="lr scale -> 0.5 over 10 steps"))
     wait(lambda: sup.lr_scale == 0.5)  # a later cold restart keeps the operator's scale
+    wait(lambda: sup.journal.action(body["action_id"])["state"] == "done")
+    outcome = sup.journal.action(body["action_id"])["outcome"]
+    assert outcome["ok"] and outcome["detail"] == "lr scale -> 0.5 over 10 steps"
+
+
+def test_light_command_refused_by_the_trainer_is_a_failed_action(sup, client, tokens):
+    r = client.post("/v1/commands/extend", json={"steps": 500, "reason": "more", "wait_s": 0},
+                    headers=hdr(tokens, "operator"))
+    d = sup.pending[r.json()["directive"]]
+    send_events(client, sup, ack_event(d.id, ok=False, detail="the decay has already started"))
+    wait(lambda: sup.journal.action(r.json()["action_id"])["state"] == "failed")
+    assert "already started" in sup.journal.action(r.json()["action_id"])["outcome"]["detail"]
 
 
 def test_light_command_waits_for_the_ack(sup, client, tokens):
