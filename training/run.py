@@ -164,4 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is flushed and closed by now (spool, telemetry, checkpoints, process group).
+    # Skip interpreter finalization: a C++ worker thread torn down by static destructors there
+    # once aborted a finished rank with "terminate called without an active exception".
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

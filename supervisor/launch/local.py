@@ -87,6 +87,7 @@ class RankExit:
 
 
 # torchrun's failure report: "exitcode  : -9 (pid: 1234)" and "failed (exitcode: -9) local_rank: 1 (pid: 1234)"
+_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?\brank\s*:\s*(\d+)", re.S)
 _EXIT_BY_PID = (re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)"),
                 re.compile(r"exitcode:\s*(-?\d+)\)\s*local_rank:\s*\d+\s*\(pid:\s*(\d+)\)"))
 
@@ -137,8 +138,11 @@ class Generation:
         """New rank exits since the last poll (each reported once)."""
         out: list[RankExit] = []
         now = time.time()
-        # The rank seen dead first is the root cause (torchrun then SIGTERMs the others).
-        order = sorted(self.rank_pids.items(), key=lambda rp: (self._dead_since.get(rp[0], now), rp[0]))
+        # The root cause first: the rank torchrun names as the first observed failure, else the
+        # rank seen dead first (torchrun SIGTERMs the others after the first death).
+        root = self._root_cause_rank()
+        order = sorted(self.rank_pids.items(),
+                       key=lambda rp: (rp[0] != root, self._dead_since.get(rp[0], now), rp[0]))
         for rank, pid in order:
             if rank in self._reported:
                 continue
@@ -166,6 +170,11 @@ class Generation:
                 if rank is not None:
                     self._reported.add(rank)
         return out
+
+    def _root_cause_rank(self) -> int | None:
+        text = "\n".join(self.log_tail(300))
+        m = _ROOT_CAUSE.search(text)
+        return int(m.group(1)) if m else None
 
     def _exitcode_from_log(self, rank: int | None) -> int | None:
         """The exit code torchrun reported for this rank's pid, if it has yet."""
