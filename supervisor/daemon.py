@@ -138,7 +138,8 @@ class Supervisor:
         prior_state = self.journal.get_meta("state")
         if prior_state in ("finished", "stopped", "paused") and not resumed:
             self._set_state(prior_state)
-            self.last_step = int(self.journal.get_meta("last_step", 0) or 0)
+            newest = self.journal.recent_steps(limit=1)
+            self.last_step = int(newest[-1]["step"]) if newest else 0
             if prior_state == "finished":
                 self.finished.set()
             return
@@ -388,7 +389,6 @@ class Supervisor:
     def _flush_steps(self) -> None:
         if self._steps_buffer:
             self.journal.add_steps(self._steps_buffer)
-            self.journal.set_meta("last_step", self.last_step)
             self._steps_buffer = []
 
     def _on_event(self, ev) -> None:
