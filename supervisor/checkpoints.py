@@ -357,12 +357,30 @@ class Catalog:
     def valid_steps(self) -> list[int]:
         return [c.step for c in self.scan() if c.valid]
 
-    def newest_valid(self, before: int | None = None) -> CheckpointInfo | None:
-        """The newest valid checkpoint, or the newest with step < ``before``."""
+    def newest_valid(self, before: int | None = None, *, at_or_before: int | None = None) -> CheckpointInfo | None:
+        """The newest valid checkpoint, or the newest with step < ``before`` / <= ``at_or_before``.
+        A query: corrupt folders met on the way are skipped, not moved."""
         for c in reversed(self.scan()):
-            if c.valid and (before is None or c.step < before):
+            if c.valid and (before is None or c.step < before) and (at_or_before is None or c.step <= at_or_before):
                 return c
         return None
+
+    def quarantined(self) -> list[dict]:
+        """What the quarantine holds: ``[{step, name, path, reason, at}]``, oldest step first."""
+        out = []
+        for p in sorted(self.quarantine_dir.glob("step-*")):
+            m = re.match(r"step-([0-9]{1,18})\.", p.name)
+            if not p.is_dir() or m is None:
+                continue
+            note: dict = {}
+            try:
+                note = json.loads(p.with_name(p.name + ".reason.json").read_text())
+            except (OSError, ValueError):
+                pass
+            out.append({"step": int(m.group(1)), "name": p.name, "path": str(p),
+                        "reason": note.get("reason", "") if isinstance(note, dict) else "",
+                        "at": note.get("at") if isinstance(note, dict) else None})
+        return sorted(out, key=lambda q: (q["step"], q["name"]))
 
     def resolve(self, name_or_step: int | str) -> CheckpointInfo:
         """Operator input -> its checkpoint. ValueError for malformed names (checked before any
@@ -402,13 +420,19 @@ class Catalog:
             raise ValueError(f"quarantine tag {tag!r} must be 1-64 of [A-Za-z0-9_.-]")
         return tag
 
-    def quarantine_after(self, step: int, reason: str, tag: str | None = None) -> list[Moved]:
+    def quarantine_newer_than(self, step: int, reason: str, tag: str | None = None) -> list[Moved]:
         """Move every ``step-N`` with N > ``step`` to ``<quarantine>/step-N.<tag>`` (a UTC
         timestamp unless given, e.g. ``gen7``). Never deletes; a repeat moves nothing.
         Stop the generation first: a folder still being written is moved like any other."""
         step = parse_step(step)
         t = self._tag(tag)
         return [self._quarantine_one(s, p, reason, t) for s, p in self._step_dirs() if s > step]
+
+    def quarantine_corrupt(self) -> list[tuple[CheckpointInfo, Moved]]:
+        """Move every corrupt checkpoint to ``<quarantine>/step-N.corrupt`` (never loaded, never
+        deleted). A folder still being written (``in_progress``) is left alone."""
+        return [(info, moved) for info in self.scan() if info.state == "corrupt"
+                if (moved := self.quarantine(info.step, reason=f"corrupt: {info.reason}", tag="corrupt"))]
 
     def quarantine(self, step: int | str, reason: str, tag: str | None = None) -> Moved | None:
         """Move one checkpoint (e.g. a corrupt one) to quarantine; None if it is not there."""

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Literal
 
 from fastapi import APIRouter, Request, Security
@@ -37,18 +39,18 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from supervisor.alert_receiver import MAX_BODY as MAX_ALERT_BODY
+from supervisor.alert_receiver import AlertmanagerPayload, AlertReceiver
 from supervisor.auth import Principal, TokenStore
 from supervisor.checkpoints import CheckpointNotFound, parse_step
-from supervisor.daemon import _num
 from supervisor.detect.findings import Finding
 from supervisor.policy import (KILL_RESTART_HANG, RESTART, ROLLBACK, ROLLBACK_LR_DOWN, SKIP_UPDATE, STOP_PAGE,
                                Decision)
+from supervisor.run_state import ACTIVE, RESUMABLE, json_number
 
 MAX_BODY = 64 * 1024
 STATUS_SCHEMA = 1
 CONFIRMABLE = frozenset({SKIP_UPDATE, ROLLBACK, ROLLBACK_LR_DOWN, RESTART, KILL_RESTART_HANG, STOP_PAGE})
-RUNNING_STATES = ("starting", "running", "recovering")
-RESUMABLE_STATES = ("paused", "stopped", "failed")
 
 
 # --- request bodies ----------------------------------------------------------------------
@@ -98,37 +100,10 @@ class PolicyBody(Command):
                                                                 "off: record only.")
 
 
-class AlertmanagerAlert(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    status: Literal["firing", "resolved"]
-    labels: dict[str, str]
-    annotations: dict[str, str] = Field(default_factory=dict)
-    startsAt: str = ""
-    endsAt: str = ""
-    generatorURL: str = ""
-    fingerprint: str = ""
-
-
-class AlertmanagerPayload(BaseModel):
-    """Alertmanager's webhook body (version 4)."""
-
-    model_config = ConfigDict(extra="allow")
-    version: str
-    status: Literal["firing", "resolved"]
-    alerts: list[AlertmanagerAlert] = Field(max_length=1000)
-    receiver: str = ""
-    groupLabels: dict[str, str] = Field(default_factory=dict)
-    commonLabels: dict[str, str] = Field(default_factory=dict)
-    commonAnnotations: dict[str, str] = Field(default_factory=dict)
-    externalURL: str = ""
-
-
 class ErrorBody(BaseModel):
     error: str
     details: list[Any] = []
 
-
-NODE_LABELS = ("node", "Hostname", "hostname", "host", "kubernetes_node", "nodename", "instance")
 
 _ERRORS = {400: {"model": ErrorBody, "description": "Invalid input; nothing changed."},
            401: {"model": ErrorBody, "description": "No or unknown bearer token."},
@@ -162,12 +137,42 @@ def _validation_details(e: ValidationError) -> list[dict]:
             for err in e.errors()]
 
 
-# --- the control plane -------------------------------------------------------------------
+
+def _new_request_id() -> str:
+    return f"srv-{uuid.uuid4().hex}"
+
+
+# --- one command = one spec ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """Everything the pipeline needs to know about one operator command.
+
+    The pipeline (`ControlPlane.run`): auth -> body validation -> request-id replay -> busy check ->
+    `plan` (validates against the run, may refuse; never changes anything) -> dry run, or `start`
+    -> audit. `plan` and `describe` are what a dry run returns; `start` is the only step that acts.
+    """
+
+    name: str  # POST /v1/commands/<name> (ack/confirm have their own paths); the audit row's command
+    body: type[Command]
+    summary: str
+    plan: Callable[["ControlPlane", Principal, Any, dict], dict]
+    describe: Callable[[dict, Any], str]  # "roll back from step 33 to step 20, ..." (after "would")
+    start: Callable[["ControlPlane", Principal, Any, dict, str], Awaitable[dict]]
+    kind: str | None = None  # action kind, for request-id idempotency (None: not an action)
+    keys: Callable[[Any, dict], dict] = lambda b, plan: {}  # what a replayed request must match
+    role: str = "operator"
+    exclusive: bool = True  # refused while another action runs
+    path: str | None = None  # a route other than /v1/commands/<name>
+    path_args: tuple[str, ...] = field(default=())
+    replay: Callable[["ControlPlane", Any, dict], dict | None] | None = None  # instead of kind/keys
+
 
 class ControlPlane:
     def __init__(self, sup, tokens: TokenStore | None = None) -> None:
         self.sup = sup
         self.tokens = tokens if tokens is not None else TokenStore.from_settings(sup.settings)
+        self.alerts = AlertReceiver(sup.suite, sup.on_finding, lambda: sup.last_step)
 
     # -- auth / audit ----------------------------------------------------------------------
     def authorize(self, cred: HTTPAuthorizationCredentials | None, need: str) -> Principal:
@@ -197,14 +202,15 @@ class ControlPlane:
             raise Refusal(401, "unknown or revoked token")
         return who
 
-    def audit(self, actor: str, role: str | None, command: str, args: dict, reason: str | None,
-              request_id: str | None, accepted: bool, result: str) -> None:
-        self.sup.journal.record_command(actor=actor, role=role, command=command, args=args, reason=reason,
-                                        request_id=request_id, accepted=accepted, result=result[:2000])
+    def audit(self, who: Principal | None, command: str, args: dict, reason: str | None, request_id: str | None,
+              accepted: bool, result: str) -> None:
+        self.sup.journal.record_command(actor=who.name if who else "anonymous", role=who.role if who else None,
+                                        command=command, args=args, reason=reason, request_id=request_id,
+                                        accepted=accepted, result=result[:2000])
 
-    async def command(self, request: Request, cred, command: str, need: str, model: type[BaseModel] | None,
-                      handler: Callable[[Principal, Any], Awaitable[dict]], extra_args: dict | None = None):
-        """Authorize, parse, validate, run and journal one command."""
+    # -- the pipeline ----------------------------------------------------------------------
+    async def command(self, request: Request, cred, spec: CommandSpec, extra: dict):
+        """Authorize, parse, validate, run and audit one command."""
         raw = await request.body()
         obj: Any = None
         parse_error = None
@@ -215,54 +221,66 @@ class ControlPlane:
                 obj = json.loads(raw, parse_constant=_reject_constant)
             except (ValueError, UnicodeDecodeError) as e:
                 parse_error = f"body is not JSON: {e}"
-        elif model is not None:
+        else:
             parse_error = "a JSON body is required"
         d = obj if isinstance(obj, dict) else {}
         reason = d.get("reason") if isinstance(d.get("reason"), str) else None
         rid = d.get("request_id") if isinstance(d.get("request_id"), str) else None
         args = {k: v for k, v in d.items() if k not in ("reason", "request_id")} if len(raw) <= 4096 else {}
-        args.update(extra_args or {})
+        args.update(extra)
         who: Principal | None = None
         try:
-            who = self.identify(cred, need)
-            self.require(who, need)
+            who = self.identify(cred, spec.role)
+            self.require(who, spec.role)
             if parse_error:
                 raise Refusal(400, parse_error)
-            if model is not None:
-                if not isinstance(obj, dict):
-                    raise Refusal(400, f"body must be a JSON object (a {model.__name__})")
-                try:
-                    body = model.model_validate(obj)
-                except ValidationError as e:
-                    raise Refusal(400, f"invalid {command} command: " + "; ".join(
-                        f"{x['field']}: {x['problem']}" for x in _validation_details(e)),
-                        _validation_details(e)) from None
-            else:
-                body = None
-            payload = await handler(who, body)
+            if not isinstance(obj, dict):
+                raise Refusal(400, f"body must be a JSON object (a {spec.body.__name__})")
+            try:
+                body = spec.body.model_validate(obj)
+            except ValidationError as e:
+                details = _validation_details(e)
+                raise Refusal(400, f"invalid {spec.name} command: " + "; ".join(
+                    f"{x['field']}: {x['problem']}" for x in details), details) from None
+            payload = await self.run(spec, who, body, extra)
         except Refusal as r:
-            self.audit(who.name if who else "anonymous", who.role if who else None, command, args, reason, rid,
-                       False, f"{r.status} {r.error}")
+            self.audit(who, spec.name, args, reason, rid, False, f"{r.status} {r.error}")
             return r.response()
-        rid = payload.get("request_id", rid)
-        self.audit(who.name, who.role, command, args, reason, rid, True, f"200 {payload.get('message', 'ok')}")
+        self.audit(who, spec.name, args, reason, payload.get("request_id", rid), True,
+                   f"200 {payload.get('message', 'ok')}")
         return JSONResponse(payload)
+
+    async def run(self, spec: CommandSpec, who: Principal, b, extra: dict) -> dict:
+        if not b.dry_run:
+            if spec.replay is not None:
+                r = spec.replay(self, b, extra)
+            else:
+                r = self.replayed(b.request_id, spec.kind, spec.keys(b, extra)) if spec.kind else None
+            if r is not None:
+                return r | {"command": spec.name}
+        if spec.exclusive and not b.dry_run:
+            self.ensure_idle()  # first: a racing second command learns what runs, not a side effect of it
+        plan = spec.plan(self, who, b, extra)
+        what = spec.describe(plan, b)
+        if b.dry_run:
+            return {"command": spec.name, "accepted": True, "dry_run": True, "plan": plan,
+                    "message": f"dry run: would {what}"}
+        rid = b.request_id or _new_request_id()
+        out = await spec.start(self, who, b, plan, rid)
+        return {"command": spec.name, "accepted": True, "dry_run": False, "replayed": False, "request_id": rid,
+                "plan": plan, **out}
 
     # -- shared checks ---------------------------------------------------------------------
     def ensure_idle(self) -> None:
-        a = self.sup.action
+        a = self.sup.runner.current
         if a is not None:
             row = self.sup.journal.action(a.id) or {}
             raise Refusal(409, f"action {a.id} ({a.kind}, by {row.get('actor', 'policy')}) is in progress; "
                                "nothing was done. Retry when it has finished (see `titan-supervisor status`)",
                           [{"action_id": a.id, "kind": a.kind, "actor": row.get("actor")}])
 
-    def trainer_alive(self) -> bool:
-        g = self.sup.gen
-        return g is not None and g.exited is None and g.alive()
-
     def ensure_trainer(self, what: str) -> None:
-        if not self.trainer_alive():
+        if not self.sup.generations.alive():
             raise Refusal(409, f"{what} needs a running trainer, and none is running (state {self.sup.state})")
 
     def replayed(self, request_id: str | None, kind: str, keys: dict) -> dict | None:
@@ -274,56 +292,27 @@ class ControlPlane:
             return None
         params = row.get("params") or {}
         if row["kind"] != kind or any(params.get(k) != v for k, v in keys.items()):
+            shown = {k: params.get(k) for k in keys} if row["kind"] == kind else params
             raise Refusal(409, f"request id {request_id!r} was already used for action {row['id']} "
-                               f"({row['kind']} {json.dumps({k: params.get(k) for k in keys} if row['kind'] == kind else params, default=str)}); "
+                               f"({row['kind']} {json.dumps(shown, default=str)}); "
                                "use a new request id for a different command")
         return {"accepted": True, "replayed": True, "request_id": request_id, "action_id": row["id"],
                 "state": row["state"], "outcome": row.get("outcome"),
                 "message": f"request {request_id} was already accepted as action {row['id']} ({row['state']}); "
                            "nothing new was done"}
 
-    def start_action(self, kind: str, params: dict, who: Principal, request_id: str):
-        """Journal the intent and run a heavy operator action (pause/resume) as THE action."""
-        from supervisor.daemon import ActiveAction
-
-        sup = self.sup
-        params = dict(params, generation=sup.generation, from_step=sup.last_step)
-        intent = sup.journal.action_intent(kind, params, actor=who.name, request_id=request_id)
-        a = ActiveAction(intent.id, kind, params, None, None)
-        sup.action = a
-        sup._spawn(sup._run_action(a))
-        return a
-
     # -- rollback --------------------------------------------------------------------------
-    def quarantined(self) -> list[dict]:
-        out = []
-        qdir = self.sup.catalog.quarantine_dir
-        for p in sorted(qdir.glob("step-*")):
-            if not p.is_dir():
-                continue
-            name = p.name
-            try:
-                step = int(name[5:].split(".")[0])
-            except ValueError:
-                continue
-            note = {}
-            try:
-                note = json.loads(p.with_name(name + ".reason.json").read_text())
-            except (OSError, ValueError):
-                pass
-            out.append({"step": step, "name": name, "path": str(p), "reason": note.get("reason", ""),
-                        "at": note.get("at")})
-        return sorted(out, key=lambda q: (q["step"], q["name"]))
-
-    def rollback_plan(self, b: RollbackBody, target: int) -> dict:
+    def rollback_plan(self, to_step, skip_batches: int, lr_scale: float | None, ramp_steps: int) -> dict:
         sup = self.sup
+        target = rollback_target(to_step)
         if sup.state == "finished":
             raise Refusal(409, "the run has finished; there is nothing to roll back")
+        catalog = sup.catalog
         try:
-            info = sup.catalog.resolve(target)
+            info = catalog.resolve(target)
         except CheckpointNotFound:
-            q = [x for x in self.quarantined() if x["step"] == target]
-            valid = [i.step for i in sup.catalog.scan() if i.valid]
+            q = [x for x in catalog.quarantined() if x["step"] == target]
+            valid = sup.ledger.valid_steps()
             if q:
                 raise Refusal(400, f"checkpoint step-{target} is in quarantine ({q[-1]['reason'] or 'set aside'}); "
                                    f"it cannot be a rollback target. Valid checkpoints: {valid}") from None
@@ -332,175 +321,94 @@ class ControlPlane:
             raise Refusal(400, f"checkpoint step-{target} is not valid ({info.state}): {info.reason}")
         if target > sup.last_step and sup.last_step > 0:
             raise Refusal(400, f"checkpoint step-{target} is ahead of the run (at step {sup.last_step})")
-        newer = [i.step for i in sup.catalog.scan() if i.step > target]
-        hot = self.trainer_alive()
+        hot = sup.generations.alive()
         return {
             "action": "rollback", "target_step": target, "checkpoint": str(info.path), "from_step": sup.last_step,
-            "steps_to_redo": max(0, sup.last_step - target), "skip_batches": b.skip_batches,
-            "lr_scale": b.lr_scale if b.lr_scale is not None else sup.lr_scale,
-            "ramp_steps": b.ramp_steps if b.lr_scale is not None else 0,
+            "steps_to_redo": max(0, sup.last_step - target), "skip_batches": skip_batches,
+            "lr_scale": lr_scale if lr_scale is not None else sup.lr_scale,
+            "ramp_steps": ramp_steps if lr_scale is not None else 0,
             "mode": "hot: the running trainer reloads step-%d in-process" % target if hot else
                     "cold: a new generation starts from step-%d" % target,
-            "quarantine": newer,
+            "quarantine": [i.step for i in catalog.scan() if i.step > target],
         }
 
-    async def rollback(self, who: Principal, b: RollbackBody) -> dict:
-        try:
-            target = parse_step(b.to_step)
-        except ValueError as e:
-            raise Refusal(400, f"invalid rollback target: {e}") from None
-        keys = {"target_step": target, "skip_batches": b.skip_batches, "lr_scale": b.lr_scale,
-                "ramp_steps": b.ramp_steps if b.lr_scale is not None else 0}
-        if not b.dry_run and (r := self.replayed(b.request_id, ROLLBACK, keys)):
-            return r | {"command": "rollback"}
-        if not b.dry_run:
-            self.ensure_idle()  # first: a racing second command learns what runs, not a side effect of it
-        plan = self.rollback_plan(b, target)
-        msg = (f"roll back from step {plan['from_step']} to step {target}, skip {b.skip_batches} batches, "
-               f"LR scale {plan['lr_scale']:g}; {len(plan['quarantine'])} newer checkpoint(s) to quarantine")
-        if b.dry_run:
-            return {"command": "rollback", "accepted": True, "dry_run": True, "plan": plan,
-                    "message": "dry run: would " + msg}
-        rid = b.request_id or f"srv-{uuid.uuid4().hex}"
-        decision = Decision(action=ROLLBACK, reason=f"operator {who.name}: {b.reason}", rung=0, target_step=target,
-                            skip_batches=b.skip_batches, lr_scale=b.lr_scale, ramp_steps=keys["ramp_steps"])
-        a = self.sup._begin_action(decision, None, None, actor=who.name, request_id=rid)
-        return {"command": "rollback", "accepted": True, "dry_run": False, "replayed": False, "request_id": rid,
-                "action_id": a.id, "state": "running", "plan": plan, "message": f"action {a.id}: {msg}"}
+    async def start_rollback(self, who: Principal, b: RollbackBody, plan: dict, rid: str) -> dict:
+        decision = Decision(action=ROLLBACK, reason=f"operator {who.name}: {b.reason}", rung=0,
+                            target_step=plan["target_step"], skip_batches=b.skip_batches, lr_scale=b.lr_scale,
+                            ramp_steps=plan["ramp_steps"])
+        a = self.sup.runner.begin(decision, None, None, actor=who.name, request_id=rid)
+        return {"action_id": a.id, "state": "running", "message": f"action {a.id}: {describe_rollback(plan, b)}"}
 
     # -- pause / resume --------------------------------------------------------------------
-    async def pause(self, who: Principal, b: Command) -> dict:
+    def pause_plan(self, who, b, extra) -> dict:
         sup = self.sup
-        if not b.dry_run and (r := self.replayed(b.request_id, "pause", {})):
-            return r | {"command": "pause"}
-        if not b.dry_run:
-            self.ensure_idle()
-        if sup.state not in RUNNING_STATES:
+        if sup.state not in ACTIVE:
             raise Refusal(409, f"the run is {sup.state}; only a running run can be paused")
         self.ensure_trainer("pause")
-        plan = {"action": "pause", "at_step": sup.last_step, "generation": sup.generation,
+        return {"action": "pause", "at_step": sup.last_step, "generation": sup.generation,
                 "steps": "the trainer finishes its step, saves a checkpoint and exits; the run waits in state "
                          "'paused' until `resume`"}
-        if b.dry_run:
-            return {"command": "pause", "accepted": True, "dry_run": True, "plan": plan,
-                    "message": f"dry run: would pause at step {sup.last_step} (checkpoint, then stop)"}
-        rid = b.request_id or f"srv-{uuid.uuid4().hex}"
-        a = self.start_action("pause", {"reason": b.reason}, who, rid)
-        return {"command": "pause", "accepted": True, "dry_run": False, "replayed": False, "request_id": rid,
-                "action_id": a.id, "state": "running", "plan": plan,
-                "message": f"action {a.id}: pausing at step {sup.last_step}"}
 
-    async def resume(self, who: Principal, b: Command) -> dict:
+    def resume_plan(self, who, b, extra) -> dict:
         sup = self.sup
-        if not b.dry_run and (r := self.replayed(b.request_id, "resume", {})):
-            return r | {"command": "resume"}
-        if not b.dry_run:
-            self.ensure_idle()
-        if sup.state not in RESUMABLE_STATES or self.trainer_alive():
+        if sup.state not in RESUMABLE or sup.generations.alive():
             raise Refusal(409, f"the run is {sup.state}; resume applies to a paused or stopped run")
-        load = sup._newest_valid_step()
+        load = sup.ledger.newest_valid_step()  # a query: a dry run moves nothing
         if load is None and sup.last_step > 0:
             raise Refusal(409, "no valid checkpoint to resume from; refusing to restart the run from scratch")
-        plan = {"action": "resume", "load_step": load, "lr_scale": sup.lr_scale, "generation": sup.generation + 1}
-        where = f"step {load}" if load is not None else "scratch"
-        if b.dry_run:
-            return {"command": "resume", "accepted": True, "dry_run": True, "plan": plan,
-                    "message": f"dry run: would start generation {sup.generation + 1} from {where}"}
-        rid = b.request_id or f"srv-{uuid.uuid4().hex}"
-        a = self.start_action("resume", {"reason": b.reason, "load_step": load}, who, rid)
-        return {"command": "resume", "accepted": True, "dry_run": False, "replayed": False, "request_id": rid,
-                "action_id": a.id, "state": "running", "plan": plan,
-                "message": f"action {a.id}: resuming from {where}"}
+        return {"action": "resume", "load_step": load, "lr_scale": sup.lr_scale, "generation": sup.generation + 1}
 
-    # -- light commands (directives) -------------------------------------------------------
-    async def light(self, who: Principal, b: LightCommand, command: str, kind: str, directive: dict,
-                    describe: str, on_ack: Callable[[Any], None] | None = None) -> dict:
-        sup = self.sup
-        keys = {k: v for k, v in directive.items() if k not in ("kind", "reason")}
-        if not b.dry_run and (r := self.replayed(b.request_id, kind, keys)):
-            return r | {"command": command}
-        if not b.dry_run:
-            self.ensure_idle()
-        self.ensure_trainer(command)
-        plan = {"action": kind, "directive": directive, "at_step": f"the next step boundary after {sup.last_step}",
-                "generation": sup.generation}
-        if b.dry_run:
-            return {"command": command, "accepted": True, "dry_run": True, "plan": plan,
-                    "message": f"dry run: would {describe}"}
-        from supervisor.daemon import ActiveAction
+    async def start_heavy(self, kind: str, who: Principal, params: dict, rid: str, message: str) -> dict:
+        a = self.sup.runner.start(kind, params, actor=who.name, request_id=rid)
+        return {"action_id": a.id, "state": "running", "message": f"action {a.id}: {message}"}
 
-        rid = b.request_id or f"srv-{uuid.uuid4().hex}"
-        params = dict(keys, generation=sup.generation, from_step=sup.last_step)
-        intent = sup.journal.action_intent(kind, params, actor=who.name, request_id=rid)
-        sup.journal.action_running(intent.id)
-        a = ActiveAction(intent.id, kind, params, None, None)
-        d = sup.send_directive(a, **directive, reason=f"{command} by {who.name} (action {intent.id})"[:500])
-        # The action row stays "running" until the trainer acknowledges (or refuses) it.
-        sup._spawn(self._follow_ack(intent.id, kind, d.id, on_ack))
-        ack = await self._wait_ack(d.id, b.wait_s)
-        out = {"command": command, "accepted": True, "dry_run": False, "replayed": False, "request_id": rid,
-               "action_id": intent.id, "directive": d.id, "plan": plan}
+    # -- directive commands ----------------------------------------------------------------
+    def directive_plan(self, kind: str, directive: dict) -> dict:
+        self.ensure_trainer(kind)
+        return {"action": kind, "directive": directive,
+                "at_step": f"the next step boundary after {self.sup.last_step}", "generation": self.sup.generation}
+
+    async def start_directive(self, who: Principal, b: LightCommand, plan: dict, rid: str, *, command: str,
+                              describe: str, on_ack: Callable[[Any], None] | None = None) -> dict:
+        directive = plan["directive"]
+        keys = {k: v for k, v in directive.items() if k != "kind"}
+        a, d = self.sup.runner.send_directive(plan["action"], keys, directive, actor=who.name, request_id=rid,
+                                              reason=f"{command} by {who.name}", on_ack=on_ack)
+        ack = await self.sup.directives.wait(d.id, b.wait_s)
+        out: dict = {"action_id": a.id, "directive": d.id}
         if ack is None:
-            out.update(applied=None, message=f"action {intent.id}: {describe}; queued as directive {d.id}, not yet "
-                                             f"acknowledged after {b.wait_s:g}s")
-        else:
-            out.update(applied=ack.ok, applied_at_step=ack.step, detail=ack.detail,
-                       message=f"action {intent.id}: {'applied' if ack.ok else 'REFUSED by the trainer'} at step "
-                               f"{ack.step}: {ack.detail}")
-        return out
+            return out | {"applied": None, "message": f"action {a.id}: {describe}; queued as directive {d.id}, "
+                                                      f"not yet acknowledged after {b.wait_s:g}s"}
+        verdict = "applied" if ack.ok else "REFUSED by the trainer"
+        return out | {"applied": ack.ok, "applied_at_step": ack.step, "detail": ack.detail,
+                      "message": f"action {a.id}: {verdict} at step {ack.step}: {ack.detail}"}
 
-    async def _wait_ack(self, directive_id: str, wait_s: float):
-        deadline = time.monotonic() + wait_s
-        while True:
-            ack = self.sup.directive_acks.get(directive_id)
-            if ack is not None or time.monotonic() >= deadline:
-                return ack
-            await asyncio.sleep(0.05)
-
-    async def _follow_ack(self, action_id: int, kind: str, directive_id: str, on_ack) -> None:
-        sup = self.sup
-        timeout = sup.settings.launch.directive_timeout_s
-        ack = await self._wait_ack(directive_id, timeout)
-        if ack is None:
-            sup.journal.action_failed(action_id, {"directive": directive_id,
-                                                  "error": f"not acknowledged by the trainer within {timeout:g}s"})
-            sup.metrics.observe_action(kind, "failed")
-            return
-        outcome = {"directive": directive_id, "applied_at_step": ack.step, "ok": ack.ok, "detail": ack.detail}
-        if ack.ok:
-            sup.journal.action_done(action_id, outcome)
-            sup.metrics.observe_action(kind, "done")
-            if on_ack is not None:
-                on_ack(ack)
-        else:
-            sup.journal.action_failed(action_id, outcome)
-            sup.metrics.observe_action(kind, "failed")
-
-    def _set_lr(self, scale: float):
-        def apply(ack):
-            self.sup.lr_scale = scale
+    def set_lr_scale(self, scale: float) -> Callable[[Any], None]:
+        def apply(ack) -> None:
+            self.sup.status.lr_scale = scale
         return apply
 
-    def _set_total(self, ack) -> None:
-        import re
-
+    def set_total_steps(self, ack) -> None:
         m = re.search(r"(?:ends at|extended to) (\d+)", ack.detail or "")
         if m:
-            self.sup.total_steps = int(m.group(1))
+            self.sup.status.total_steps = int(m.group(1))
+
+    def extend_plan(self, who, b: ExtendBody, extra) -> dict:
+        sup = self.sup
+        if b.steps <= sup.last_step:
+            raise Refusal(400, f"extend to {b.steps} steps: the run is already at step {sup.last_step}")
+        if sup.total_steps is not None and b.steps <= sup.total_steps:
+            raise Refusal(400, f"extend to {b.steps} steps: the run is already {sup.total_steps} steps long "
+                               "(use decay-now to end it earlier)")
+        return self.directive_plan("extend", {"kind": "extend", "steps": b.steps})
 
     # -- policy / proposals / incidents ----------------------------------------------------
-    async def set_policy(self, who: Principal, b: PolicyBody) -> dict:
+    async def start_policy(self, who: Principal, b: PolicyBody, plan: dict, rid: str) -> dict:
         sup = self.sup
-        plan = {"from": sup.mode, "to": b.mode}
-        if b.dry_run:
-            return {"command": "policy", "accepted": True, "dry_run": True, "plan": plan,
-                    "message": f"dry run: would set the policy mode {sup.mode} -> {b.mode}"}
-        before = sup.mode
         sup.mode = b.mode
         sup.journal.set_meta("mode", b.mode)
-        sup.log.info("policy mode", mode=b.mode, previous=before, actor=who.name)
-        return {"command": "policy", "accepted": True, "dry_run": False, "plan": plan, "mode": b.mode,
-                "message": f"policy mode {before} -> {b.mode}"}
+        sup.log.info("policy mode", mode=b.mode, previous=plan["from"], actor=who.name)
+        return {"mode": b.mode, "message": f"policy mode {plan['from']} -> {b.mode}"}
 
     def proposals(self) -> list[dict]:
         """Advisory decisions that would act, not yet carried out, made in this generation."""
@@ -508,60 +416,56 @@ class ControlPlane:
         gen = sup.journal.generation(sup.generation) if sup.generation >= 0 else None
         since = gen["started_at"] if gen else 0.0
         taken = {a["decision_id"] for a in sup.journal.actions(limit=1000) if a.get("decision_id") is not None}
-        out = []
-        for d in sup.journal.decisions(limit=200):
-            if (d["advisory"] and d["action"] in CONFIRMABLE and d["id"] not in taken
-                    and d["created_at"] >= since):
-                out.append({"decision_id": d["id"], "action": d["action"], "reason": d["reason"],
-                            "params": d["params"], "incident_id": d["incident_id"], "created_at": d["created_at"],
-                            "finding_id": d["finding_id"]})
-        return out
+        return [{"decision_id": d["id"], "action": d["action"], "reason": d["reason"], "params": d["params"],
+                 "incident_id": d["incident_id"], "created_at": d["created_at"], "finding_id": d["finding_id"]}
+                for d in sup.journal.decisions(limit=200)
+                if d["advisory"] and d["action"] in CONFIRMABLE and d["id"] not in taken and d["created_at"] >= since]
 
-    async def confirm(self, who: Principal, b: Command, decision_id: int) -> dict:
-        sup = self.sup
-        if not 0 <= decision_id < 2**62:
-            raise Refusal(409, f"decision {decision_id} is not a pending proposal")
-        if b.request_id is not None and not b.dry_run:
-            row = sup.journal.action_by_request(b.request_id)
-            if row is not None:
-                if row.get("decision_id") != decision_id:
-                    raise Refusal(409, f"request id {b.request_id!r} was already used for action {row['id']}")
-                return {"command": "confirm", "accepted": True, "replayed": True, "request_id": b.request_id,
-                        "action_id": row["id"], "state": row["state"],
-                        "message": f"proposal {decision_id} was already confirmed as action {row['id']}"}
-        if not b.dry_run:
-            self.ensure_idle()
-        prop = next((p for p in self.proposals() if p["decision_id"] == decision_id), None)
+    def confirm_replayed(self, b: Command, extra: dict) -> dict | None:
+        decision_id = extra["decision_id"]
+        if b.request_id is None:
+            return None
+        row = self.sup.journal.action_by_request(b.request_id)
+        if row is None:
+            return None
+        if row.get("decision_id") != decision_id:
+            raise Refusal(409, f"request id {b.request_id!r} was already used for action {row['id']}")
+        return {"command": "confirm", "accepted": True, "replayed": True, "request_id": b.request_id,
+                "action_id": row["id"], "state": row["state"],
+                "message": f"proposal {decision_id} was already confirmed as action {row['id']}"}
+
+    def confirm_plan(self, who: Principal, b: Command, extra: dict) -> dict:
+        decision_id = extra["decision_id"]
+        prop = next((p for p in self.proposals() if p["decision_id"] == decision_id), None) \
+            if 0 <= decision_id < 2**62 else None
         if prop is None:
             raise Refusal(409, f"decision {decision_id} is not a pending proposal (unknown, not advisory, "
                                "already carried out, or from an earlier generation); see GET /v1/proposals")
         params = {k: v for k, v in prop["params"].items() if k in Decision.__dataclass_fields__}
-        decision = Decision.from_dict(params | {"advisory": False,
-                                                "reason": f"confirmed by {who.name}: {b.reason} "
-                                                          f"(proposed: {prop['reason']})"})
+        decision = Decision.from_dict(params | {"advisory": False})
         if decision.action in (ROLLBACK, ROLLBACK_LR_DOWN):
             if decision.target_step is None:
                 raise Refusal(409, f"proposal {decision_id} names no checkpoint")
-            self.rollback_plan(RollbackBody(reason=b.reason, to_step=decision.target_step,
-                                            skip_batches=decision.skip_batches), decision.target_step)
+            self.rollback_plan(decision.target_step, decision.skip_batches, None, 0)
         if decision.action == SKIP_UPDATE:
             self.ensure_trainer("skip_update")
-        plan = {"decision_id": decision_id, **{k: v for k, v in decision.to_dict().items() if k != "reason"}}
-        if b.dry_run:
-            return {"command": "confirm", "accepted": True, "dry_run": True, "plan": plan,
-                    "message": f"dry run: would carry out proposal {decision_id} ({decision.action})"}
-        finding = self._finding(prop["finding_id"], prop["incident_id"])
-        rid = b.request_id or f"srv-{uuid.uuid4().hex}"
-        a = sup._begin_action(decision, finding, decision_id, actor=who.name, request_id=rid)
-        return {"command": "confirm", "accepted": True, "dry_run": False, "replayed": False, "request_id": rid,
-                "action_id": a.id, "plan": plan,
-                "message": f"action {a.id}: carrying out proposal {decision_id} ({decision.action})"}
+        return {"decision_id": decision_id, **{k: v for k, v in decision.to_dict().items() if k != "reason"},
+                "proposed": prop["reason"], "finding_id": prop["finding_id"], "incident_id": prop["incident_id"]}
+
+    async def start_confirm(self, who: Principal, b: Command, plan: dict, rid: str) -> dict:
+        fields = {k: v for k, v in plan.items() if k in Decision.__dataclass_fields__}
+        decision = Decision.from_dict(fields | {"reason": f"confirmed by {who.name}: {b.reason} "
+                                                          f"(proposed: {plan['proposed']})"})
+        finding = self._finding(plan["finding_id"], plan["incident_id"])
+        a = self.sup.runner.begin(decision, finding, plan["decision_id"], actor=who.name, request_id=rid)
+        return {"action_id": a.id,
+                "message": f"action {a.id}: carrying out proposal {plan['decision_id']} ({decision.action})"}
 
     def _finding(self, finding_id: int | None, incident_id: int | None) -> Finding | None:
         if finding_id is None:
             return None
-        rows = self.sup.journal.findings(incident_id=incident_id, limit=10_000) if incident_id else \
-            self.sup.journal.findings(limit=10_000)
+        j = self.sup.journal
+        rows = j.findings(incident_id=incident_id, limit=10_000) if incident_id else j.findings(limit=10_000)
         r = next((f for f in rows if f["id"] == finding_id), None)
         if r is None:
             return None
@@ -571,54 +475,27 @@ class ControlPlane:
         except ValueError:
             return None
 
-    async def ack(self, who: Principal, b: Command, incident_id: int) -> dict:
-        j = self.sup.journal
-        inc = j.incident(incident_id) if 0 <= incident_id < 2**62 else None
+    def ack_plan(self, who: Principal, b: Command, extra: dict) -> dict:
+        incident_id = extra["incident_id"]
+        inc = self.sup.journal.incident(incident_id) if 0 <= incident_id < 2**62 else None
         if inc is None:
             raise Refusal(404, f"no incident {incident_id}")
-        if b.dry_run:
-            return {"command": "ack", "accepted": True, "dry_run": True,
-                    "plan": {"incident_id": incident_id, "state": inc["state"], "acked_by": who.name},
-                    "message": f"dry run: would acknowledge incident {incident_id} as {who.name}"}
+        return {"incident_id": incident_id, "state": inc["state"], "acked_by": who.name}
+
+    async def start_ack(self, who: Principal, b: Command, plan: dict, rid: str) -> dict:
+        j = self.sup.journal
+        incident_id = plan["incident_id"]
         new = j.ack_incident(incident_id, who.name)
         inc = j.incident(incident_id)
         msg = (f"incident {incident_id} acknowledged by {who.name}" if new else
                f"incident {incident_id} was already acknowledged by {inc['acked_by']}")
-        return {"command": "ack", "accepted": True, "dry_run": False, "incident": inc, "message": msg}
-
-    # -- alerts ----------------------------------------------------------------------------
-    def alerts(self, payload: AlertmanagerPayload) -> dict:
-        sup = self.sup
-        now = time.time()
-        planned, ignored = [], []
-        for i, al in enumerate(payload.alerts):
-            name = al.labels.get("alertname", "")
-            host = next((al.labels[k] for k in NODE_LABELS if al.labels.get(k)), None)
-            if al.status != "firing":
-                ignored.append({"index": i, "alertname": name, "why": "resolved"})
-                continue
-            if host is None:
-                ignored.append({"index": i, "alertname": name, "why": f"no node label ({', '.join(NODE_LABELS)})"})
-                continue
-            if ":" in host and not host.startswith("["):
-                host = host.rsplit(":", 1)[0]  # instance = host:port
-            rank = al.labels.get("rank")
-            rank_n = int(rank) if rank is not None and rank.isdigit() else None
-            detail = al.annotations.get("summary") or al.annotations.get("description") or name
-            planned.append((name or "alert", host, rank_n, f"{name}: {detail}"[:500]))
-        findings = []
-        for name, host, rank, detail in planned:
-            for f in sup.suite.observe_alert(name, wall_time=now, step=sup.last_step, detail=detail, rank=rank,
-                                             host=host):
-                sup._on_finding(f)
-                findings.append({"kind": f.kind, "host": host, "alert": name})
-        return {"received": len(payload.alerts), "findings": findings, "ignored": ignored}
+        return {"incident": inc, "message": msg}
 
     # -- read views ------------------------------------------------------------------------
     def status(self) -> dict:
         sup = self.sup
         r = sup.last_record
-        a = sup.action
+        a = sup.runner.current
         incidents = [{"id": i["id"], "kind": i["kind"], "onset_step": i["onset_step"], "state": i["state"],
                       "opened_at": i["opened_at"], "acked_by": i["acked_by"], "summary": i["summary"]}
                      for i in sup.journal.incidents(state="unresolved", limit=50)]
@@ -628,28 +505,33 @@ class ControlPlane:
             action = {"id": a.id, "kind": a.kind, "actor": row.get("actor"), "since": row.get("created_at"),
                       "params": a.params}
         proposals = len(self.proposals()) if sup.mode == "advise" else 0
-        valid = sup._valid_steps()
-        if action is not None:
-            now = f"acting: {a.kind} (action {a.id}, by {action['actor']})"
-        elif sup.mode == "off":
-            now = "off: recording findings only, no decisions carried out"
-        elif sup.mode == "advise":
-            now = f"advising: {proposals} proposal(s) wait for confirmation" if proposals else \
-                "advising: watching, proposals need a human to confirm"
-        elif incidents:
-            now = f"watching incident {incidents[0]['id']} ({incidents[0]['kind']})"
-        else:
-            now = "watching"
+        valid = sup.ledger.valid_steps()
         return {
             "schema": STATUS_SCHEMA, "run_id": sup.settings.run.run_id, "state": sup.state, "mode": sup.mode,
             "generation": sup.generation, "step": sup.last_step, "total_steps": sup.total_steps,
-            "loss": _num(r.loss) if r else None, "grad_norm": _num(r.grad_norm) if r else None,
+            "loss": json_number(r.loss) if r else None, "grad_norm": json_number(r.grad_norm) if r else None,
             "tokens_per_s": r.tokens_per_s if r else None, "lr": r.lr if r else None, "lr_scale": sup.lr_scale,
             "last_known_good": sup.last_known_good, "newest_checkpoint": valid[-1] if valid else None,
-            "open_incidents": incidents, "action": action, "policy_now": now, "proposals": proposals,
-            "pending_directives": sorted(sup.pending), "trainer_pids": dict(sup.gen.rank_pids) if sup.gen else {},
+            "open_incidents": incidents, "action": action, "policy_now": self._policy_now(action, incidents, proposals),
+            "proposals": proposals, "pending_directives": sorted(sup.directives.pending),
+            "trainer_pids": dict(sup.gen.rank_pids) if sup.gen else {},
+            "checkpoint_interval": sup.interval.current,
+            "recommended_checkpoint_interval": sup.interval.view(),
             "updated_at": r.wall_time if r else None,
         }
+
+    def _policy_now(self, action: dict | None, incidents: list[dict], proposals: int) -> str:
+        mode = self.sup.mode
+        if action is not None:
+            return f"acting: {action['kind']} (action {action['id']}, by {action['actor']})"
+        if mode == "off":
+            return "off: recording findings only, no decisions carried out"
+        if mode == "advise":
+            return (f"advising: {proposals} proposal(s) wait for confirmation" if proposals else
+                    "advising: watching, proposals need a human to confirm")
+        if incidents:
+            return f"watching incident {incidents[0]['id']} ({incidents[0]['kind']})"
+        return "watching"
 
     def checkpoints(self) -> dict:
         sup = self.sup
@@ -657,7 +539,7 @@ class ControlPlane:
         rows = [{"step": i.step, "state": i.state, "valid": i.valid, "reason": i.reason, "pinned": i.pinned,
                  "last_known_good": i.step == lkg, "size_bytes": i.size_bytes, "mtime": i.mtime,
                  "path": str(i.path)} for i in sup.catalog.scan()]
-        return {"checkpoints": rows, "quarantined": self.quarantined(), "last_known_good": lkg}
+        return {"checkpoints": rows, "quarantined": sup.catalog.quarantined(), "last_known_good": lkg}
 
     def audit_rows(self, limit: int) -> list[dict]:
         j = self.sup.journal
@@ -671,6 +553,99 @@ class ControlPlane:
             out.append(row)
         return out
 
+
+def describe_rollback(plan: dict, b: RollbackBody) -> str:
+    return (f"roll back from step {plan['from_step']} to step {plan['target_step']}, skip {b.skip_batches} batches, "
+            f"LR scale {plan['lr_scale']:g}; {len(plan['quarantine'])} newer checkpoint(s) to quarantine")
+
+
+def _directive(command: str, kind: str, body: type[LightCommand], summary: str, directive: Callable[[Any], dict],
+               describe: Callable[[Any], str], on_ack: Callable[["ControlPlane", Any], Any] | None = None,
+               plan: Callable | None = None) -> CommandSpec:
+    """A command that is one trainer directive, acknowledged at the next step boundary."""
+    return CommandSpec(
+        name=command, body=body, summary=summary, kind=kind,
+        keys=lambda b, extra: {k: v for k, v in directive(b).items() if k != "kind"},
+        plan=plan or (lambda cp, who, b, extra: cp.directive_plan(kind, directive(b))),
+        describe=lambda p, b: describe(b),
+        start=lambda cp, who, b, p, rid: cp.start_directive(
+            who, b, p, rid, command=command, describe=describe(b),
+            on_ack=on_ack(cp, b) if on_ack else None))
+
+
+#: every operator command, in the order of `titan-supervisor --help`
+COMMAND_SPECS: tuple[CommandSpec, ...] = (
+    CommandSpec(
+        name="rollback", body=RollbackBody, kind=ROLLBACK,
+        summary="Roll back to a checkpoint (hot if a trainer runs, else cold)",
+        keys=lambda b, extra: {"target_step": rollback_target(b.to_step), "skip_batches": b.skip_batches,
+                               "lr_scale": b.lr_scale, "ramp_steps": b.ramp_steps if b.lr_scale is not None else 0},
+        plan=lambda cp, who, b, extra: cp.rollback_plan(b.to_step, b.skip_batches, b.lr_scale, b.ramp_steps),
+        describe=describe_rollback, start=ControlPlane.start_rollback),
+    CommandSpec(
+        name="pause", body=Command, kind="pause",
+        summary="Finish the step, checkpoint, stop the generation, keep state",
+        plan=ControlPlane.pause_plan,
+        describe=lambda p, b: f"pause at step {p['at_step']} (checkpoint, then stop)",
+        start=lambda cp, who, b, p, rid: cp.start_heavy("pause", who, {"reason": b.reason}, rid,
+                                                        f"pausing at step {p['at_step']}")),
+    CommandSpec(
+        name="resume", body=Command, kind="resume",
+        summary="Start a new generation from the newest valid checkpoint",
+        plan=ControlPlane.resume_plan,
+        describe=lambda p, b: f"start generation {p['generation']} from {_where(p)}",
+        start=lambda cp, who, b, p, rid: cp.start_heavy("resume", who, {"reason": b.reason, "load_step": p["load_step"]},
+                                                        rid, f"resuming from {_where(p)}")),
+    _directive("lr", "lr", LrBody, "Set the LR scale (optionally ramped)",
+               lambda b: {"kind": "set_lr_scale", "scale": b.scale, "ramp_steps": b.ramp_steps},
+               lambda b: f"set the LR scale to {b.scale:g} over {b.ramp_steps} steps",
+               on_ack=lambda cp, b: cp.set_lr_scale(b.scale)),
+    _directive("skip-data", "skip_data", SkipDataBody, "Consume the next K batches without an optimizer update",
+               lambda b: {"kind": "skip_updates", "n": b.batches},
+               lambda b: f"skip the next {b.batches} batches (no update)"),
+    _directive("checkpoint-now", "checkpoint_now", LightCommand, "Save a checkpoint at the next step boundary",
+               lambda b: {"kind": "checkpoint_now"}, lambda b: "save a checkpoint at the next step boundary"),
+    _directive("decay-now", "decay_now", DecayNowBody, "Start the WSD decay at this step",
+               lambda b: {"kind": "decay_now"} | ({"steps": b.steps} if b.steps else {}),
+               lambda b: f"start the LR decay now ({b.steps or 'default'} decay steps)",
+               on_ack=lambda cp, b: cp.set_total_steps),
+    _directive("extend", "extend", ExtendBody, "Make the run N steps long in total",
+               lambda b: {"kind": "extend", "steps": b.steps}, lambda b: f"extend the run to {b.steps} steps",
+               on_ack=lambda cp, b: cp.set_total_steps, plan=ControlPlane.extend_plan),
+    CommandSpec(
+        name="policy", body=PolicyBody, role="admin", exclusive=False, path="/policy",
+        summary="Set the policy mode (admin): auto | advise | off",
+        plan=lambda cp, who, b, extra: {"from": cp.sup.mode, "to": b.mode},
+        describe=lambda p, b: f"set the policy mode {p['from']} -> {p['to']}",
+        start=ControlPlane.start_policy),
+    CommandSpec(
+        name="ack", body=Command, exclusive=False, path="/incidents/{incident_id}/ack", path_args=("incident_id",),
+        summary="Acknowledge an incident (take ownership)",
+        plan=ControlPlane.ack_plan,
+        describe=lambda p, b: f"acknowledge incident {p['incident_id']} as {p['acked_by']}",
+        start=ControlPlane.start_ack),
+    CommandSpec(
+        name="confirm", body=Command, path="/proposals/{decision_id}/confirm", path_args=("decision_id",),
+        summary="Advise mode: carry out a proposed decision",
+        replay=ControlPlane.confirm_replayed, plan=ControlPlane.confirm_plan,
+        describe=lambda p, b: f"carry out proposal {p['decision_id']} ({p['action']})",
+        start=ControlPlane.start_confirm),
+)
+COMMANDS = tuple(s.name for s in COMMAND_SPECS if s.path is None)
+
+
+def rollback_target(to_step) -> int:
+    try:
+        return parse_step(to_step)
+    except ValueError as e:
+        raise Refusal(400, f"invalid rollback target: {e}") from None
+
+
+def _where(plan: dict) -> str:
+    return f"step {plan['load_step']}" if plan["load_step"] is not None else "scratch"
+
+
+# --- routes --------------------------------------------------------------------------------
 
 def build_router(sup, tokens: TokenStore | None = None) -> APIRouter:
     cp = ControlPlane(sup, tokens)
@@ -752,67 +727,19 @@ def build_router(sup, tokens: TokenStore | None = None) -> APIRouter:
     async def proposals(cred: HTTPAuthorizationCredentials | None = cred_dep):
         return read(cred, lambda: {"mode": sup.mode, "proposals": cp.proposals()})
 
-    # -- commands --------------------------------------------------------------------------
-    def command_route(path: str, model, summary: str, build):
-        async def handler(request: Request, cred: HTTPAuthorizationCredentials | None = cred_dep):
-            return await cp.command(request, cred, path, "operator", model, lambda who, b: build(who, b))
-        r.add_api_route(f"/commands/{path}", handler, methods=["POST"], tags=["commands"], summary=summary,
-                        responses=_CMD_ERRORS, openapi_extra=_body_doc(model), name=f"command_{path}")
-
-    command_route("rollback", RollbackBody, "Roll back to a checkpoint (hot if a trainer runs, else cold)",
-                cp.rollback)
-    command_route("pause", Command, "Finish the step, checkpoint, stop the generation, keep state", cp.pause)
-    command_route("resume", Command, "Start a new generation from the newest valid checkpoint", cp.resume)
-    command_route("lr", LrBody, "Set the LR scale (optionally ramped)",
-                lambda who, b: cp.light(who, b, "lr", "lr", {"kind": "set_lr_scale", "scale": b.scale,
-                                                             "ramp_steps": b.ramp_steps},
-                                        f"set the LR scale to {b.scale:g} over {b.ramp_steps} steps",
-                                        cp._set_lr(b.scale)))
-    command_route("skip-data", SkipDataBody, "Consume the next K batches without an optimizer update",
-                lambda who, b: cp.light(who, b, "skip-data", "skip_data", {"kind": "skip_updates", "n": b.batches},
-                                        f"skip the next {b.batches} batches (no update)"))
-    command_route("checkpoint-now", LightCommand, "Save a checkpoint at the next step boundary",
-                lambda who, b: cp.light(who, b, "checkpoint-now", "checkpoint_now", {"kind": "checkpoint_now"},
-                                        "save a checkpoint at the next step boundary"))
-    command_route("decay-now", DecayNowBody, "Start the WSD decay at this step",
-                lambda who, b: cp.light(who, b, "decay-now", "decay_now",
-                                        {"kind": "decay_now"} | ({"steps": b.steps} if b.steps else {}),
-                                        f"start the LR decay now ({b.steps or 'default'} decay steps)",
-                                        cp._set_total))
-    command_route("extend", ExtendBody, "Make the run N steps long in total",
-                lambda who, b: _extend(who, b))
-
-    async def _extend(who, b: ExtendBody):
-        if b.steps <= sup.last_step:
-            raise Refusal(400, f"extend to {b.steps} steps: the run is already at step {sup.last_step}")
-        if sup.total_steps is not None and b.steps <= sup.total_steps:
-            raise Refusal(400, f"extend to {b.steps} steps: the run is already {sup.total_steps} steps long "
-                               "(use decay-now to end it earlier)")
-        return await cp.light(who, b, "extend", "extend", {"kind": "extend", "steps": b.steps},
-                              f"extend the run to {b.steps} steps", cp._set_total)
+    for spec in COMMAND_SPECS:
+        _command_route(r, cp, spec, cred_dep)
 
     @r.post("/commands/{command}", tags=["commands"], responses=_CMD_ERRORS, include_in_schema=False)
     async def unknown(command: str, request: Request, cred: HTTPAuthorizationCredentials | None = cred_dep):
-        async def refuse(who, b):
+        who = None
+        try:
+            who = cp.identify(cred, "operator")
+            cp.require(who, "operator")
             raise Refusal(400, f"unknown command {command[:64]!r}; known: {', '.join(COMMANDS)}")
-        return await cp.command(request, cred, command[:64], "operator", None, refuse)
-
-    @r.post("/policy", tags=["commands"], responses=_CMD_ERRORS, openapi_extra=_body_doc(PolicyBody),
-            summary="Set the policy mode (admin): auto | advise | off")
-    async def set_policy(request: Request, cred: HTTPAuthorizationCredentials | None = cred_dep):
-        return await cp.command(request, cred, "policy", "admin", PolicyBody, cp.set_policy)
-
-    @r.post("/incidents/{incident_id}/ack", tags=["commands"], openapi_extra=_body_doc(Command),
-            responses={**_CMD_ERRORS, 404: {"model": ErrorBody}}, summary="Acknowledge an incident (take ownership)")
-    async def ack(incident_id: int, request: Request, cred: HTTPAuthorizationCredentials | None = cred_dep):
-        return await cp.command(request, cred, "ack", "operator", Command,
-                                lambda who, b: cp.ack(who, b, incident_id), {"incident_id": incident_id})
-
-    @r.post("/proposals/{decision_id}/confirm", tags=["commands"], openapi_extra=_body_doc(Command),
-            responses=_CMD_ERRORS, summary="Advise mode: carry out a proposed decision")
-    async def confirm(decision_id: int, request: Request, cred: HTTPAuthorizationCredentials | None = cred_dep):
-        return await cp.command(request, cred, "confirm", "operator", Command,
-                                lambda who, b: cp.confirm(who, b, decision_id), {"decision_id": decision_id})
+        except Refusal as e:
+            cp.audit(who, command[:64], {}, None, None, False, f"{e.status} {e.error}")
+            return e.response()
 
     @r.post("/alerts", tags=["alerts"], openapi_extra=_body_doc(AlertmanagerPayload),
             responses={**_ERRORS, 200: {"description": "Alerts about a node became hardware findings"}},
@@ -822,7 +749,7 @@ def build_router(sup, tokens: TokenStore | None = None) -> APIRouter:
             if cp.tokens.configured:
                 cp.authorize(cred, "operator")
             raw = await request.body()
-            if len(raw) > 4 * 1024 * 1024:
+            if len(raw) > MAX_ALERT_BODY:
                 raise Refusal(400, "body is too large")
             try:
                 obj = json.loads(raw, parse_constant=_reject_constant)
@@ -834,9 +761,26 @@ def build_router(sup, tokens: TokenStore | None = None) -> APIRouter:
                 raise Refusal(400, "body is not an Alertmanager webhook payload", _validation_details(e)) from None
         except Refusal as e:
             return e.response()
-        return cp.alerts(payload)
+        return cp.alerts.receive(payload)
 
     return r
 
 
-COMMANDS = ("rollback", "pause", "resume", "lr", "skip-data", "checkpoint-now", "decay-now", "extend")
+def _int_arg(value, what: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise Refusal(400, f"{what} must be an integer, got {str(value)[:32]!r}") from None
+
+
+def _command_route(r: APIRouter, cp: ControlPlane, spec: CommandSpec, cred_dep) -> None:
+    async def handler(request: Request, cred: HTTPAuthorizationCredentials | None = cred_dep):
+        try:
+            extra = {k: _int_arg(request.path_params[k], k) for k in spec.path_args}
+        except Refusal as e:
+            return e.response()
+        return await cp.command(request, cred, spec, extra)
+    errors = {**_CMD_ERRORS, **({404: {"model": ErrorBody}} if spec.name == "ack" else {})}
+    r.add_api_route(spec.path or f"/commands/{spec.name}", handler, methods=["POST"], tags=["commands"],
+                    summary=spec.summary, responses=errors, openapi_extra=_body_doc(spec.body),
+                    name=f"command_{spec.name.replace('-', '_')}")

@@ -95,6 +95,10 @@ def render_status(st: dict):
     if a:
         w.add_row("action", f"#{a['id']} {a['kind']} by {a.get('actor')}, started {_ago(a.get('since'))}")
     w.add_row("policy", st.get("policy_now", ""))
+    rec = st.get("recommended_checkpoint_interval")
+    if st.get("checkpoint_interval") or rec:
+        w.add_row("ckpt every", f"{st.get('checkpoint_interval') or '-'} steps"
+                  + (f" (Young/Daly recommends {rec['steps']})" if rec else ""))
     inc = st.get("open_incidents") or []
     if inc:
         lines = [f"#{i['id']} {i['kind']} @{i.get('onset_step')} {i['state']}"

@@ -1,305 +1,241 @@
-"""Carry out a decision, idempotently (DESIGN.md §3 "Remedies").
+"""Remedies: carry out a decision, idempotently (docs/architecture.md, "Remedies").
 
-Light remedies are directives to the running trainer (applied at a step boundary on every
-rank); heavy ones restart the generation through the launcher. Each step of a remedy is safe
-to repeat: quarantining an already quarantined checkpoint moves nothing, a directive id the
-trainer has applied is acknowledged again without effect, and starting a generation is only
-done when none is running. That is what lets a restarted daemon finish a half-done action
-(``resume``) without doing it twice.
+`Remedies` is built with exactly what it touches — the generations, the checkpoint ledger, the
+directive channel, the pager, the journal, the run status and the detectors — and maps each
+action the policy (or an operator) can order to one method (`Remedies.table`). Light remedies are
+directives to the running trainer; heavy ones restart the generation.
 
-Guarantees: nothing is deleted (newer checkpoints move to the quarantine folder); a hot
-rollback that is not acknowledged in ``launch.directive_timeout_s`` (or whose trainer dies)
-falls back to a cold restart from the same checkpoint with the same data skip.
+Each step of a remedy is safe to repeat: quarantining an already quarantined checkpoint moves
+nothing, a directive id the trainer has applied is acknowledged again without effect, and a
+generation is started only when none runs. That is what lets a restarted daemon finish a
+half-done action (`resume`) without doing it twice.
+
+Guarantees: nothing is deleted (newer checkpoints move to the quarantine folder); a hot rollback
+that is not acknowledged in `launch.directive_timeout_s` (or whose trainer dies) falls back to a
+cold restart from the same checkpoint with the same data skip.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
+import statistics
 import time
-import urllib.request
-from typing import TYPE_CHECKING
 
-from supervisor.policy import (KILL_RESTART_HANG, RECORD, RESTART, ROLLBACK, ROLLBACK_LR_DOWN, SKIP_UPDATE,
-                               STOP_PAGE)
-
-if TYPE_CHECKING:
-    from supervisor.daemon import ActiveAction, Supervisor
+from supervisor.policy import (EXCLUDE_NODE, KILL_RESTART_HANG, RECORD, RESTART, ROLLBACK, ROLLBACK_LR_DOWN,
+                               SKIP_UPDATE, STOP_PAGE)
 
 PAUSE, RESUME = "pause", "resume"  # operator actions (supervisor/control.py)
 
 
-async def carry_out(sup: "Supervisor", a: "ActiveAction") -> dict:
-    kind = a.kind
-    if kind in (ROLLBACK, ROLLBACK_LR_DOWN, "operator_rollback"):
-        return await rollback(sup, a)
-    if kind in (RESTART, KILL_RESTART_HANG):
-        return await restart(sup, a, hang=kind == KILL_RESTART_HANG)
-    if kind == STOP_PAGE:
-        return await stop_and_page(sup, a)
-    if kind in (SKIP_UPDATE, RECORD):
-        return light(sup, a)
-    if kind == PAUSE:
-        return await pause(sup, a)
-    if kind == RESUME:
-        return await resume_run(sup, a)
-    raise ValueError(f"no remedy for action {kind!r}")
+def lost_gpu_hours(steps: int, step_seconds: float, ranks: int) -> float:
+    """GPU-hours thrown away by redoing `steps` steps on `ranks` ranks."""
+    return steps * step_seconds * ranks / 3600
 
 
-def light(sup: "Supervisor", a: "ActiveAction") -> dict:
-    """Actions that only record, or only queue a directive: synchronous, never wait."""
-    if a.kind == RECORD:
-        return {"note": "recorded"}
-    if a.finding is not None and a.finding.evidence.get("update_skipped"):
-        return {"note": "the trainer's guard already skipped the update"}
-    if sup.gen is None or sup.gen.exited is not None:
-        return {"note": "no trainer running; nothing to skip"}
-    d = sup.send_directive(a, kind="skip_updates", n=1, reason=f"action {a.id}")
-    return {"directive": d.id, "note": "the next update will be skipped"}
+class Remedies:
+    def __init__(self, *, generations, ledger, directives, pager, journal, status, suite, metrics, log,
+                 step_times: list[float], ranks: int, directive_timeout_s: float, poll_s: float = 0.05) -> None:
+        self.generations, self.ledger, self.directives, self.pager = generations, ledger, directives, pager
+        self._journal, self.status, self._suite, self._metrics, self._log = journal, status, suite, metrics, log
+        self._step_times = step_times  # the daemon's window of recent step seconds (read only)
+        self._ranks = ranks
+        self.directive_timeout_s = directive_timeout_s
+        self._poll_s = poll_s
+        #: heavy actions: action kind -> remedy (each an idempotent coroutine)
+        self.table = {
+            ROLLBACK: self.rollback, ROLLBACK_LR_DOWN: self.rollback,
+            RESTART: self.restart, KILL_RESTART_HANG: self.kill_restart_hang,
+            EXCLUDE_NODE: self.exclude_node, STOP_PAGE: self.stop_and_page,
+            PAUSE: self.pause, RESUME: self.resume_run,
+        }
+        #: light actions: synchronous, never wait
+        self.light_table = {RECORD: self.record, SKIP_UPDATE: self.skip_update}
 
+    # -- dispatch ------------------------------------------------------------------------------
+    async def carry_out(self, a) -> dict:
+        remedy = self.table.get(a.kind)
+        if remedy is None:
+            raise ValueError(f"no remedy for action {a.kind!r}")
+        return await remedy(a)
 
-# Operator commands that are a single trainer directive (supervisor/control.py).
-DIRECTIVE_ACTIONS = frozenset({"lr", "skip_data", "checkpoint_now", "decay_now", "extend", "set_checkpoint_interval"})
+    def light(self, a) -> dict:
+        return self.light_table[a.kind](a)
 
+    async def resume(self, a) -> dict:
+        """Finish an action found unfinished in the journal after a daemon restart."""
+        from supervisor.actions import DIRECTIVE_ACTIONS
 
-async def resume(sup: "Supervisor", a: "ActiveAction", row: dict) -> dict:
-    """Finish an action found unfinished in the journal after a daemon restart."""
-    if a.kind in DIRECTIVE_ACTIONS:
-        # Its outcome is whatever the trainer acknowledged; a directive queued but never
-        # delivered is not re-sent on the operator's behalf minutes later.
-        directive = sup.journal.get_meta(f"action_{a.id}_directive")
-        applied = _applied_in_spool(sup, directive["id"]) if directive else None
-        if applied is None:
-            raise RuntimeError("the trainer had not acknowledged it when the daemon restarted; not re-sent")
-        ok, detail = applied
-        if not ok:
-            raise RuntimeError(f"refused by the trainer: {detail}")
-        return {"directive": directive["id"], "detail": detail, "resumed": True}
-    if a.kind in (ROLLBACK, ROLLBACK_LR_DOWN, "operator_rollback"):
-        directive = sup.journal.get_meta(f"action_{a.id}_directive")
-        applied = _applied_in_spool(sup, directive["id"]) if directive else None
-        if applied is not None:
+        directive = self.directives.journaled(a.id)
+        applied = self.directives.applied_in_spool(directive["id"]) if directive else None
+        if a.kind in DIRECTIVE_ACTIONS:
+            # Its outcome is whatever the trainer acknowledged; a directive queued but never
+            # delivered is not re-sent on the operator's behalf minutes later.
+            if applied is None:
+                raise RuntimeError("the trainer had not acknowledged it when the daemon restarted; not re-sent")
             ok, detail = applied
-            if ok:
-                _after_rollback(sup, a, int(a.params["target_step"]))
-                return {"mode": "hot", "detail": detail, "resumed": True, "note": "applied before the daemon restarted"}
-        return await rollback(sup, a)
-    return await carry_out(sup, a)
+            if not ok:
+                raise RuntimeError(f"refused by the trainer: {detail}")
+            return {"directive": directive["id"], "detail": detail, "resumed": True}
+        if a.kind in (ROLLBACK, ROLLBACK_LR_DOWN) and applied is not None and applied[0]:
+            self._after_rollback(a, int(a.params["target_step"]))
+            return {"mode": "hot", "detail": applied[1], "resumed": True,
+                    "note": "applied before the daemon restarted"}
+        if a.kind in self.light_table:
+            return self.light(a)
+        return await self.carry_out(a)
 
+    # -- light ---------------------------------------------------------------------------------
+    def record(self, a) -> dict:
+        return {"note": "recorded"}
 
-def _applied_in_spool(sup: "Supervisor", directive_id: str) -> tuple[bool, str] | None:
-    """(ok, detail) of the trainer's acknowledgement of a directive, if the spool holds one."""
-    from supervisor.spool import read_spool, spool_path
+    def skip_update(self, a) -> dict:
+        if a.finding is not None and a.finding.evidence.get("update_skipped"):
+            return {"note": "the trainer's guard already skipped the update"}
+        if not self.generations.alive():
+            return {"note": "no trainer running; nothing to skip"}
+        d = self._send(a, kind="skip_updates", n=1, reason=f"action {a.id}")
+        return {"directive": d.id, "note": "the next update will be skipped"}
 
-    found = None
-    for ev in read_spool(spool_path(sup.workdir), strict=False):
-        if ev.get("kind") == "directive_applied" and ev.get("directive_id") == directive_id:
-            if found is None or ev.get("ok"):
-                found = (bool(ev.get("ok")), str(ev.get("detail", "")))
-    return found
+    # -- heavy ---------------------------------------------------------------------------------
+    async def rollback(self, a) -> dict:
+        p = a.params
+        target = self.ledger.load_target(int(p["target_step"]))
+        if target is None:
+            raise LookupError(f"no valid checkpoint at or before step {p['target_step']}")
+        skip, lr_scale, ramp = int(p.get("skip_batches", 0)), p.get("lr_scale"), int(p.get("ramp_steps", 0))
+        self.status.set("recovering")
+        moved = self.ledger.quarantine_newer_than(target, a.id)
+        out = {"target_step": target, "skip_batches": skip, "quarantined": moved}
+        detail = await self._hot_rollback(a, target, skip, lr_scale, ramp) if self.generations.alive() else None
+        if detail is not None and detail[0]:
+            return {"mode": "hot", **out, "detail": detail[1]}
+        if detail is not None:
+            self._log.warning("hot rollback failed, restarting cold", detail=detail[1])
+        await self.generations.stop(f"cold rollback to step {target} (action {a.id})")
+        scale = float(lr_scale) if lr_scale is not None else self.status.lr_scale
+        self._after_rollback(a, target)
+        await self.generations.launch(load_step=target, skip_batches=skip, lr_scale=scale,
+                                      ramp_steps=ramp if lr_scale is not None else 0,
+                                      reason=f"rollback (action {a.id})")
+        return {"mode": "cold", **out, "generation": self.generations.id, "detail": detail[1] if detail else ""}
 
-
-def _quarantine_newer(sup: "Supervisor", target: int, action_id: int) -> list[int]:
-    moved = sup.catalog.quarantine_after(target, reason=f"rollback to step {target} (action {action_id})",
-                                         tag=f"rollback-a{action_id}")
-    for m in moved:
-        sup.journal.record_checkpoint(m.step, path=str(m.dst), state="quarantined",
-                                      note=f"rolled back past it (action {action_id})")
-    sup._valid_cache = None
-    return [m.step for m in moved]
-
-
-def _after_rollback(sup: "Supervisor", a: "ActiveAction", target: int) -> None:
-    _quarantine_newer(sup, target, a.id)  # anything saved between the order and the ack
-    sup.suite.reset_generation(sup.generation, time.time(), resume_step=target,
-                               world_size=sup.settings.run.nproc_per_node)
-    lost = max(0, int(a.params.get("from_step", sup.last_step)) - target)
-    sup.metrics.add_lost(steps=lost, gpu_hours=lost * _median_step(sup) * sup.settings.run.nproc_per_node / 3600)
-    sup.last_step = target
-    sup.lkg_candidate = None
-
-
-def _median_step(sup: "Supervisor") -> float:
-    import statistics
-
-    return statistics.median(sup._step_times) if sup._step_times else 0.0
-
-
-def _resolve_target(sup: "Supervisor", target: int) -> int:
-    """The target if it is a valid checkpoint; else the newest valid older one (a corrupt
-    checkpoint is quarantined, never used, never deleted)."""
-    found = None
-    for info in sorted(sup.catalog.scan(), key=lambda i: -i.step):
-        if info.state == "corrupt":
-            moved = sup.catalog.quarantine(info.step, reason=f"corrupt: {info.reason}", tag="corrupt")
-            sup.journal.record_checkpoint(info.step, path=str(moved.dst) if moved else None, state="corrupt",
-                                          note=info.reason)
-            sup.log.warning("corrupt checkpoint set aside", step=info.step, reason=info.reason)
-        elif info.valid and info.step <= target and found is None:
-            found = info.step
-    sup._valid_cache = None
-    if found is None:
-        raise LookupError(f"no valid checkpoint at or before step {target}")
-    return found
-
-
-async def rollback(sup: "Supervisor", a: "ActiveAction") -> dict:
-    p = a.params
-    target = _resolve_target(sup, int(p["target_step"]))
-    skip = int(p.get("skip_batches", 0))
-    lr_scale = p.get("lr_scale")
-    ramp = int(p.get("ramp_steps", 0))
-    sup._set_state("recovering")
-    moved = _quarantine_newer(sup, target, a.id)
-    gen = sup.gen
-    if gen is not None and gen.exited is None and gen.alive():
+    async def _hot_rollback(self, a, target: int, skip: int, lr_scale, ramp: int) -> tuple[bool, str]:
+        """Reload `target` in the running trainer: (acknowledged ok, detail)."""
+        gen = self.generations.current
         fields = {"kind": "rollback", "step": target, "skip_batches": skip, "reason": f"action {a.id}"}
-        if lr_scale is not None and float(lr_scale) != sup.lr_scale:
+        if lr_scale is not None and float(lr_scale) != self.status.lr_scale:
             fields.update(lr_scale=float(lr_scale), ramp_steps=ramp)
-        if a.directive_id is None or a.directive_id not in sup.pending:
-            sup.send_directive(a, **fields)
-        sup.suite.expect_pause(time.time() + sup.settings.launch.directive_timeout_s)
-        try:
-            await asyncio.wait_for(_ack_or_death(sup, a, gen), sup.settings.launch.directive_timeout_s)
-        except asyncio.TimeoutError:
-            a.ack_ok, a.ack_detail = False, "not acknowledged in time"
-        if a.acked.is_set() and a.ack_ok:
-            if lr_scale is not None:
-                sup.lr_scale = float(lr_scale)
-            _after_rollback(sup, a, target)
-            sup._set_state("running")
-            return {"mode": "hot", "target_step": target, "skip_batches": skip, "quarantined": moved,
-                    "detail": a.ack_detail}
-        sup.pending.pop(a.directive_id or "", None)
-        sup.log.warning("hot rollback failed, restarting cold", detail=a.ack_detail or "trainer died")
-    await sup._stop_generation(f"cold rollback to step {target} (action {a.id})")
-    scale = float(lr_scale) if lr_scale is not None else sup.lr_scale
-    _after_rollback(sup, a, target)
-    await sup._launch(load_step=target, skip_batches=skip, lr_scale=scale,
-                      ramp_steps=ramp if lr_scale is not None else 0, reason=f"rollback (action {a.id})")
-    return {"mode": "cold", "target_step": target, "skip_batches": skip, "quarantined": moved,
-            "generation": sup.generation, "detail": a.ack_detail}
+        if not self.directives.is_pending(a.directive_id):
+            self._send(a, **fields)
+        self._suite.expect_pause(time.time() + self.directive_timeout_s)
+        ack = await self.directives.wait(a.directive_id, self.directive_timeout_s,
+                                         alive=lambda: gen.exited is None and gen.alive())
+        if ack is None or not ack.ok:
+            self.directives.drop(a.directive_id)
+            return False, ack.detail if ack else "not acknowledged in time, or the trainer died"
+        if lr_scale is not None:
+            self.status.lr_scale = float(lr_scale)
+        self._after_rollback(a, target)
+        self.status.set("running")
+        return True, ack.detail
 
+    def _after_rollback(self, a, target: int) -> None:
+        self.ledger.quarantine_newer_than(target, a.id)  # anything saved between the order and the ack
+        self._suite.reset_generation(self.generations.id, time.time(), resume_step=target, world_size=self._ranks)
+        self._count_lost(int(a.params.get("from_step", self.status.last_step)) - target)
+        self.status.last_step = target
 
-async def _ack_or_death(sup, a, gen) -> None:
-    while not a.acked.is_set():
-        if gen.exited is not None or not gen.alive():
-            return
-        await asyncio.sleep(0.05)
+    def _count_lost(self, steps: int) -> int:
+        steps = max(0, steps)
+        median = statistics.median(self._step_times) if self._step_times else 0.0
+        self._metrics.add_lost(steps=steps, gpu_hours=lost_gpu_hours(steps, median, self._ranks))
+        return steps
 
+    async def restart(self, a, *, hang: bool = False) -> dict:
+        p = a.params
+        out: dict = {}
+        self.status.set("recovering")
+        gen = self.generations.current
+        if hang and gen is not None:
+            out["stacks"] = (await asyncio.to_thread(gen.dump_stacks))[-20000:]
+        # A hung rank (SIGSTOPped, or stuck in a collective) ignores SIGTERM: its stacks are
+        # already dumped, so kill at once.
+        await self.generations.stop(f"{a.kind} (action {a.id})", grace_s=0.0 if hang else None)
+        backoff = float(p.get("backoff_seconds", 0.0))
+        if backoff > 0:
+            self._log.info("backing off before restart", seconds=backoff)
+            await asyncio.sleep(backoff)
+        target = p.get("target_step")
+        load = self.ledger.load_target(int(target) if target is not None else None)
+        lost = self._count_lost(int(p.get("from_step", self.status.last_step)) - (load or 0))
+        if load is not None:
+            self.ledger.quarantine_newer_than(load, a.id)
+        await self.generations.launch(load_step=load, skip_batches=0, lr_scale=self.status.lr_scale,
+                                      reason=f"{a.kind} (action {a.id})")
+        return out | {"load_step": load, "generation": self.generations.id, "backoff_s": backoff, "lost_steps": lost}
 
-async def restart(sup: "Supervisor", a: "ActiveAction", *, hang: bool) -> dict:
-    p = a.params
-    out: dict = {}
-    sup._set_state("recovering")
-    if hang and sup.gen is not None:
-        out["stacks"] = (await asyncio.to_thread(sup.gen.dump_stacks))[-20000:]
-    # A hung rank (SIGSTOPped, or stuck in a collective) ignores SIGTERM: its stacks are
-    # already dumped, so kill at once.
-    await sup._stop_generation(f"{a.kind} (action {a.id})", grace_s=0.0 if hang else None)
-    backoff = float(p.get("backoff_seconds", 0.0))
-    if backoff > 0:
-        sup.log.info("backing off before restart", seconds=backoff)
-        await asyncio.sleep(backoff)
-    target = p.get("target_step")
-    try:
-        load = _resolve_target(sup, int(target)) if target is not None else _resolve_target(sup, 10**12)
-    except LookupError:
-        load = None  # nothing valid yet: a fresh start
-    lost = max(0, int(p.get("from_step", sup.last_step)) - (load or 0))
-    sup.metrics.add_lost(steps=lost, gpu_hours=lost * _median_step(sup) * sup.settings.run.nproc_per_node / 3600)
-    if load is not None:
-        _quarantine_newer(sup, load, a.id)
-    await sup._launch(load_step=load, skip_batches=0, lr_scale=sup.lr_scale, reason=f"{a.kind} (action {a.id})")
-    out.update({"load_step": load, "generation": sup.generation, "backoff_s": backoff, "lost_steps": lost})
-    return out
+    async def kill_restart_hang(self, a) -> dict:
+        return await self.restart(a, hang=True)
 
+    async def exclude_node(self, a) -> dict:
+        """On a single node there is nowhere else to run: the exclusion is refused, a human is paged
+        with the node's name, and the run restarts where it is (the crash remedy)."""
+        node = a.params.get("node") or "this node"
+        self.pager.page(f"the policy would exclude node {node} after repeated failures there, but this run has "
+                        "only one node: not excluded, restarting on it", action_id=a.id, node=node)
+        return {"excluded": False, "node": node, "paged": True, **await self.restart(a)}
 
-async def stop_and_page(sup: "Supervisor", a: "ActiveAction") -> dict:
-    reason = (a.decision.reason if a.decision else "") or "budget exhausted"
-    gen = sup.gen
-    mode = "none"
-    if gen is not None and gen.alive():
-        if a.directive_id is None:
-            sup.send_directive(a, kind="stop", reason=reason[:500])
-        mode = "directive"
-        deadline = time.time() + sup.settings.launch.directive_timeout_s
-        while gen.alive() and time.time() < deadline:
-            await asyncio.sleep(0.1)
-        if gen.alive():
-            mode = "killed"
-    await sup._stop_generation(f"stop and page (action {a.id})")
-    sup._set_state("stopped")
-    page(sup, reason, action_id=a.id)
-    return {"stopped": mode, "paged": True, "reason": reason}
+    async def stop_and_page(self, a) -> dict:
+        reason = (a.decision.reason if a.decision else "") or a.params.get("reason") or "budget exhausted"
+        gen = self.generations.current
+        mode = "none"
+        if gen is not None and gen.alive():
+            if a.directive_id is None:
+                self._send(a, kind="stop", reason=reason[:500])
+            mode = "directive" if await self._exits_within(gen, self.directive_timeout_s) else "killed"
+        await self.generations.stop(f"stop and page (action {a.id})")
+        self.status.set("stopped")
+        self.pager.page(reason, action_id=a.id)
+        return {"stopped": mode, "paged": True, "reason": reason}
 
+    async def _exits_within(self, gen, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while gen.exited is None and gen.alive() and time.monotonic() < deadline:
+            await asyncio.sleep(self._poll_s)
+        return gen.exited is not None or not gen.alive()
 
-def page(sup: "Supervisor", reason: str, **extra) -> None:
-    """Tell a human: a metric, a log event, and the webhook when one is configured."""
-    sup.metrics.observe_action("page", "sent")
-    body = {"run_id": sup.settings.run.run_id, "state": sup.state, "step": sup.last_step, "reason": reason,
-            "generation": sup.generation, **extra}
-    sup.log.error("page", **body)
-    sup.journal.set_meta("last_page", body)
-    url = sup.settings.page.webhook_url
-    if url:
-        threading.Thread(target=_post_page, args=(sup, url, body), daemon=True).start()
+    async def pause(self, a) -> dict:
+        """Operator pause: the trainer finishes its step, checkpoints and exits (a `stop`
+        directive); the run waits in state "paused" with everything kept. Safe to repeat."""
+        gen = self.generations.current
+        how = "no trainer running"
+        if self.generations.alive():
+            if not self.directives.is_pending(a.directive_id):
+                self._send(a, kind="stop", reason=f"paused by operator (action {a.id})")
+            self._suite.expect_pause(time.time() + self.directive_timeout_s)
+            exited = await self._exits_within(gen, self.directive_timeout_s)
+            how = "trainer checkpointed and exited" if exited else "killed (no exit in time)"
+        finished = self.status.trainer_finished
+        await self.generations.stop(f"paused (action {a.id})")
+        self.status.trainer_finished = None
+        step = finished[0] if finished else self.status.last_step
+        if finished and finished[1] == "completed":
+            self.status.finish()
+            return {"paused": False, "note": "the run completed before the pause took effect", "step": step}
+        self.status.set("paused")
+        return {"paused": True, "step": step, "stopped": how, "newest_checkpoint": self.ledger.load_target()}
 
+    async def resume_run(self, a) -> dict:
+        """Operator resume: a new generation from the newest valid checkpoint, same LR scale."""
+        if self.generations.alive():
+            return {"note": "a generation is already running", "generation": self.generations.id}
+        load = self.ledger.load_target()
+        await self.generations.launch(load_step=load, skip_batches=0, lr_scale=self.status.lr_scale,
+                                      reason=f"resumed by operator (action {a.id})")
+        return {"load_step": load, "generation": self.generations.id, "lr_scale": self.status.lr_scale}
 
-def _post_page(sup: "Supervisor", url: str, body: dict, attempts: int = 5) -> bool:
-    """POST the page, retrying with exponential backoff (1, 2, 4, 8 s): a pager endpoint that
-    blips must not swallow the one message that wakes a human. Runs off the event loop."""
-    from tenacity import RetryError, retry, retry_if_exception_type, stop_after_attempt, wait_exponential
-
-    @retry(stop=stop_after_attempt(attempts), wait=wait_exponential(multiplier=1, max=8),
-           retry=retry_if_exception_type(OSError), reraise=False)
-    def send() -> None:
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=5).read()
-
-    try:
-        send()
-        return True
-    except RetryError as e:
-        sup.log.error("page webhook failed", url=url, attempts=attempts, error=str(e.last_attempt.exception()))
-        sup.metrics.observe_action("page", "failed")
-        return False
-
-
-async def pause(sup: "Supervisor", a: "ActiveAction") -> dict:
-    """Operator pause: the trainer finishes its step, checkpoints and exits (a ``stop``
-    directive); the generation is closed and the run waits in state "paused" with everything
-    kept. Safe to repeat: with no trainer left it only records the state."""
-    gen = sup.gen
-    how = "no trainer running"
-    if gen is not None and gen.exited is None and gen.alive():
-        if a.directive_id is None or a.directive_id not in sup.pending:
-            sup.send_directive(a, kind="stop", reason=f"paused by operator (action {a.id})")
-        timeout = sup.settings.launch.directive_timeout_s
-        sup.suite.expect_pause(time.time() + timeout)
-        deadline = time.time() + timeout
-        while gen.alive() and gen.exited is None and time.time() < deadline:
-            await asyncio.sleep(0.05)
-        how = "trainer checkpointed and exited" if not gen.alive() or gen.exited is not None else "killed (no exit in time)"
-    finished = sup._trainer_finished
-    await sup._stop_generation(f"paused (action {a.id})")
-    sup._trainer_finished = None
-    step = finished[0] if finished else sup.last_step
-    if finished and finished[1] == "completed":
-        sup._set_state("finished")
-        sup.finished.set()
-        return {"paused": False, "note": "the run completed before the pause took effect", "step": step}
-    sup._set_state("paused")
-    newest = sup._newest_valid_step()
-    return {"paused": True, "step": step, "stopped": how, "newest_checkpoint": newest}
-
-
-async def resume_run(sup: "Supervisor", a: "ActiveAction") -> dict:
-    """Operator resume: a new generation from the newest valid checkpoint, same LR scale."""
-    if sup.gen is not None and sup.gen.exited is None and sup.gen.alive():
-        return {"note": "a generation is already running", "generation": sup.generation}
-    load = sup._newest_valid_step()
-    await sup._launch(load_step=load, skip_batches=0, lr_scale=sup.lr_scale,
-                      reason=f"resumed by operator (action {a.id})")
-    return {"load_step": load, "generation": sup.generation, "lr_scale": sup.lr_scale}
+    def _send(self, a, **fields):
+        d = self.directives.send(a.id, **fields)
+        a.directive_id = d.id
+        a.params = dict(a.params, directive_id=d.id)
+        return d

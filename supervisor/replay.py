@@ -24,8 +24,9 @@ How the daemon is simulated:
   record's wall time, so a gap in the spool longer than the stall timeout is a `hang`
   detected at exactly the deadline (a record landing exactly on it counts as in time).
   Spools hold no heartbeats, so no `missing_heartbeat` is replayed.
-- Actions. In mode "auto" a decision that acts is added to the `History`; a rollback or
-  restart quarantines the checkpoints newer than its target and sets the LR scale at once.
+- Actions. Decisions go through the daemon's own `DecisionLoop` (supervisor/actions.py): while a
+  rollback or restart is in flight, findings get no decision, and a carried-out one counts
+  against its rung's budget once it has landed. A rollback or restart quarantines the checkpoints newer than its target and sets the LR scale at once.
   The daemon resets the detectors only when the action has landed, i.e. when the trainer
   comes back at C+1, and so does replay: the records that follow the decision are held
   back (they are the old trajectory, still running until the directive is applied). If the
@@ -47,10 +48,10 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from supervisor.actions import DecisionLoop
 from supervisor.detect.findings import Finding
 from supervisor.detect.suite import DetectorSuite
-from supervisor.policy import (AUTO, RESTART_ACTIONS, ROLLBACK_ACTIONS, STOP_PAGE, Decision,
-                               History, Policy, RunState)
+from supervisor.policy import AUTO, RESTART_ACTIONS, ROLLBACK_ACTIONS, STOP_PAGE, Decision, Policy, RunState
 from supervisor.protocol import CheckpointSaved, StepRecord, TrainerStarted
 
 
@@ -62,8 +63,11 @@ class ReplayError(ValueError):
 class _Pending:
     """A rollback/restart decided but not yet seen to land in the spool."""
 
+    kind: str
     target: int
     wall_time: float
+    finding: Finding
+    decision: Decision
     held: list[StepRecord] = field(default_factory=list)
 
 
@@ -71,8 +75,7 @@ class _Simulation:
     def __init__(self, suite_config, policy_config, mode, batches_per_step, checkpoints,
                  last_known_good, reference, apply_lag_records) -> None:
         self.suite = DetectorSuite(suite_config, reference=reference)
-        self.policy = Policy(policy_config)
-        self.history = History()
+        self.loop = DecisionLoop(Policy(policy_config))
         self.mode = mode
         self.batches_per_step = batches_per_step
         self.checkpoints: set[int] = set(checkpoints)
@@ -114,7 +117,7 @@ class _Simulation:
                   or (self.max_step is not None and rec.step <= self.max_step))
         if self.pending is not None:
             if rewind:
-                self.pending = None  # the action landed: the held records were superseded
+                self._landed()  # the held records were superseded
             else:
                 self.pending.held.append(rec)
                 self.last_wall = rec.wall_time
@@ -129,8 +132,6 @@ class _Simulation:
         self.max_step = rec.step if self.max_step is None else max(self.max_step, rec.step)
         self.last_wall = rec.wall_time
         for f in self.suite.observe_record(rec):
-            if self.pending is not None:
-                continue  # like the daemon: one action at a time, findings meanwhile get no decision
             self._decide(f)
             if self.stopped:
                 return
@@ -149,9 +150,7 @@ class _Simulation:
 
     def _land_pending(self) -> None:
         """No sign of the action in the spool: take it as executed and replay what followed."""
-        p = self.pending
-        assert p is not None
-        self.pending = None
+        p = self._landed()
         self.suite.reset_generation(self.generation or 0, p.wall_time, resume_step=p.target)
         self.max_step = p.target
         for rec in p.held:
@@ -171,6 +170,13 @@ class _Simulation:
                 if self.stopped:
                     return
 
+    def _landed(self) -> _Pending:
+        p = self.pending
+        assert p is not None
+        self.pending = None
+        self.loop.finished(p.finding, p.decision, ok=True)
+        return p
+
     # --- decisions --------------------------------------------------------------------------
     def _decide(self, f: Finding) -> None:
         state = RunState(current_step=self.max_step or f.step, generation=self.generation or 0,
@@ -179,20 +185,21 @@ class _Simulation:
                          batches_per_step=self.batches_per_step,
                          lr_scale=self.lr_scale if self.lr_scale is not None else 1.0,
                          trainer_alive=True, mode=self.mode)
-        d = self.policy.decide(f, state, self.history)
+        d = self.loop.decide(f, state)
+        if d is None:
+            return  # like the daemon: one action at a time, findings meanwhile get no decision
         self.pairs.append((f, d))
         if not d.acts:
             return
-        self.history.record(f, d)
         if d.action == STOP_PAGE:
             self.stopped = True
-        elif (d.action in ROLLBACK_ACTIONS or d.action in RESTART_ACTIONS) \
-                and self.pending is None:
+        elif d.action in ROLLBACK_ACTIONS or d.action in RESTART_ACTIONS:
             target = d.target_step or 0
             self._quarantine_after(target)
             if d.lr_scale is not None:
                 self.lr_scale = d.lr_scale
-            self.pending = _Pending(target=target, wall_time=f.wall_time)
+            self.pending = _Pending(kind=d.action, target=target, wall_time=f.wall_time, finding=f, decision=d)
+            self.loop.started(self.pending)
 
     def _quarantine_after(self, step: int) -> None:
         self.checkpoints = {c for c in self.checkpoints if c <= step}

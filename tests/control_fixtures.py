@@ -62,11 +62,11 @@ def make_tokens(tmp_path):
             "viewer": add_token(f, "vic", "viewer")}
 
 
-def make_sup(tmp_path, tokens):
+def make_sup(tmp_path, tokens, logger=None):
     s = Settings.load(run={"workdir": str(tmp_path / "run"), "run_id": "t"},
                       server={"port": 0, "token_file": str(tokens["file"])},
                       launch={"directive_timeout_s": 5.0, "stop_grace_s": 0.0})
-    sup = Supervisor(s)
+    sup = Supervisor(s, logger=logger)
     ckroot = sup.workdir / "checkpoint"
     for step in (10, 20, 30):
         make_checkpoint(ckroot, step)
@@ -75,12 +75,12 @@ def make_sup(tmp_path, tokens):
     q = make_checkpoint(sup.workdir / "quarantine", 35)
     q.rename(sup.workdir / "quarantine" / "step-35.corrupt")
     (sup.workdir / "quarantine" / "step-35.corrupt.reason.json").write_text(json.dumps({"reason": "corrupt: torn"}))
-    sup.launcher = FakeLauncher()
-    sup.generation = 0
+    sup.generations.launcher = FakeLauncher()
+    sup.generations.id = 0
     sup.journal.record_generation_start(generation=0, run_id="t")
-    sup.gen = FakeGen(0)
-    sup.state = "running"
-    sup.last_step = 33
+    sup.generations.current = FakeGen(0)
+    sup.status.state = "running"
+    sup.status.last_step = 33
     return sup
 
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from supervisor.api import build_app
-from supervisor.control import ControlPlane
+from supervisor.directives import DirectiveChannel
 from tests.control_fixtures import FakeGen, make_sup, make_tokens
 
 STATE: dict = {}
@@ -25,12 +25,11 @@ STATE: dict = {}
 def api_schema(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("schema")
     tokens = make_tokens(tmp)
-    sup = make_sup(tmp, tokens)
-    sup.log = structlog.wrap_logger(structlog.PrintLogger(io.StringIO()))
+    sup = make_sup(tmp, tokens, logger=structlog.wrap_logger(structlog.PrintLogger(io.StringIO())))
     with pytest.MonkeyPatch.context() as mp:
-        async def no_wait(self, directive_id, wait_s):
+        async def no_wait(self, directive_id, timeout_s, alive=None):
             return None
-        mp.setattr(ControlPlane, "_wait_ack", no_wait)
+        mp.setattr(DirectiveChannel, "wait", no_wait)
         STATE.update(sup=sup, tokens=tokens)
         yield schemathesis.openapi.from_asgi("/openapi.json", build_app(sup))
     sup.journal.close()

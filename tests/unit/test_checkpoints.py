@@ -235,29 +235,29 @@ def test_valid_steps_and_newest_valid(dirs):
 # --- quarantine ---------------------------------------------------------------------------
 
 
-def test_quarantine_after_moves_newer_never_deletes(dirs):
+def test_quarantine_newer_than_moves_newer_never_deletes(dirs):
     root, q = dirs
     for s in (10, 20, 30, 40):
         make_ckpt(root, s)
     before = all_files(root)
     cat = catalog(dirs)
-    moved = cat.quarantine_after(20, "rollback to 20", tag="gen3")
+    moved = cat.quarantine_newer_than(20, "rollback to 20", tag="gen3")
     assert [m.step for m in moved] == [30, 40]
     assert {m.dst.name for m in moved} == {"step-30.gen3", "step-40.gen3"}
     assert cat.valid_steps() == [10, 20]
     assert cat.newest_valid().step == 20
     assert all_files(root, q) == before  # every byte is still somewhere
     assert "rollback to 20" in (q / "step-30.gen3.reason.json").read_text()
-    assert cat.quarantine_after(20, "again", tag="gen3") == []  # idempotent
+    assert cat.quarantine_newer_than(20, "again", tag="gen3") == []  # idempotent
 
 
 def test_quarantine_same_tag_twice_does_not_overwrite(dirs):
     root, q = dirs
     make_ckpt(root, 30)
     cat = catalog(dirs)
-    first = cat.quarantine_after(20, "one", tag="t")[0].dst
+    first = cat.quarantine_newer_than(20, "one", tag="t")[0].dst
     make_ckpt(root, 30)  # training re-wrote step 30, then it went bad again
-    second = cat.quarantine_after(20, "two", tag="t")[0].dst
+    second = cat.quarantine_newer_than(20, "two", tag="t")[0].dst
     assert first != second and first.is_dir() and second.is_dir()
 
 
@@ -279,7 +279,7 @@ def test_quarantine_dir_must_differ_from_root(tmp_path):
 def test_bad_quarantine_tag_rejected(dirs):
     make_ckpt(dirs[0], 30)
     with pytest.raises(ValueError):
-        catalog(dirs).quarantine_after(20, "x", tag="../../escape")
+        catalog(dirs).quarantine_newer_than(20, "x", tag="../../escape")
     assert (dirs[0] / "step-30").is_dir()
 
 
@@ -349,7 +349,7 @@ def test_quarantined_step_loses_its_pin(dirs):
     make_ckpt(root, 30)
     cat = catalog(dirs)
     cat.pin(30)
-    cat.quarantine_after(20, "rollback")
+    cat.quarantine_newer_than(20, "rollback")
     assert cat.pinned == frozenset()
 
 

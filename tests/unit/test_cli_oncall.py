@@ -18,7 +18,8 @@ from tests.control_fixtures import make_sup, make_tokens
 
 STATUS_KEYS = {"schema", "run_id", "state", "mode", "generation", "step", "total_steps", "loss", "grad_norm",
                "tokens_per_s", "lr", "lr_scale", "last_known_good", "newest_checkpoint", "open_incidents",
-               "action", "policy_now", "proposals", "pending_directives", "trainer_pids", "updated_at"}
+               "action", "policy_now", "proposals", "pending_directives", "trainer_pids", "updated_at",
+               "checkpoint_interval", "recommended_checkpoint_interval"}
 
 
 @pytest.fixture
@@ -32,8 +33,8 @@ def sup(tmp_path, tokens):
 
     import structlog
 
-    sup = make_sup(tmp_path, tokens)
-    sup.log = structlog.wrap_logger(structlog.PrintLogger(io.StringIO()))  # keep stdout for the CLI's output
+    # keep stdout for the CLI's output
+    sup = make_sup(tmp_path, tokens, logger=structlog.wrap_logger(structlog.PrintLogger(io.StringIO())))
     yield sup
     sup.journal.close()
 
@@ -108,7 +109,7 @@ def test_cli_rollback_cold_waits_and_is_audited(run, sup):
     body = json.loads(out)
     assert code == 0, err
     assert body["action"]["state"] == "done" and body["action"]["outcome"]["mode"] == "cold"
-    spec = sup.launcher.specs[-1]
+    spec = sup.generations.launcher.specs[-1]
     assert (spec.load_step, spec.skip_batches) == (20, 5)
     code, out, _ = run("audit", "--json", role="viewer")
     row = json.loads(out)[0]

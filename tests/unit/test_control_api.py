@@ -136,7 +136,8 @@ def test_status_document_has_the_documented_keys(client, tokens, sup):
     st = client.get("/v1/status", headers=hdr(tokens, "viewer")).json()
     assert set(st) == {"schema", "run_id", "state", "mode", "generation", "step", "total_steps", "loss", "grad_norm",
                        "tokens_per_s", "lr", "lr_scale", "last_known_good", "newest_checkpoint", "open_incidents",
-                       "action", "policy_now", "proposals", "pending_directives", "trainer_pids", "updated_at"}
+                       "action", "policy_now", "proposals", "pending_directives", "trainer_pids", "updated_at",
+                       "checkpoint_interval", "recommended_checkpoint_interval"}
     assert st["schema"] == 1 and st["newest_checkpoint"] == 30 and st["action"] is None
     assert st["open_incidents"][0]["kind"] == "loss_spike" and st["open_incidents"][0]["onset_step"] == 31
     assert st["policy_now"].startswith("watching incident")
@@ -286,7 +287,7 @@ def test_a_command_while_the_policy_acts_is_refused_naming_the_action(sup, clien
     from supervisor.policy import Decision
 
     async def policy_acts():
-        sup._begin_action(Decision(action="rollback", reason="policy", rung=3, target_step=20), None, None)
+        sup.runner.begin(Decision(action="rollback", reason="policy", rung=3, target_step=20), None, None)
 
     client.portal.call(policy_acts)
     for path, body in [("rollback", {"to_step": 10}), ("lr", {"scale": 0.5}), ("pause", {})]:
@@ -393,11 +394,11 @@ def test_pause_then_resume_from_the_pause_checkpoint(sup, client, tokens):
     r = client.post("/v1/commands/pause", json={"reason": "again"}, headers=hdr(tokens, "operator"))
     assert r.status_code == 409 and "only a running run can be paused" in r.json()["error"]
     r = client.post("/v1/commands/resume", json={"reason": "done", "dry_run": True}, headers=hdr(tokens, "operator"))
-    assert r.json()["plan"]["load_step"] == 33 and sup.launcher.specs == []
+    assert r.json()["plan"]["load_step"] == 33 and sup.generations.launcher.specs == []
     r = client.post("/v1/commands/resume", json={"reason": "done"}, headers=hdr(tokens, "operator"))
     assert r.status_code == 200, r.text
     wait(lambda: sup.action is None)
-    spec = sup.launcher.specs[-1]
+    spec = sup.generations.launcher.specs[-1]
     assert spec.load_step == 33 and spec.generation == 1 and spec.skip_batches == 0
     assert sup.state == "starting"
 
@@ -413,7 +414,7 @@ def test_advise_mode_proposal_is_confirmed_by_a_human(sup, client, tokens):
     from supervisor.detect.findings import Finding
 
     sup.mode = "advise"
-    sup._on_finding(Finding(kind="divergence", step=33, severity="critical", wall_time=time.time(),
+    sup.on_finding(Finding(kind="divergence", step=33, severity="critical", wall_time=time.time(),
                             evidence={"onset_step": 32, "loss": 9.0}))
     props = client.get("/v1/proposals", headers=hdr(tokens, "viewer")).json()["proposals"]
     assert [(p["action"], p["params"]["target_step"]) for p in props] == [("rollback", 30)]

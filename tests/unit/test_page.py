@@ -5,7 +5,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from supervisor.daemon import Supervisor
-from supervisor.remedies import _post_page
 from supervisor.settings import Settings
 
 
@@ -35,9 +34,9 @@ def test_page_is_retried_until_the_endpoint_answers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_time, "sleep", lambda s: None)  # tenacity's waits, not the HTTP server's
     try:
-        assert _post_page(sup, url, {"reason": "budget exhausted"})
+        assert sup.pager.post(url, {"reason": "budget exhausted"})
         assert len(calls) == 3 and got == [{"reason": "budget exhausted"}]
-        assert not _post_page(sup, "http://127.0.0.1:9/nothing-listens", {"reason": "x"}, attempts=2)
+        assert not sup.pager.post("http://127.0.0.1:9/nothing-listens", {"reason": "x"}, attempts=2)
     finally:
         srv.shutdown()
         sup.journal.close()

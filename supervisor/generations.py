@@ -1,0 +1,111 @@
+"""Generations: the one owner of starting, stopping and re-adopting trainer generations.
+
+A *generation* is one start of the trainer job (one torchrun, one rendezvous). Everything that
+restarts training goes through `Generations.launch` / `stop`, so the journal's `generations`
+table is complete and the generation number only ever grows. The daemon supplies `hooks` for
+what else must happen at those moments (preflight before a launch, detector windows reset,
+directives of the old generation dropped); this class decides nothing about *when*.
+
+Failure model: the ranks run in their own session and outlive a daemon crash. The torchrun pid
+and the rank pids are journaled as soon as they are known, so a restarted daemon `adopt`s the
+running generation instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Protocol
+
+from supervisor.launch.base import Launcher, RunningGeneration
+
+
+class PreflightFailed(RuntimeError):
+    """The plan about to launch has errors (and no override reason)."""
+
+
+class GenerationHooks(Protocol):
+    def before_launch(self) -> None: ...  # may raise PreflightFailed
+    def on_launch(self, generation: int, load_step: int | None, nproc: int, lr_scale: float) -> None: ...
+    def on_stop(self) -> None: ...
+
+
+class Generations:
+    def __init__(self, launcher: Launcher, journal, log, metrics, *, spec: Callable, stop_grace_s: float,
+                 run_id: str, hooks: GenerationHooks) -> None:
+        self.launcher = launcher
+        self._journal, self._log, self._metrics = journal, log, metrics
+        self._spec = spec  # (generation, load_step, skip_batches, lr_scale, ramp_steps) -> LaunchSpec
+        self._grace = stop_grace_s
+        self._run_id = run_id
+        self._hooks = hooks
+        self.current: RunningGeneration | None = None
+        self.id = -1  # the newest generation number (-1: none yet)
+        self.first_start: float | None = journal.get_meta("first_start")
+
+    def alive(self) -> bool:
+        """A generation runs and its processes are there."""
+        g = self.current
+        return g is not None and g.exited is None and g.alive()
+
+    async def launch(self, *, load_step: int | None, skip_batches: int, lr_scale: float, ramp_steps: int = 0,
+                     reason: str) -> RunningGeneration:
+        self._hooks.before_launch()
+        self.id += 1
+        spec = self._spec(self.id, load_step=load_step, skip_batches=skip_batches, lr_scale=lr_scale,
+                          ramp_steps=ramp_steps)
+        self._hooks.on_launch(self.id, load_step, spec.nproc, lr_scale)
+        self.current = gen = await asyncio.to_thread(self.launcher.start, spec)
+        if self.first_start is None:
+            self.first_start = time.time()
+            self._journal.set_meta("first_start", self.first_start)
+        self._journal.record_generation_start(generation=self.id, run_id=self._run_id, load_step=load_step or 0,
+                                              skip_batches=skip_batches, lr_scale=lr_scale,
+                                              layout={"nproc_per_node": spec.nproc})
+        self._journal.set_meta(f"generation_{self.id}", {"torchrun_pid": gen.pid, "rank_pids": {}})
+        self._metrics.generation.set(self.id)
+        self._metrics.set_up(True)
+        self._log.info("generation started", generation=self.id, load_step=load_step, skip_batches=skip_batches,
+                       lr_scale=lr_scale, reason=reason, pid=gen.pid, command=" ".join(spec.command()))
+        return gen
+
+    async def stop(self, reason: str, *, grace_s: float | None = None) -> None:
+        gen = self.current
+        if gen is None:
+            return
+        gen.stopping = True
+        self._hooks.on_stop()
+        await asyncio.to_thread(gen.stop, self._grace if grace_s is None else grace_s)
+        self._journal.record_generation_end(gen.generation, exit_code=gen.exited, reason=reason, state="stopped")
+        self._log.info("generation stopped", generation=gen.generation, reason=reason)
+        self.current = None
+
+    def ended(self, gen: RunningGeneration, reason: str) -> None:
+        """The generation exited by itself (finished, or died)."""
+        self._journal.record_generation_end(gen.generation, exit_code=gen.exited, reason=reason, state="exited")
+        if self.current is gen:
+            self.current = None
+
+    def adopt(self, last: dict, lr_scale: float) -> RunningGeneration | None:
+        """Re-attach to the journal's last generation if its processes still run; else mark it lost."""
+        self.id = int(last["id"])
+        meta = self._journal.get_meta(f"generation_{self.id}") or {}
+        spec = self._spec(self.id, load_step=last.get("load_step"), skip_batches=last.get("skip_batches") or 0,
+                          lr_scale=lr_scale, ramp_steps=0)
+        gen = self.launcher.adopt(spec, int(meta.get("torchrun_pid", 0) or 0),
+                                  {int(k): int(v) for k, v in (meta.get("rank_pids") or {}).items()})
+        if gen is None:
+            self._journal.record_generation_end(self.id, reason="not running when the daemon restarted", state="lost")
+            return None
+        self.current = gen
+        self._log.info("adopted generation", generation=self.id, pid=gen.pid, pids=last.get("pids") or [])
+        return gen
+
+    def note_rank_pid(self, rank: int, pid: int) -> None:
+        """A rank's pid, learned from its first heartbeat (journaled for re-adoption)."""
+        gen = self.current
+        if gen is None or rank in gen.rank_pids:
+            return
+        gen.note_rank_pid(rank, pid)
+        self._journal.set_meta(f"generation_{self.id}", {"torchrun_pid": gen.pid, "rank_pids": gen.rank_pids})
+        self._journal.set_generation_pids(self.id, sorted(gen.rank_pids.values()))
