@@ -211,3 +211,16 @@ def test_modules_import_no_torch():
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=Path(__file__).resolve().parents[2], timeout=60)
+
+
+def test_trainer_start_resolves_newest_valid_not_newest(tmp_path):
+    """training.run's -1 (no load_step) takes the newest *valid* folder and names the skipped one."""
+    from training.run import StartError, resolve_load_step
+
+    copy_fixture(tmp_path, 10)
+    truncate(copy_fixture(tmp_path, 20) / "__0_0.distcp", 5)
+    step, warnings = resolve_load_step(tmp_path, -1)
+    assert step == 10 and len(warnings) == 1 and "step-20: shard __0_0.distcp is 5 bytes" in warnings[0]
+    with pytest.raises(StartError, match="step-20 in .* is invalid: shard __0_0.distcp is 5 bytes"):
+        resolve_load_step(tmp_path, 20)
+    assert resolve_load_step(tmp_path / "empty", -1) == (-1, [])
