@@ -3,16 +3,12 @@
 Layout read: ``<root>/step-N/`` with ``.metadata`` (a pickle of
 ``torch.distributed.checkpoint.metadata.Metadata``) and shard files ``__<rank>_0.distcp``.
 
-A checkpoint is **valid** only if ``.metadata`` is there, parses, names at least one shard, and
+A checkpoint is **valid** by the one rule of `supervisor.dcp` (shared with the trainer):
+``.metadata`` is there, parses (torch-free, allow-list unpickler), names at least one shard, and
 every shard it names exists with at least ``max(offset + length)`` bytes. A folder with no
 ``.metadata`` whose newest write is younger than ``Config.in_progress_grace_s`` is
 **in_progress** (DCP writes ``.metadata`` last, via a tmp file and rename); anything else that
-is not valid is **corrupt**, with a specific human reason.
-
-The ``.metadata`` pickle is read without torch: `_MetadataUnpickler` maps every ``torch`` /
-``torch.*`` global to an inert stand-in class that only records its arguments, maps the
-``pathlib`` path classes to a stand-in too, and refuses every other global (``os.system``,
-``builtins.eval``, ...) with `UnsafeMetadata`. Nothing in a metadata file can run code here.
+is not valid is **corrupt**, with the specific human reason `supervisor.dcp.problem` gives.
 
 Failure model and guarantees:
 - Nothing here deletes except `Catalog.apply_retention`, and it only deletes checkpoints that
@@ -37,18 +33,18 @@ launches must run with ``keep_latest_k = 0``.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-METADATA = ".metadata"
+from supervisor import dcp
+from supervisor.dcp import METADATA, read_required_sizes
+
 _STEP_DIR = re.compile(r"step-([0-9]{1,18})")
 _STEP_NAME = re.compile(r"(?:step-)?([0-9]{1,18})")
 
@@ -57,109 +53,8 @@ class CheckpointError(RuntimeError):
     """A catalog operation could not be carried out (nothing was changed by it)."""
 
 
-class UnsafeMetadata(pickle.UnpicklingError):
-    """The metadata pickle asked for a global outside the torch / pathlib allow-list."""
-
-
 class CheckpointNotFound(LookupError):
     pass
-
-
-# --- torch-free .metadata reader ---------------------------------------------------------
-
-
-class _Stub:
-    """Inert stand-in for a torch class or callable met in a DCP ``.metadata`` pickle.
-
-    Calling it (REDUCE), instantiating it (NEWOBJ) and restoring state (BUILD) only record
-    data; no method of any real class is ever looked up or run.
-    """
-
-    _qualname = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_Stub":
-        obj = object.__new__(cls)
-        object.__setattr__(obj, "_args", args)
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # REDUCE calls cls(*args)
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2 and (
-            state[0] is None or isinstance(state[0], dict)
-        ) and isinstance(state[1], dict):
-            merged: dict = {}
-            for part in state:
-                if part:
-                    merged.update(part)
-            state = merged
-        if isinstance(state, dict):
-            for k, v in state.items():
-                if isinstance(k, str) and not k.startswith("__"):
-                    self.__dict__[k] = v
-        else:
-            self.__dict__["_state"] = state
-
-    def __reduce__(self):  # never re-pickle a stub into something meaningful
-        raise TypeError("metadata stand-ins cannot be pickled")
-
-    def __repr__(self) -> str:
-        return f"<{self._qualname} {self.__dict__!r}>"
-
-
-_PATH_CLASSES = {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Allow-list unpickler: torch.* and pathlib paths become `_Stub`s; all else is refused."""
-
-    def __init__(self, file: io.BufferedIOBase) -> None:
-        super().__init__(file)
-        self._stubs: dict[tuple[str, str], type] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = (module == "torch" or module.startswith("torch.")) or (
-            module == "pathlib" and name in _PATH_CLASSES
-        )
-        if not allowed or not name.isidentifier():
-            raise UnsafeMetadata(f"refused global {module}.{name}")
-        key = (module, name)
-        if key not in self._stubs:
-            self._stubs[key] = type(name, (_Stub,), {"_qualname": f"{module}.{name}"})
-        return self._stubs[key]
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeMetadata("refused persistent id")
-
-
-def read_required_sizes(path: Path, max_bytes: int = 256 << 20) -> dict[str, int]:
-    """Parse a DCP ``.metadata`` without torch: ``{relative_path: max(offset + length)}``.
-
-    Raises `UnsafeMetadata` for a pickle that asks for anything outside the allow-list, and
-    ValueError / pickle.UnpicklingError / OSError for unreadable or malformed files.
-    """
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ValueError(f"file is {size} bytes, larger than the {max_bytes}-byte limit")
-    with open(path, "rb") as f:
-        meta = _MetadataUnpickler(io.BytesIO(f.read())).load()
-    storage = getattr(meta, "storage_data", None) if isinstance(meta, _Stub) else None
-    if not isinstance(storage, dict):
-        raise ValueError("no storage_data in metadata")
-    need: dict[str, int] = {}
-    for info in storage.values():
-        rel = getattr(info, "relative_path", None)
-        off = getattr(info, "offset", None)
-        length = getattr(info, "length", None)
-        if not isinstance(rel, str) or not all(
-            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (off, length)
-        ):
-            raise ValueError(f"malformed storage entry {info!r}")
-        if rel in ("", ".", "..") or "/" in rel or "\\" in rel or "\x00" in rel:
-            raise ValueError(f"shard name {rel!r} points outside the checkpoint folder")
-        need[rel] = max(need.get(rel, 0), off + length)
-    return need
 
 
 # --- catalog ------------------------------------------------------------------------------
@@ -329,26 +224,10 @@ class Catalog:
         def info(valid: bool, reason: str, state: str) -> CheckpointInfo:
             return CheckpointInfo(step, path, valid, reason, size, newest, state, step in self._pins)
 
-        if METADATA not in sizes:
-            if self._clock() - newest < self.config.in_progress_grace_s:
-                return info(False, "being written: no .metadata yet", "in_progress")
-            if METADATA + ".tmp" in sizes:
-                return info(False, "missing .metadata (a .metadata.tmp is there: the save never "
-                            "finished)", "corrupt")
-            return info(False, "missing .metadata", "corrupt")
-        try:
-            need = self._required(path / METADATA)
-        except Exception as e:  # noqa: BLE001
-            return info(False, f"unreadable .metadata: {type(e).__name__}: {e}", "corrupt")
-        if not need:
-            return info(False, ".metadata names no shard files", "corrupt")
-        for rel in sorted(need):
-            have = sizes.get(rel)
-            if have is None:
-                return info(False, f"missing shard {rel} (metadata needs {need[rel]} bytes)", "corrupt")
-            if have < need[rel]:
-                return info(False, f"shard {rel} is {have} bytes, metadata needs {need[rel]}", "corrupt")
-        return info(True, "", "valid")
+        if METADATA not in sizes and self._clock() - newest < self.config.in_progress_grace_s:
+            return info(False, "being written: no .metadata yet", "in_progress")
+        reason = dcp.problem(sizes, lambda: self._required(path / METADATA))
+        return info(not reason, reason, "corrupt" if reason else "valid")
 
     def scan(self) -> list[CheckpointInfo]:
         """Every ``step-N`` folder in the root, oldest first, validated."""

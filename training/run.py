@@ -39,14 +39,41 @@ def split_args(argv: list[str]) -> tuple[str, list[str]]:
     return preset, rest
 
 
-def checkpoint_steps(folder: Path) -> list[int]:
-    steps = []
-    if folder.is_dir():
-        for p in folder.iterdir():
-            name = p.name
-            if name.startswith("step-") and name[5:].isdigit() and (p / ".metadata").is_file():
-                steps.append(int(name[5:]))
-    return sorted(steps)
+def resolve_load_step(folder: Path, load_step: int) -> tuple[int, list[str]]:
+    """The checkpoint step to load, judged by the one validity rule (`supervisor.dcp`), and
+    warnings to print. Raises StartError instead of letting torchtitan load an invalid folder.
+
+    ``N >= 0``: step-N must be valid, else the error names the missing/short shard.
+    ``-1``: torchtitan alone would take the newest ``step-*`` with a ``.metadata``, valid or
+    not; here it is the newest *valid* one (newer invalid ones are named in a warning), or a
+    fresh start when no folder has a ``.metadata``; a folder torchtitan would load while none is
+    valid is an error, so a corrupt checkpoint is never loaded and never silently replaced by
+    step 0.
+    """
+    from supervisor import dcp
+
+    folders = dcp.step_folders(folder)
+    verdicts = {step: dcp.check_folder(path) for step, path in folders}
+    valid = [step for step, v in verdicts.items() if v.valid]
+    if load_step >= 0:
+        v = verdicts.get(load_step)
+        if v is None:
+            raise StartError(
+                f"--checkpoint.load_step {load_step}: no complete checkpoint step-{load_step} in {folder} "
+                f"(complete ones: {valid or 'none'})")
+        if not v.valid:
+            raise StartError(
+                f"--checkpoint.load_step {load_step}: checkpoint step-{load_step} in {folder} is invalid: "
+                f"{v.reason} (valid ones: {valid or 'none'})")
+        return load_step, []
+    newest = max(valid, default=-1)
+    skipped = [f"step-{s}: {v.reason}" for s, v in verdicts.items() if s > newest and not v.valid]
+    if newest < 0 and any((path / dcp.METADATA).is_file() for _, path in folders):
+        raise StartError(f"no valid checkpoint to resume from in {folder}: " + "; ".join(skipped)
+                         + " (move the invalid folders aside to start fresh)")
+    warnings = [f"warning: resuming from step-{newest}, not from newer invalid checkpoints: "
+                + "; ".join(skipped)] if skipped and newest >= 0 else []
+    return newest, warnings
 
 
 def validate(config) -> None:
@@ -68,13 +95,12 @@ def validate(config) -> None:
     load_step = config.checkpoint.load_step
     if load_step < -1:
         raise StartError(f"--checkpoint.load_step must be -1 (newest) or a step number, got {load_step}")
-    if load_step >= 0:
-        folder = Path(config.dump_folder) / config.checkpoint.folder
-        have = checkpoint_steps(folder)
-        if load_step not in have:
-            raise StartError(
-                f"--checkpoint.load_step {load_step}: no complete checkpoint step-{load_step} in {folder} "
-                f"(complete ones: {have or 'none'})")
+    if load_step >= 0 or config.checkpoint.enable:
+        step, warnings = resolve_load_step(Path(config.dump_folder) / config.checkpoint.folder, load_step)
+        config.checkpoint.load_step = step
+        if os.environ.get("RANK", "0") == "0":
+            for w in warnings:
+                print(w, file=sys.stderr)
     if config.checkpoint.keep_latest_k != 0:
         config.checkpoint.keep_latest_k = 0  # the supervisor owns retention; torchtitan never deletes
 

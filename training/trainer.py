@@ -9,6 +9,14 @@ What it adds to torchtitan's loop, each at a step boundary and identically on ev
   state, drain the bad batches), ``stop``, ``set_checkpoint_interval``, ``decay_now``, ``extend``;
 - a guard: a non-finite loss or grad norm, or a grad norm above a bound, skips the optimizer
   update instead of crashing (torchtitan raises on a non-finite loss), and the record says so;
+- a rollback or start checkpoint is refused unless valid by `supervisor.dcp` (the catalog's rule).
+
+No fork of torchtitan's loop: upstream's ``Trainer.train`` runs as is (profiler, validator, PG
+timeouts) and is entered through its extension points: ``batch_generator``,
+``should_continue_training`` (the step boundary), ``train_step``, ``forward_backward_step``, an
+``OptimizersContainer`` subclass (skips the update) and a ``CheckpointManager`` subclass (saves
+when the trainer says), built by upstream's builders; a ``BaseLogger`` receives the step metrics.
+Nothing in torchtitan is patched.
 - start options: checkpoint step to load, batches to skip after loading, LR scale.
 
 Invariant for rollback: a hot rollback to step C skipping K batches and a cold start with
@@ -21,17 +29,21 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.dataloader import DataloaderExhaustedError
+from torchtitan.components.metrics import BaseLogger, LoggerContainer
+from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
+from supervisor import dcp
 from supervisor.protocol import Directive
 from training import cpu
 from training.faults import FaultPlan
@@ -67,12 +79,100 @@ class SupervisionConfig:
     """Fault injection for drills (see training.faults), e.g. 'spike@30:lr=1000,crash@60:rank=1'."""
 
 
+class GuardedOptimizers(OptimizersContainer):
+    """torchtitan's optimizer container (subclassed, as its docstring invites) whose ``step``
+    does nothing while the trainer's guard names a reason to skip this update. The LR schedule
+    still advances; Adam's step count and the parameters do not."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(OptimizersContainer.Config):
+        pass
+
+    def __init__(self, config: Config, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.skip_reason: Callable[[], str | None] = lambda: None
+        self.skipped = 0
+
+    def step(self, closure=None):
+        if self.skip_reason() is not None:
+            self.skipped += 1
+            return None
+        return super().step(closure)
+
+
+class OnDemandCheckpointer(CheckpointManager):
+    """torchtitan's DCP checkpointer that saves only when the trainer asks (`save_now`).
+
+    Upstream's loop calls ``save(step, last_step=...)`` after every step; the trainer decides
+    instead (its interval changes at runtime, a directive can force a save, the run's length
+    changes with ``extend``/``decay_now``), so that call is a no-op, through the
+    ``_should_save`` hook torchtitan's checkpointers are meant to override."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(CheckpointManager.Config):
+        pass
+
+    def __init__(self, config: Config, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self._requested = False
+
+    def _should_save(self, curr_step: int, last_step: bool = False) -> bool:
+        return self._requested and not last_step and super()._should_save(curr_step, True)
+
+    def save_now(self, step: int) -> bool:
+        self._requested = True
+        try:
+            return self.save(step, last_step=False)
+        finally:
+            self._requested = False
+
+
+class _StepMetrics(BaseLogger):
+    """Receives the metrics dict torchtitan's MetricsProcessor builds each logged step."""
+
+    def __init__(self) -> None:
+        self.loss = float("nan")
+        self.tokens_seen = 0
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if "loss_metrics/global_avg_loss" in metrics:
+            self.loss = float(metrics["loss_metrics/global_avg_loss"])
+        if "n_tokens_seen" in metrics:
+            self.tokens_seen = int(metrics["n_tokens_seen"])
+
+
+class _Feed:
+    """The data iterator upstream's loop holds: reads whichever batch stream is current, so a
+    hot rollback can reposition the data without upstream's loop knowing."""
+
+    def __init__(self, trainer: "SupervisedTrainer") -> None:
+        self.trainer = trainer
+
+    def __iter__(self) -> "_Feed":
+        return self
+
+    def __next__(self):
+        return next(self.trainer.batches)
+
+
+def _as_config(cls: type, cfg: Any) -> Any:
+    """Copy a torchtitan component Config into the same-shaped Config of our subclass."""
+    if isinstance(cfg, cls):
+        return cfg
+    if type(cfg) is not cls.__mro__[1]:
+        raise ValueError(f"{type(cfg).__qualname__} is not supported here; expected {cls.__mro__[1].__qualname__}")
+    return cls(**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.init})
+
+
 class SupervisedTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
         supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
 
     def __init__(self, config: Config):
+        # Our component subclasses are built by upstream's own builders from these configs.
+        config.optimizer = _as_config(GuardedOptimizers.Config, config.optimizer)
+        config.checkpoint = _as_config(OnDemandCheckpointer.Config, config.checkpoint)
         super().__init__(config)
         sup = config.supervision
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -93,17 +193,23 @@ class SupervisedTrainer(Trainer):
         self._sync_param_group_lrs()
 
         self.ckpt_interval = config.checkpoint.interval
-        self.checkpointer.interval = 1  # we decide when to save; torchtitan just saves
         self.batches_consumed = 0
-        self.updates_skipped = 0
+        self.batches = None  # the current batch stream (`_Feed` reads it); set after the load
+        self._microbatches = 0
         self._skip_updates = 0
         self._skip_reason: str | None = None
         self._grad_norm = float("nan")
-        self._loss = float("nan")
         self._applied: set[str] = set()
         self._stop_reason: str | None = None
         self._last_saved_step = -1
-        self._install_hooks()
+        self.optimizers.skip_reason = lambda: self._skip_reason
+        self._metrics = _StepMetrics()
+        mp = self.metrics_processor
+        if not isinstance(mp.logger, LoggerContainer):
+            container = LoggerContainer()
+            container.add_logger(mp.logger)
+            mp.logger = container
+        mp.logger.add_logger(self._metrics)
         self._trace = None
         if sup.trace:
             tdir = Path(config.dump_folder) / "telemetry"
@@ -116,6 +222,10 @@ class SupervisedTrainer(Trainer):
             spool_path=spool if self.rank == 0 else "", heartbeat_s=sup.heartbeat_s,
             queue_size=sup.queue_size,
         ))
+
+    @property
+    def updates_skipped(self) -> int:
+        return self.optimizers.skipped
 
     # --- hooks into torchtitan's step ------------------------------------------------------
     def _lr_lambda(self, last_epoch: int) -> float:
@@ -131,45 +241,31 @@ class SupervisedTrainer(Trainer):
                 group["lr"] = lr
             sched._last_lr = lrs
 
-    def _install_hooks(self) -> None:
-        orig_clip = dist_utils.clip_grad_norm_
-        trainer = self
+    def forward_backward_step(self, **kwargs):
+        """Upstream's fwd/bwd, plus: after the step's last microbatch the gradients are complete,
+        which is where a drill's NaN is injected and the pre-clip norm measured."""
+        loss = super().forward_backward_step(**kwargs)
+        self._microbatches += 1
+        if self._microbatches >= self.gradient_accumulation_steps:
+            self._microbatches = 0
+            self._on_gradients()
+        return loss
 
-        def clip_grad_norm_(parameters, *args, **kwargs):
-            parameters = list(parameters)
-            if trainer.faults.nan_now(trainer.step):
-                for p in parameters:
-                    if p.grad is not None:
-                        g = getattr(p.grad, "_local_tensor", p.grad)
-                        g.view(-1)[0] = float("nan")
-                        break
-            norm = orig_clip(parameters, *args, **kwargs)
-            trainer._after_grad_norm(float(norm.item()))
-            return norm
-
-        clip_grad_norm_._titan_orig = orig_clip  # type: ignore[attr-defined]
-        dist_utils.clip_grad_norm_ = clip_grad_norm_
-
-        orig_step = self.optimizers.step
-
-        def guarded_step(*args, **kwargs):
-            if trainer._skip_reason is not None:
-                trainer.updates_skipped += 1
-                return None
-            return orig_step(*args, **kwargs)
-
-        self.optimizers.step = guarded_step
-
-        orig_log = self.metrics_processor.log
-
-        def log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=None):
-            trainer._loss = float(global_avg_loss)
-            if extra_metrics and "n_tokens_seen" in extra_metrics:
-                trainer._tokens_seen = int(extra_metrics["n_tokens_seen"])
-            return orig_log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics)
-
-        self.metrics_processor.log = log
-        self._tokens_seen = 0
+    def _on_gradients(self) -> None:
+        params = [p for m in self.model_parts for p in m.parameters()]
+        if self.faults.nan_now(self.step):
+            for p in params:
+                if p.grad is not None:
+                    getattr(p.grad, "_local_tensor", p.grad).view(-1)[0] = float("nan")
+                    break
+        # Mirrors the clip call of torchtitan 0.3.0 trainer.py:940-946 (Trainer.train_step) with
+        # max_norm=inf (scales by 1.0): the same reduced pre-clip norm upstream computes next, but
+        # the guard needs it before upstream's optimizer step, and upstream has no hook between
+        # its clip and that step. Cost: one extra norm reduction per step.
+        pd = self.parallel_dims
+        norm = dist_utils.clip_grad_norm_(params, float("inf"), foreach=True,
+                                          pp_mesh=pd.get_optional_mesh("pp"), ep_enabled=pd.ep_enabled)
+        self._after_grad_norm(float(norm.item()))
 
     def _after_grad_norm(self, norm: float) -> None:
         """Decide, identically on every rank (the norm is already reduced), whether to skip."""
@@ -185,8 +281,8 @@ class SupervisedTrainer(Trainer):
         else:
             self._skip_reason = None
 
-    def batch_generator(self, data_iterable):
-        for input_dict, labels in super().batch_generator(data_iterable):
+    def _raw_batches(self):
+        for input_dict, labels in super().batch_generator(self.dataloader):
             self.batches_consumed += 1
             if self.faults.active and self.faults.badbatch_now(self.step):
                 vocab = self.config.model_spec.model.vocab_size
@@ -208,9 +304,69 @@ class SupervisedTrainer(Trainer):
         if "wsd" in state_dict:
             self.schedule.load_state_dict(state_dict["wsd"])
 
-    # --- the loop -------------------------------------------------------------------------
+    # --- the loop: upstream's Trainer.train, entered through its hooks ---------------------
+    def train(self):
+        """Upstream's loop (checkpoint load, profiler, validator, PG timeouts) with our hooks:
+        `batch_generator` (start tail), `should_continue_training` (directives), `train_step`
+        (faults, timing, guard, save, report)."""
+        self._set_phase("loading")
+        super().train()
+        self._set_phase("finishing")
+        if self.checkpointer.enable and self._last_saved_step != self.step:
+            self._maybe_save(force=True)
+        self._event({"kind": "finished", "step": self.step, "reason": self._stop_reason or "completed"})
+        logger.info(f"Training finished at step {self.step} ({self._stop_reason or 'completed'})")
+
+    def batch_generator(self, data_iterable):
+        """Upstream's train() calls this once, right after loading the start checkpoint: the
+        common tail of a cold start (skip K batches, LR scale) runs here, and the iterator
+        returned follows `self.batches`, which a hot rollback replaces."""
+        sup = self.config.supervision
+        self.batches = self._after_load(sup.skip_batches, sup.lr_scale, sup.lr_ramp_steps)
+        self._last_saved_step = self.step
+        self.telemetry.last_step = self.step
+        self._event({"kind": "started", "step": self.step, "skip_batches": sup.skip_batches,
+                     "lr_scale": sup.lr_scale, "world_size": self.world})
+        logger.info(f"Supervised training starts at step {self.step + 1} (generation {sup.generation})")
+        return _Feed(self)
+
     def should_continue_training(self) -> bool:
+        """Upstream's loop asks this before each ``self.step += 1``: the step boundary, where
+        every rank applies the same directives (rank 0 broadcasts them)."""
+        if self.batches is not None and self._stop_reason is None:
+            self._apply_directives()
         return self.step < self.schedule.total_steps and self._stop_reason is None
+
+    def train_step(self, data_iterator):
+        own_start = time.perf_counter()
+        self._set_phase("between_steps")
+        self.faults.before_step(self.step, on_phase=self._set_phase)
+        if self.faults.lr_factor(self.step) != 1.0 or self.faults.lr_factor(self.step - 1) != 1.0:
+            self._sync_param_group_lrs()
+        lr = self.optimizers.optimizers[0].param_groups[0]["lr"]
+        self._set_phase("train_step")
+        own_seconds = time.perf_counter() - own_start
+        if self._gather_step():
+            # Straggler sample: a rank's own time excludes waiting for the slowest rank.
+            # Ranks wait at this barrier instead of inside the step's collectives.
+            dist.barrier()
+        self._metrics.loss = float("nan")
+        start = time.perf_counter()
+        try:
+            super().train_step(data_iterator)
+        except DataloaderExhaustedError:
+            self.step -= 1  # upstream's loop stops; the canceled step is not counted
+            raise
+        except RuntimeError as e:
+            if "Loss is not finite" not in str(e):
+                raise
+            # the guard already skipped the update; the loss stays NaN in the record
+        step_seconds = time.perf_counter() - start
+        self._set_phase("reporting")
+        self._maybe_save(force=False)
+        self._report(lr, step_seconds, own_seconds + step_seconds)
+        if self._trace is not None:
+            self._write_trace(lr)
 
     @property
     def samples_consumed(self) -> int:
@@ -223,70 +379,11 @@ class SupervisedTrainer(Trainer):
     def _set_phase(self, phase: str) -> None:
         self.telemetry.phase = phase
 
-    def train(self):
-        config = self.config
-        sup = config.supervision
-        self._set_phase("loading")
-        self.checkpointer.load(step=config.checkpoint.load_step)
-        data = self._after_load(sup.skip_batches, sup.lr_scale, sup.lr_ramp_steps)
-        loaded_step = self.step
-        self._last_saved_step = self.step
-        self.telemetry.last_step = self.step
-        self._event({"kind": "started", "step": self.step, "skip_batches": sup.skip_batches,
-                     "lr_scale": sup.lr_scale, "world_size": self.world})
-        logger.info(f"Supervised training starts at step {self.step + 1} (generation {sup.generation})")
-
-        while self.should_continue_training():
-            data = self._apply_directives(data)
-            if not self.should_continue_training():
-                break
-            self.step += 1
-            self.gc_handler.run(self.step)
-            self._set_phase("between_steps")
-            own_start = time.perf_counter()
-            self.faults.before_step(self.step, on_phase=self._set_phase)
-            if self.faults.lr_factor(self.step) != 1.0 or self.faults.lr_factor(self.step - 1) != 1.0:
-                self._sync_param_group_lrs()
-            lr = self.optimizers.optimizers[0].param_groups[0]["lr"]
-            self._set_phase("train_step")
-            own_seconds = time.perf_counter() - own_start
-            if self._gather_step():
-                # Straggler sample: a rank's own time excludes waiting for the slowest rank.
-                # Ranks wait at this barrier instead of inside the step's collectives.
-                dist.barrier()
-            start = time.perf_counter()
-            try:
-                self.train_step(data)
-            except DataloaderExhaustedError:
-                logger.warning("Ran out of data; last step was canceled.")
-                self.step -= 1
-                break
-            except RuntimeError as e:
-                if "Loss is not finite" not in str(e):
-                    raise
-                self._loss = float("nan")  # the guard already skipped the update
-            step_seconds = time.perf_counter() - start
-            self._set_phase("reporting")
-            self._maybe_save(force=False)
-            self._report(lr, step_seconds, own_seconds + step_seconds)
-            if self._trace is not None:
-                self._write_trace(lr)
-            if self.step - loaded_step == 1:
-                dist_utils.set_pg_timeouts(
-                    timeout=timedelta(seconds=config.comm.train_timeout_seconds),
-                    parallel_dims=self.parallel_dims,
-                )
-
-        self._set_phase("finishing")
-        if self.checkpointer.enable and self._last_saved_step != self.step:
-            self._maybe_save(force=True)
-        self._event({"kind": "finished", "step": self.step, "reason": self._stop_reason or "completed"})
-        logger.info(f"Training finished at step {self.step} ({self._stop_reason or 'completed'})")
-
     def _after_load(self, skip_batches: int, lr_scale: float, ramp_steps: int):
-        """Common tail of a cold start and a hot rollback: fresh data iterator positioned by the
+        """Common tail of a cold start and a hot rollback: fresh batch stream positioned by the
         loaded dataloader state, K batches drained, LR scale set, optimizer LRs re-synced."""
-        data = self.batch_generator(self.dataloader)
+        self._microbatches = 0
+        data = self._raw_batches()
         for _ in range(skip_batches):
             next(data)
         start = 0.0 if ramp_steps > 0 else lr_scale
@@ -302,7 +399,7 @@ class SupervisedTrainer(Trainer):
         self._set_phase("checkpoint")
         self._move_aside_existing(self.step)
         begin = time.perf_counter()
-        self.checkpointer.save(self.step, last_step=False)
+        self.checkpointer.save_now(self.step)
         self._last_saved_step = self.step
         self._event({"kind": "checkpoint_saved", "step": self.step, "seconds": time.perf_counter() - begin})
 
@@ -345,12 +442,12 @@ class SupervisedTrainer(Trainer):
         global_tokens = cfg.local_batch_size * cfg.seq_len * self._dp_degree() * self.gradient_accumulation_steps
         self.telemetry.record({
             "run_id": sup.run_id, "generation": sup.generation, "step": self.step,
-            "loss": self._loss, "grad_norm": self._grad_norm, "lr": lr,
+            "loss": self._metrics.loss, "grad_norm": self._grad_norm, "lr": lr,
             "lr_scale": self.lr_scale.value(self.step),
             "tokens_per_s": global_tokens / step_seconds if step_seconds > 0 else 0.0,
             "step_seconds": step_seconds, "peak_mem_gib": cpu.peak_memory_gib(),
             "update_skipped": self._skip_reason is not None, "skip_reason": self._skip_reason,
-            "samples_consumed": self.samples_consumed, "tokens_seen": self._tokens_seen,
+            "samples_consumed": self.samples_consumed, "tokens_seen": self._metrics.tokens_seen,
             "wall_time": time.time(), "rank_step_seconds": rank_times,
         })
 
@@ -382,12 +479,11 @@ class SupervisedTrainer(Trainer):
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _apply_directives(self, data):
+    def _apply_directives(self) -> None:
         for raw in self._broadcast_directives():
-            data = self._apply_one(raw, data)
-        return data
+            self._apply_one(raw)
 
-    def _apply_one(self, raw: dict, data):
+    def _apply_one(self, raw: dict) -> None:
         did = raw.get("id") if isinstance(raw, dict) else None
         try:
             d = Directive.model_validate(raw)
@@ -395,91 +491,94 @@ class SupervisedTrainer(Trainer):
             msg = f"malformed directive {raw!r}: {e}".replace("\n", "; ")
             logger.error(msg)
             self._ack(str(did or "unknown"), "malformed", ok=False, detail=msg[:2000])
-            return data
+            return
         if d.id in self._applied:
             self._ack(d.id, d.kind, ok=True, detail="already applied")
-            return data
+            return
         try:
-            data, detail = self._execute(d, data)
+            detail = self._execute(d)
             ok = True
-        except (ValueError, FileNotFoundError) as e:
+        except ValueError as e:
             ok, detail = False, str(e)
             logger.error(f"directive {d.kind} ({d.id}) refused: {detail}")
         self._applied.add(d.id)
         self._ack(d.id, d.kind, ok=ok, detail=detail)
-        return data
 
     def _ack(self, did: str, kind: str, ok: bool, detail: str) -> None:
         self._event({"kind": "directive_applied", "directive_id": did, "directive": kind,
                      "step": self.step, "ok": ok, "detail": detail})
 
-    def _execute(self, d: Directive, data):
+    def _execute(self, d: Directive) -> str:
         if d.kind == "set_lr_scale":
             if d.scale is None:
                 raise ValueError("set_lr_scale needs scale")
             self.lr_scale.set(d.scale, d.ramp_steps, at_step=self.step)
             self._sync_param_group_lrs()
-            return data, f"lr scale -> {d.scale:g} over {d.ramp_steps} steps"
+            return f"lr scale -> {d.scale:g} over {d.ramp_steps} steps"
         if d.kind == "skip_updates":
             if d.n is None:
                 raise ValueError("skip_updates needs n")
             self._skip_updates += d.n
-            return data, f"skipping the next {d.n} updates"
+            return f"skipping the next {d.n} updates"
         if d.kind == "checkpoint_now":
             if not self.checkpointer.enable:
                 raise ValueError("checkpointing is disabled for this run")
             if self._last_saved_step != self.step:
                 self._maybe_save(force=True)
-            return data, f"checkpoint at step {self.step}"
+            return f"checkpoint at step {self.step}"
         if d.kind == "set_checkpoint_interval":
             if d.n is None:
                 raise ValueError("set_checkpoint_interval needs n")
             self.ckpt_interval = d.n
-            return data, f"checkpoint interval -> {d.n} steps"
+            return f"checkpoint interval -> {d.n} steps"
         if d.kind == "rollback":
             return self._rollback(d)
         if d.kind == "stop":
             self._stop_reason = d.reason or "stopped by supervisor"
             if self.checkpointer.enable and self._last_saved_step != self.step:
                 self._maybe_save(force=True)
-            return data, f"stopping at step {self.step}"
+            return f"stopping at step {self.step}"
         if d.kind == "decay_now":
             self.schedule.decay_now(self.step, d.steps)
             self._sync_param_group_lrs()
-            return data, f"decay starts after step {self.step}, run ends at {self.schedule.total_steps}"
+            return f"decay starts after step {self.step}, run ends at {self.schedule.total_steps}"
         if d.kind == "extend":
             if d.steps is None:
                 raise ValueError("extend needs steps (the new total)")
             self.schedule.extend(d.steps, self.step)
             self._sync_param_group_lrs()
-            return data, f"run extended to {self.schedule.total_steps} steps"
+            return f"run extended to {self.schedule.total_steps} steps"
         raise ValueError(f"unknown directive kind {d.kind!r}")
 
-    def _rollback(self, d: Directive):
+    def _rollback(self, d: Directive) -> str:
         if d.step is None:
             raise ValueError("rollback needs step")
-        path = self._checkpoint_dir(d.step)
-        if not (path / ".metadata").is_file():
-            raise FileNotFoundError(f"rollback target step {d.step}: no complete checkpoint at {path}")
         if d.step > self.step:
             raise ValueError(f"rollback target step {d.step} is ahead of the current step {self.step}")
-        if dist.is_initialized():
-            dist.barrier()
+        path = self._checkpoint_dir(d.step)
+        # Rank 0 judges, every rank obeys: a verdict that differed between ranks would hang them.
+        reason = self._from_rank0(lambda: dcp.check_folder(path).reason)
+        if reason:
+            raise ValueError(f"rollback target step {d.step}: checkpoint {path} is invalid: {reason}")
         self._set_phase("rollback")
         self.faults.clear_transient()
         self.checkpointer.load(step=d.step)
         scale = d.lr_scale if d.lr_scale is not None else self.lr_scale.target
-        data = self._after_load(d.skip_batches, scale, d.ramp_steps if d.lr_scale is not None else 0)
+        self.batches = self._after_load(d.skip_batches, scale, d.ramp_steps if d.lr_scale is not None else 0)
         self._last_saved_step = self.step
         self.telemetry.last_step = self.step
-        return data, f"rolled back to step {d.step}, skipped {d.skip_batches} batches, lr scale {scale:g}"
+        return f"rolled back to step {d.step}, skipped {d.skip_batches} batches, lr scale {scale:g}"
+
+    def _from_rank0(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` evaluated on rank 0 and broadcast (a barrier too: every rank waits for it)."""
+        box = [fn() if self.rank == 0 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self) -> None:
         if getattr(self, "_trace", None) is not None:
             self._trace.close()
         if getattr(self, "telemetry", None) is not None:
             self.telemetry.close()
-        orig = getattr(dist_utils.clip_grad_norm_, "_titan_orig", None)
-        if orig is not None:
-            dist_utils.clip_grad_norm_ = orig
         super().close()

@@ -206,3 +206,49 @@ def test_extend_and_decay_now_change_the_schedule_without_a_restart(tmp_path):
     for trace in (read_jsonl(dump / "telemetry" / f"rank-{r}.jsonl") for r in (0, 1)):
         assert len({t["pid"] for t in trace}) == 1
         assert [t["lr"] for t in trace] == [lr[s] for s in steps]  # both ranks, same LR, same steps
+
+
+def _truncate_a_shard(step_dir):
+    """Cut a real shard short of what its .metadata needs; returns (shard name, its new size)."""
+    shard = sorted(step_dir.glob("__*_0.distcp"))[-1]
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    return shard.name, 100
+
+
+def test_load_step_of_a_checkpoint_with_a_truncated_shard_is_refused(scripted, tmp_path):
+    """Before supervisor/dcp.py the trainer only looked for .metadata and loaded it anyway."""
+    dump = tmp_path / "dump"
+    _copy_checkpoint(scripted["dump"], dump, 20)
+    shard, size = _truncate_a_shard(dump / "checkpoint" / "step-20")
+    for load_step, needle in (("20", f"step-20 in {dump / 'checkpoint'} is invalid: shard {shard} is {size} bytes"),
+                              ("-1", f"no valid checkpoint to resume from in {dump / 'checkpoint'}: step-20: shard {shard}")):
+        proc = subprocess.run([sys.executable, "-m", "training.run", "--dump_folder", str(dump),
+                               "--checkpoint.load_step", load_step],
+                              env=trainer_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert needle in proc.stderr
+    assert sorted(p.name for p in dump.iterdir()) == ["checkpoint"]  # nothing written
+
+
+def test_rollback_to_an_invalid_checkpoint_is_refused_and_upstream_profiler_works(scripted, tmp_path):
+    """A rollback directive to a checkpoint with a short shard is acked ok=false naming the shard
+    and training goes on; the run also uses torchtitan's own profiler (upstream's loop runs)."""
+    dump = tmp_path / "dump"
+    _copy_checkpoint(scripted["dump"], dump, 20)
+    shutil.copytree(dump / "checkpoint" / "step-20", dump / "checkpoint" / "step-15")
+    shard, size = _truncate_a_shard(dump / "checkpoint" / "step-15")
+    script = [(22, {"id": "rb-bad", "kind": "rollback", "step": 15, "skip_batches": 0})]
+    with ScriptedPeer(script) as peer:
+        proc = run_trainer(dump, 2, ["--training.steps", str(STEPS), "--checkpoint.load_step", "20",
+                                     "--supervision.url", peer.url, "--profiler.enable_profiling",
+                                     "--profiler.profile_freq", "5", "--profiler.save_traces_folder", "traces"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records, events = spool(dump)
+    [ack] = [e for e in events if e["kind"] == "directive_applied"]
+    assert not ack["ok"] and ack["directive_id"] == "rb-bad"
+    assert f"shard {shard} is {size} bytes, metadata needs" in ack["detail"]
+    steps = [r["step"] for r in records]  # the run's length comes from the checkpoint's WSD state
+    assert steps == list(range(21, steps[-1] + 1)) and steps[-1] > ack["step"]  # no rollback happened
+    traces = list((dump / "traces").rglob("*"))
+    assert any(p.is_file() for p in traces), "torchtitan's profiler wrote no trace"
