@@ -54,6 +54,9 @@ PositiveInt = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
 NonNegativeInt = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
 Strings = Annotated[tuple[str, ...], BeforeValidator(_json_list)]
 StringPairs = Annotated[tuple[tuple[str, str], ...], BeforeValidator(_json_list)]
+#: [low, high] of non-negative numbers (order checked by the owning Config)
+Range = Annotated[tuple[NonNegativeFloat, NonNegativeFloat], BeforeValidator(_json_list)]
+PositivePairs = Annotated[tuple[tuple[PositiveFloat, PositiveFloat], ...], BeforeValidator(_json_list)]
 
 
 def field_doc(cls: type, name: str) -> str:

@@ -51,7 +51,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
 
-from supervisor.config_types import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, doc
+from supervisor.config_types import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositivePairs,
+                                     Range, doc)
 from supervisor.model_table import ALL_SHAPES, ModelShape
 
 Level = Literal["error", "warning", "info"]
@@ -260,14 +261,14 @@ class Preflight:
     class Config:
         eps_max: Annotated[PositiveFloat, doc(
             "Adam eps above this is an error: it dominates Adam's denominator in large models")] = 1e-6
-        beta2_range: Annotated[tuple[NonNegativeFloat, NonNegativeFloat], doc(
+        beta2_range: Annotated[Range, doc(
             "[low, high]: Adam beta2 outside it is a warning")] = (0.9, 0.999)
-        weight_decay_range: Annotated[tuple[NonNegativeFloat, NonNegativeFloat], doc(
+        weight_decay_range: Annotated[Range, doc(
             "[low, high]: weight decay outside it is a warning")] = (0.0, 0.3)
         lr_high_factor: Annotated[PositiveFloat, doc(
             "warn when the peak LR > this x the size-appropriate reference ...")] = 3.0
         lr_low_factor: Annotated[PositiveFloat, doc("... or < this x the reference")] = 0.1
-        lr_anchors: Annotated[tuple[tuple[PositiveFloat, PositiveFloat], ...], doc(
+        lr_anchors: Annotated[PositivePairs, doc(
             "[parameters, peak LR] anchors of the reference LR, ascending in size, interpolated "
             "log-linearly and held flat outside (see LR_ANCHORS)")] = LR_ANCHORS
         usable_fraction: Annotated[Fraction, doc("of device memory the estimate may use")] = 0.9

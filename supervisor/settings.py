@@ -20,6 +20,7 @@ import ipaddress
 import re
 import sys
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -39,6 +40,16 @@ _FAULT = re.compile(r"^[a-z]+@\d+(:[a-z]+=[\w.*]+)*$")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info) -> Any:
+        """pydantic reads true as 1; a boolean where a number is meant is a mistake."""
+        if isinstance(v, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            if bool not in (ann, *typing.get_args(ann)) and Any not in (ann, *typing.get_args(ann)):
+                raise ValueError(f"expected {getattr(ann, '__name__', ann)}, got {v!r}")
+        return v
 
 
 class RunSettings(_Section):
