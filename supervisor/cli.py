@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print every setting with its documentation as TOML.\n\n"
                                    "--defaults prints the built-in defaults (copy it to start a run file);\n"
                                    "CONFIG prints the effective settings: CONFIG, then TITAN_SUPERVISOR_* env.\n\n"
-                                   "examples:\n  titan-supervisor config --defaults > run.toml\n"
+                                   "example:\n  titan-supervisor config --defaults > run.toml\n"
                                    "  titan-supervisor config run.toml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("config", nargs="?", help="TOML settings file")
