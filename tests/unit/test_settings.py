@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -26,7 +27,7 @@ from pydantic import BaseModel
 from supervisor.preflight import Layout
 from supervisor.run_plan import build_plan, trainer_flags
 from supervisor.settings import ConfigError, Settings
-from supervisor.settings_toml import to_toml, value
+from supervisor.settings_toml import value
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "TITAN_SUPERVISOR_"
@@ -79,7 +80,7 @@ def _base(tp):
             tp = typing.get_args(tp)[0]
             continue
         args = typing.get_args(tp)
-        if typing.get_origin(tp) in (Union, getattr(__import__("types"), "UnionType")) and type(None) in args:
+        if typing.get_origin(tp) in (Union, types.UnionType) and type(None) in args:
             tp = next(a for a in args if a is not type(None))
             continue
         return tp
