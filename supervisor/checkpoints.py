@@ -40,9 +40,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 from supervisor import dcp
+from supervisor.config_types import NonNegativeInt, PositiveInt, Seconds, doc
 from supervisor.dcp import METADATA, read_required_sizes
 
 _STEP_DIR = re.compile(r"step-([0-9]{1,18})")
@@ -105,10 +106,13 @@ class Catalog:
 
     @dataclass
     class Config:
-        keep_last: int = 0  # retention: newest K valid kept; 0 = retention deletes nothing
-        in_progress_grace_s: float = 300.0  # no .metadata and written this recently: in progress
-        max_metadata_bytes: int = 256 << 20
-        pins_file: Path | None = None  # default: <quarantine_dir>/pins.json
+        keep_last: Annotated[NonNegativeInt, doc(
+            "retention: newest K valid checkpoints kept (0: retention deletes nothing); pinned ones always kept")] = 0
+        in_progress_grace_s: Annotated[Seconds, doc(
+            "a step folder without .metadata written this recently is still being written")] = 300.0
+        max_metadata_bytes: Annotated[PositiveInt, doc(
+            "a DCP .metadata file larger than this is treated as corrupt (not unpickled)")] = 256 << 20
+        pins_file: Annotated[Path | None, doc("pins file (default: <quarantine_dir>/pins.json)")] = None
 
     def __init__(self, root: Path, quarantine_dir: Path, config: Config | None = None,
                  clock: Callable[[], float] = time.time) -> None:

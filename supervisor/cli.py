@@ -73,12 +73,29 @@ def _cmd_preflight(args) -> int:
 
     try:
         settings = Settings.load(args.config)
-        report = preflight(build_plan(settings, psutil.virtual_memory().total / 2**30))
+        report = preflight(build_plan(settings, psutil.virtual_memory().total / 2**30), settings.preflight.thresholds)
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     print(report.to_json() if args.json else format_report(report))
     return exit_code(report)
+
+
+def _cmd_config(args) -> int:
+    from supervisor.settings import ConfigError, Settings
+    from supervisor.settings_toml import to_toml
+
+    if args.defaults == (args.config is not None):
+        print("error: give either CONFIG or --defaults", file=sys.stderr)
+        return 2
+    try:
+        # --defaults: the built-in tree, untouched by TITAN_SUPERVISOR_* (a template to copy)
+        settings = Settings.defaults() if args.defaults else Settings.load(args.config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(to_toml(settings))
+    return 0
 
 
 def _cmd_demo(args) -> int:
@@ -124,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("config", help="TOML settings ([run], [optimizer], [preflight] tables)")
     pf.add_argument("--json", action="store_true", help="machine-readable output")
     pf.set_defaults(func=_cmd_preflight)
+
+    c = sub.add_parser("config", help="print the settings tree as TOML (the defaults, or CONFIG's effective values)",
+                       description="Print every setting with its documentation as TOML.\n\n"
+                                   "--defaults prints the built-in defaults (copy it to start a run file);\n"
+                                   "CONFIG prints the effective settings: CONFIG, then TITAN_SUPERVISOR_* env.\n\n"
+                                   "example:\n  titan-supervisor config --defaults > run.toml\n"
+                                   "  titan-supervisor config run.toml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("config", nargs="?", help="TOML settings file")
+    c.add_argument("--defaults", action="store_true", help="print the defaults instead")
+    c.set_defaults(func=_cmd_config)
 
     d = sub.add_parser("demo", help="a supervised 2-rank CPU run with a scripted failure drill",
                        description="Run the demo: real torchtitan on 2 CPU ranks, a loss spike, a NaN, a killed rank\n"

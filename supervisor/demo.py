@@ -28,7 +28,8 @@ def demo_settings(workdir: Path, steps: int):
 
     return Settings.load(
         run={"workdir": str(workdir), "run_id": "demo", "preset": "tiny", "nproc_per_node": 2, "steps": steps,
-             "checkpoint_interval": 10, "faults": DRILL, "trainer_args": ["--debug.seed", "42"]},
+             "checkpoint_interval": 10, "faults": DRILL},
+        training={"seed": 42},
         server={"port": 0},
         # a CPU step takes ~60 ms: restart quickly, and name a silent rank after 2.5 s
         policy={"backoff_base_seconds": 1.0, "backoff_max_seconds": 5.0},

@@ -32,7 +32,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Mapping, NamedTuple
+
+from supervisor.config_types import PositiveInt, Strings, doc
 
 ACTION_STATES = ("intent", "running", "done", "failed", "abandoned")
 ACTION_TERMINAL = ("done", "failed", "abandoned")
@@ -166,11 +168,14 @@ class Journal:
 
     @dataclass
     class Config:
-        synchronous: str = "FULL"  # FULL | NORMAL (see module docstring)
-        busy_timeout_ms: int = 10_000
-        recent_steps: int = 10_000  # full-resolution ring of the last N step records
-        keep_every: int = 10  # every M-th step is kept forever in `steps`
-        failure_kinds: tuple[str, ...] = (
+        synchronous: Annotated[Literal["FULL", "NORMAL", "EXTRA"], doc(
+            "SQLite synchronous mode: FULL fsyncs every commit (see the module docstring)")] = "FULL"
+        busy_timeout_ms: Annotated[PositiveInt, doc(
+            "how long a write waits for another connection's lock, in milliseconds")] = 10_000
+        recent_steps: Annotated[PositiveInt, doc("full-resolution ring of the last N step records")] = 10_000
+        keep_every: Annotated[PositiveInt, doc("every M-th step is kept forever in `steps`")] = 10
+        failure_kinds: Annotated[Strings, doc(
+            "incident kinds counted as failures for the MTBF estimate")] = (
             "crash", "dead_rank", "hang", "stall", "oom", "hardware", "restart")
 
     def __init__(self, conn: sqlite3.Connection, path: Path, config: Config,

@@ -27,6 +27,9 @@ same decision flagged `advisory=True` (nothing runs, the history is not extended
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Annotated
+
+from supervisor.config_types import Fraction, NonNegativeInt, PositiveInt, Seconds, SecondsOrZero, doc
 
 from supervisor.detect.findings import (DEAD_RANK, DIVERGENCE, GRAD_BLOWUP, HANG, HARDWARE,
                                         LOSS_SPIKE, MISSING_HEARTBEAT, NON_FINITE, OOM,
@@ -180,38 +183,44 @@ def _num(x) -> str:
 class Policy:
     @dataclass
     class Config:
-        #: divergences whose onsets lie within this many steps share a region
-        region_width_steps: int = 250
-        #: rollbacks allowed per region (1st plain, later ones with LR down); then stop
-        max_rollbacks_per_region: int = 3
-        #: rollbacks allowed over the whole run; then stop
-        max_total_rollbacks: int = 20
-        #: the rollback target must be at least this many steps before the onset. 2, because
-        #: the loss recorded at step N is measured on the weights after update N-1: a spike
-        #: first seen at step N may already be baked into a checkpoint saved at step N-1.
-        min_steps_before_onset: int = 2
-        #: extra steps of data skipped past the onset
-        data_skip_margin_steps: int = 10
-        #: LR scale multiplier on a repeat divergence in one region ...
-        lr_scale_factor: float = 0.5
-        #: ... reached through a linear re-warm of this many steps
-        lr_ramp_steps: int = 100
-        #: a repeat divergence that would push the LR scale below this stops instead
-        min_lr_scale: float = 0.05
-        #: crash / hang restarts allowed within restart_window_seconds; then stop
-        max_restarts: int = 5
-        restart_window_seconds: float = 3600.0
-        #: backoff = min(base * 2**(restarts in the window), max)
-        backoff_base_seconds: float = 10.0
-        backoff_max_seconds: float = 600.0
-        #: the n-th OOM within the restart window restarts on the next safer layout (0 = never)
-        oom_layout_fallback_after: int = 2
-        #: the n-th crash on one host within the window excludes that host (0 = never)
-        exclude_node_after: int = 0
-        #: a hardware finding naming a host excludes it (else it is recorded)
-        exclude_on_hardware: bool = False
-        #: with no valid checkpoint, restart from scratch only below this step; else stop
-        fresh_restart_max_step: int = 1000
+        region_width_steps: Annotated[PositiveInt, doc(
+            "divergences whose onsets lie within this many steps share a region")] = 250
+        max_rollbacks_per_region: Annotated[NonNegativeInt, doc(
+            "rollbacks allowed per region (1st plain, later ones with LR down); then stop")] = 3
+        max_total_rollbacks: Annotated[NonNegativeInt, doc(
+            "rollbacks allowed over the whole run; then stop")] = 20
+        #: 2, because the loss recorded at step N is measured on the weights after update N-1:
+        #: a spike first seen at step N may already be baked into a checkpoint saved at step N-1.
+        min_steps_before_onset: Annotated[NonNegativeInt, doc(
+            "the rollback target must be at least this many steps before the onset")] = 2
+        data_skip_margin_steps: Annotated[NonNegativeInt, doc(
+            "extra steps of data skipped past the onset")] = 10
+        lr_scale_factor: Annotated[Fraction, doc(
+            "LR scale multiplier on a repeat divergence in one region ...")] = 0.5
+        lr_ramp_steps: Annotated[NonNegativeInt, doc(
+            "... reached through a linear re-warm of this many steps")] = 100
+        min_lr_scale: Annotated[Fraction, doc(
+            "a repeat divergence that would push the LR scale below this stops instead")] = 0.05
+        max_restarts: Annotated[NonNegativeInt, doc(
+            "crash / hang restarts allowed within restart_window_seconds; then stop")] = 5
+        restart_window_seconds: Annotated[Seconds, doc(
+            "the window max_restarts and the OOM/host counters look back over")] = 3600.0
+        backoff_base_seconds: Annotated[SecondsOrZero, doc(
+            "restart backoff = min(base * 2**(restarts in the window), max)")] = 10.0
+        backoff_max_seconds: Annotated[SecondsOrZero, doc("the restart backoff's upper bound")] = 600.0
+        oom_layout_fallback_after: Annotated[NonNegativeInt, doc(
+            "the n-th OOM within the restart window restarts on the next safer layout (0 = never)")] = 2
+        exclude_node_after: Annotated[NonNegativeInt, doc(
+            "the n-th crash on one host within the window excludes that host (0 = never)")] = 0
+        exclude_on_hardware: Annotated[bool, doc(
+            "a hardware finding naming a host excludes it (else it is recorded)")] = False
+        fresh_restart_max_step: Annotated[NonNegativeInt, doc(
+            "with no valid checkpoint, restart from scratch only below this step; else stop")] = 1000
+
+        def __post_init__(self) -> None:
+            if self.backoff_base_seconds > self.backoff_max_seconds:
+                raise ValueError(f"backoff_base_seconds {self.backoff_base_seconds} > "
+                                 f"backoff_max_seconds {self.backoff_max_seconds}")
 
     def __init__(self, config: "Policy.Config | None" = None) -> None:
         self.config = config or Policy.Config()

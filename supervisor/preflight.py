@@ -49,8 +49,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from supervisor.config_types import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositivePairs,
+                                     Range, doc)
 from supervisor.model_table import ALL_SHAPES, ModelShape
 
 Level = Literal["error", "warning", "info"]
@@ -87,13 +89,13 @@ LR_ANCHORS: tuple[tuple[float, float], ...] = (
 )
 
 
-def reference_lr(params: float) -> float:
+def reference_lr(params: float, anchors: tuple[tuple[float, float], ...] = LR_ANCHORS) -> float:
     """Size-appropriate peak LR for a model with `params` parameters (see LR_ANCHORS)."""
-    if params <= LR_ANCHORS[0][0]:
-        return LR_ANCHORS[0][1]
-    if params >= LR_ANCHORS[-1][0]:
-        return LR_ANCHORS[-1][1]
-    for (p0, lr0), (p1, lr1) in zip(LR_ANCHORS, LR_ANCHORS[1:]):
+    if params <= anchors[0][0]:
+        return anchors[0][1]
+    if params >= anchors[-1][0]:
+        return anchors[-1][1]
+    for (p0, lr0), (p1, lr1) in zip(anchors, anchors[1:]):
         if p0 <= params <= p1:
             f = math.log(params / p0) / math.log(p1 / p0)
             return math.exp(math.log(lr0) + f * (math.log(lr1) - math.log(lr0)))
@@ -253,19 +255,40 @@ def _g(x: float) -> str:
 
 
 class Preflight:
-    """The rules, with their thresholds in one place so the daemon's settings can tune them."""
+    """The rules, with their thresholds in one `Config` (the settings' `[preflight.thresholds]`)."""
 
     @dataclass
     class Config:
-        eps_max: float = 1e-6  # ε above this dominates Adam's denominator in large models
-        beta2_range: tuple[float, float] = (0.9, 0.999)
-        weight_decay_range: tuple[float, float] = (0.0, 0.3)
-        lr_high_factor: float = 3.0  # warn when peak LR > 3× the size-appropriate reference
-        lr_low_factor: float = 0.1  # ... or < 1/10 of it
-        usable_fraction: float = 0.9  # of device memory the estimate may use
-        overhead_fraction: float = 0.1  # added on top of the itemised parts
-        fsdp_prefetch_layers: int = 2  # unsharded layers FSDP holds at once (current + next)
-        logits_bytes: float = 6.0  # per logit: bf16 output + fp32 upcast inside the loss
+        eps_max: Annotated[PositiveFloat, doc(
+            "Adam eps above this is an error: it dominates Adam's denominator in large models")] = 1e-6
+        beta2_range: Annotated[Range, doc(
+            "[low, high]: Adam beta2 outside it is a warning")] = (0.9, 0.999)
+        weight_decay_range: Annotated[Range, doc(
+            "[low, high]: weight decay outside it is a warning")] = (0.0, 0.3)
+        lr_high_factor: Annotated[PositiveFloat, doc(
+            "warn when the peak LR > this x the size-appropriate reference ...")] = 3.0
+        lr_low_factor: Annotated[PositiveFloat, doc("... or < this x the reference")] = 0.1
+        lr_anchors: Annotated[PositivePairs, doc(
+            "[parameters, peak LR] anchors of the reference LR, ascending in size, interpolated "
+            "log-linearly and held flat outside (see LR_ANCHORS)")] = LR_ANCHORS
+        usable_fraction: Annotated[Fraction, doc("of device memory the estimate may use")] = 0.9
+        overhead_fraction: Annotated[NonNegativeFloat, doc(
+            "added on top of the itemised memory parts")] = 0.1
+        fsdp_prefetch_layers: Annotated[NonNegativeInt, doc(
+            "unsharded layers FSDP holds at once (current + next)")] = 2
+        logits_bytes: Annotated[PositiveFloat, doc(
+            "bytes per logit: bf16 output + fp32 upcast inside the loss")] = 6.0
+
+        def __post_init__(self) -> None:
+            for name in ("beta2_range", "weight_decay_range"):
+                lo, hi = getattr(self, name)
+                if lo > hi:
+                    raise ValueError(f"{name}: low {lo} > high {hi}")
+            if self.lr_low_factor > self.lr_high_factor:
+                raise ValueError(f"lr_low_factor {self.lr_low_factor} > lr_high_factor {self.lr_high_factor}")
+            sizes = [p for p, _ in self.lr_anchors]
+            if not sizes or sizes != sorted(set(sizes)):
+                raise ValueError("lr_anchors: need at least one [parameters, lr] pair, sizes strictly ascending")
 
     def __init__(self, config: Config | None = None) -> None:
         self.config = config or Preflight.Config()
@@ -285,7 +308,7 @@ class Preflight:
                              "set lr to the size-appropriate peak, e.g. 3e-4 at 8B"))
         else:
             params = model_params(plan.model)
-            ref = reference_lr(params)
+            ref = reference_lr(params, c.lr_anchors)
             lo, hi = ref * c.lr_low_factor, ref * c.lr_high_factor
             if o.lr > hi or o.lr < lo:
                 side = "high" if o.lr > hi else "low"

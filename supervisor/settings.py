@@ -1,30 +1,55 @@
-"""Daemon settings: a TOML file, then ``TITAN_SUPERVISOR_*`` environment, then flags.
+"""Daemon settings: one typed tree. A TOML file, then ``TITAN_SUPERVISOR_*`` environment, then flags.
 
-Every field is documented and validated here; a mistake exits the daemon at start with a
-message naming the field (``titan-supervisor run`` prints ``config error: <field>: <why>``).
-Nested sections map to environment variables with ``__``: ``TITAN_SUPERVISOR_SERVER__PORT=9000``.
-The ``[detect]`` and ``[policy]`` tables are passed to the detector and policy Configs, whose
-field names and defaults are the documentation (``supervisor/detect/*``, ``supervisor/policy.py``).
+Why one tree: every tunable number belongs to the component that uses it, as that component's own
+``Config`` dataclass (``DetectorSuite.Config``, ``Policy.Config``, ``Preflight.Config``,
+``Journal.Config``, ``Catalog.Config``, ``LocalLauncher.Config``). ``Settings`` holds those very
+dataclasses, so pydantic validates every field from every source with the ranges declared next to
+it (``supervisor/config_types.py``) and nothing is passed through as an untyped dict.
+``titan-supervisor config --defaults`` prints the whole tree with each field's doc.
+
+Failure model: a mistake exits the daemon at start with a message naming the dotted field
+(``titan-supervisor run`` prints ``config error: <dotted.field>: <why>``, exit 2); nothing is
+clamped or ignored. Nested fields map to environment variables with ``__``:
+``TITAN_SUPERVISOR_SERVER__PORT=9000``, ``TITAN_SUPERVISOR_DETECT__STALL__HEARTBEAT_TIMEOUT=2.5``;
+lists in the environment are JSON.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
 import sys
 import tomllib
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from supervisor.checkpoints import Catalog
+from supervisor.config_types import PositiveInt, Seconds
+from supervisor.detect.suite import DetectorSuite
+from supervisor.journal import Journal
+from supervisor.launch.local import LocalLauncher
+from supervisor.policy import Policy
+from supervisor.preflight import Layout, Preflight
 
 _FAULT = re.compile(r"^[a-z]+@\d+(:[a-z]+=[\w.*]+)*$")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info) -> Any:
+        """pydantic reads true as 1; a boolean where a number is meant is a mistake."""
+        if isinstance(v, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            if bool not in (ann, *typing.get_args(ann)) and Any not in (ann, *typing.get_args(ann)):
+                raise ValueError(f"expected {getattr(ann, '__name__', ann)}, got {v!r}")
+        return v
 
 
 class RunSettings(_Section):
@@ -35,10 +60,24 @@ class RunSettings(_Section):
     nproc_per_node: int = Field(2, ge=1, le=64, description="Trainer ranks on this node.")
     steps: int | None = Field(None, ge=1, description="Total training steps (default: the preset's).")
     checkpoint_interval: int | None = Field(None, ge=1, description="Steps between checkpoints (default: the preset's).")
-    trainer_args: list[str] = Field(default_factory=list, description="Extra torchtitan flags, e.g. ['--debug.seed', '7'].")
     faults: str = Field("", description="Fault-injection spec for drills (training/faults.py); empty in production.")
     python: str = Field("", description="Python interpreter for the ranks (default: the daemon's).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the ranks.")
+
+    _trainer_flags: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def trainer_args(self) -> list[str]:
+        """Transitional, read-only: ``run_plan.trainer_flags(settings)`` (the daemon's ``_spec`` reads this)."""
+        return list(self._trainer_flags)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_trainer_args(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "trainer_args" in data:
+            raise ValueError("trainer_args: removed: free torchtitan flags bypassed preflight; set the typed "
+                             "[training] fields (seed, local_batch_size, global_batch_size, seq_len) instead")
+        return data
 
     @field_validator("faults")
     @classmethod
@@ -95,20 +134,45 @@ class ServerSettings(_Section):
         return (not self.loopback) if self.trainer_token is None else self.trainer_token
 
 
+class TrainingSettings(_Section):
+    """torchtitan settings the run overrides on top of its preset. ``run_plan.trainer_flags`` turns
+    them into the trainer's flags and ``run_plan.plan_dict`` into the plan preflight lints: one
+    source, so the numbers linted are the numbers trained with. Unset: the preset's value."""
+
+    seed: int | None = Field(None, ge=0, description="Random seed for every rank (torchtitan --debug.seed); unset: not seeded.")
+    local_batch_size: int | None = Field(None, ge=1, description="Sequences per rank per forward pass (default: the preset's).")
+    global_batch_size: int | None = Field(None, ge=1, description="Sequences per optimizer step, all ranks together; "
+                                          "a multiple of ranks x local_batch_size means gradient accumulation "
+                                          "(default: ranks x local_batch_size).")
+    seq_len: int | None = Field(None, ge=1, description="Tokens per sequence (default: the preset's).")
+
+
 class LaunchSettings(_Section):
-    startup_timeout_s: float = Field(180.0, gt=0, description="A generation with no step within this is a failed start.")
-    stop_grace_s: float = Field(10.0, ge=0, description="SIGTERM-to-SIGKILL grace when stopping a generation.")
+    stop_grace_s: float = Field(10.0, ge=0, allow_inf_nan=False, description="SIGTERM-to-SIGKILL grace when stopping a generation.")
     poll_interval_s: float = Field(0.1, gt=0, le=5, description="How often rank liveness is checked.")
-    directive_timeout_s: float = Field(60.0, gt=0, description="A hot directive not acknowledged in this falls back to a cold restart.")
+    directive_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False, description="A hot directive not acknowledged in this falls back to a cold restart.")
+    directive_poll_s: Seconds = Field(0.05, description="How often a waiting action checks for the trainer's acknowledgement or exit.")
+    stack_dump_chars: PositiveInt = Field(20_000, description="Characters of a hang's stack dump kept in the action outcome.")
+    local: LocalLauncher.Config = Field(default_factory=LocalLauncher.Config, description="The single-machine launcher.")
+
+
+class DaemonSettings(_Section):
+    """Bounds of the daemon's own in-memory state and of its catch-up after a restart."""
+
+    step_time_window: PositiveInt = Field(500, description="Recent step times kept for the median step time (lost GPU-hours, Young/Daly).")
+    directive_acks_kept: PositiveInt = Field(1000, description="Directive acknowledgements remembered for operator commands.")
+    catchup_journal_steps: PositiveInt = Field(100_000, description="Journaled steps of the generation compared with the spool on a restart.")
 
 
 class CheckpointSettings(_Section):
-    keep_last: int = Field(0, ge=0, description="Retention: newest valid checkpoints kept (0: keep all). Pinned ones are always kept.")
-    in_progress_grace_s: float = Field(300.0, gt=0, description="A step folder without .metadata younger than this is still being written.")
+    catalog: Catalog.Config = Field(default_factory=Catalog.Config, description="Checkpoint catalog and retention.")
+    lkg_healthy_steps: PositiveInt = Field(3, description="Healthy steps after a checkpoint before it is pinned as last-known-good.")
+    interval_hysteresis: float = Field(0.2, ge=0, allow_inf_nan=False, description="The adaptive interval is changed only when the "
+                                       "recommendation differs from the current one by more than this fraction.")
     adaptive: bool = Field(False, description="Apply the Young/Daly interval sqrt(2*C*MTBF) to the live trainer (always computed and exported).")
     min_interval_steps: int = Field(10, ge=1, description="Lower bound for the adaptive interval.")
     max_interval_steps: int = Field(5000, ge=1, description="Upper bound for the adaptive interval.")
-    mtbf_prior_hours: float = Field(24.0, gt=0, description="MTBF assumed until the journal has seen failures (the run's own history replaces it).")
+    mtbf_prior_hours: float = Field(24.0, gt=0, allow_inf_nan=False, description="MTBF assumed until the journal has seen failures (the run's own history replaces it).")
 
     @model_validator(mode="after")
     def _bounds(self) -> "CheckpointSettings":
@@ -116,16 +180,25 @@ class CheckpointSettings(_Section):
             raise ValueError(f"min_interval_steps {self.min_interval_steps} > max_interval_steps {self.max_interval_steps}")
         return self
 
+    # Transitional: the daemon reads these two; new code reads ``catalog``.
+    @property
+    def keep_last(self) -> int:
+        return self.catalog.keep_last
+
+    @property
+    def in_progress_grace_s(self) -> float:
+        return self.catalog.in_progress_grace_s
+
 
 class OptimizerSettings(_Section):
     """Overrides of the preset's AdamW settings: passed to the trainer and linted by preflight."""
 
-    lr: float | None = Field(None, gt=0, description="Peak learning rate.")
-    eps: float | None = Field(None, ge=0, description="Adam epsilon (the lab's trap: 1e-5 instead of 1e-8).")
-    beta1: float | None = Field(None, ge=0, lt=1)
-    beta2: float | None = Field(None, ge=0, lt=1)
-    weight_decay: float | None = Field(None, ge=0)
-    warmup_steps: int | None = Field(None, ge=0)
+    lr: float | None = Field(None, gt=0, allow_inf_nan=False, description="Peak learning rate.")
+    eps: float | None = Field(None, ge=0, allow_inf_nan=False, description="Adam epsilon (the lab's trap: 1e-5 instead of 1e-8).")
+    beta1: float | None = Field(None, ge=0, lt=1, description="Adam beta1.")
+    beta2: float | None = Field(None, ge=0, lt=1, description="Adam beta2.")
+    weight_decay: float | None = Field(None, ge=0, allow_inf_nan=False, description="AdamW weight decay.")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear LR warmup steps.")
 
     def overrides(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -134,11 +207,13 @@ class OptimizerSettings(_Section):
 class PreflightSettings(_Section):
     enabled: bool = Field(True, description="Lint hyperparameters and the parallel plan before every launch.")
     device: str = Field("cpu", description="Accelerator for the memory estimate: H100, H200, B200, B300, A100-80 or cpu.")
-    device_memory_gib: float | None = Field(None, gt=0, description="Memory per device (required for cpu; default: this machine's RAM).")
-    global_batch: int | None = Field(None, ge=1, description="Global batch in sequences (default: ranks x the preset's local batch).")
-    layouts: list[dict[str, Any]] = Field(default_factory=list,
-                                          description="Ordered parallel layouts, fastest first ({dp, tp, pp, cp, micro_batch, ...}); default: pure DP over all ranks.")
+    device_memory_gib: float | None = Field(None, gt=0, allow_inf_nan=False, description="Memory per device (required for cpu; default: this machine's RAM).")
+    layouts: list[Layout] = Field(default_factory=list,
+                                  description="Ordered parallel layouts, fastest first ({dp, tp, pp, cp, dp_shard, micro_batch, "
+                                              "activation_checkpointing, name}); default: pure DP over all ranks "
+                                              "with micro_batch = training.local_batch_size.")
     override_reason: str = Field("", description="Launch despite preflight errors; the reason is journaled.")
+    thresholds: Preflight.Config = Field(default_factory=Preflight.Config, description="The lint rules' thresholds.")
 
 
 class ConvergenceSettings(_Section):
@@ -147,6 +222,9 @@ class ConvergenceSettings(_Section):
 
 class PageSettings(_Section):
     webhook_url: str = Field("", description="POSTed a JSON page when the supervisor stops a run and needs a human.")
+    attempts: PositiveInt = Field(5, description="POST attempts before the page is counted as failed.")
+    backoff_max_s: Seconds = Field(8.0, description="Exponential backoff between attempts (1, 2, 4, ... s) is capped at this.")
+    timeout_s: Seconds = Field(5.0, description="Timeout of one POST.")
 
 
 class Settings(BaseSettings):
@@ -154,30 +232,44 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TITAN_SUPERVISOR_", env_nested_delimiter="__", extra="forbid")
 
-    run: RunSettings = Field(default_factory=RunSettings)
-    server: ServerSettings = Field(default_factory=ServerSettings)
-    launch: LaunchSettings = Field(default_factory=LaunchSettings)
-    checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
-    page: PageSettings = Field(default_factory=PageSettings)
-    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings)
-    preflight: PreflightSettings = Field(default_factory=PreflightSettings)
-    convergence: ConvergenceSettings = Field(default_factory=ConvergenceSettings)
-    detect: dict[str, dict[str, Any]] = Field(default_factory=dict, description="DetectorSuite.Config overrides per detector.")
-    policy: dict[str, Any] = Field(default_factory=dict, description="Policy.Config overrides.")
+    run: RunSettings = Field(default_factory=RunSettings, description="What is trained, where.")
+    training: TrainingSettings = Field(default_factory=TrainingSettings, description="torchtitan overrides of the preset.")
+    server: ServerSettings = Field(default_factory=ServerSettings, description="HTTP server and authentication.")
+    launch: LaunchSettings = Field(default_factory=LaunchSettings, description="Starting and stopping generations.")
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings, description="The daemon's own bookkeeping.")
+    checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings, description="Catalog, retention, interval.")
+    journal: Journal.Config = Field(default_factory=Journal.Config, description="The SQLite journal.")
+    page: PageSettings = Field(default_factory=PageSettings, description="Paging a human.")
+    optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings, description="AdamW overrides of the preset.")
+    preflight: PreflightSettings = Field(default_factory=PreflightSettings, description="Linting before every launch.")
+    convergence: ConvergenceSettings = Field(default_factory=ConvergenceSettings, description="Reference curve.")
+    detect: DetectorSuite.Config = Field(default_factory=lambda: _daemon_detectors(),
+                                         description="The detectors (supervisor/detect/).")
+    policy: Policy.Config = Field(default_factory=Policy.Config, description="The policy ladder's budgets (supervisor/policy.py).")
     mode: Literal["auto", "advise", "off"] = Field("auto", description="auto: act; advise: propose only; off: record only.")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the daemon's JSON log.")
 
-    _toml_path: Path | None = None
+    _sources_off: ClassVar[bool] = False  # set by defaults(): no file, no environment
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        if cls._sources_off:
+            return (init_settings,)
         return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    @field_validator("detect", mode="before")
+    @classmethod
+    def _daemon_startup_default(cls, v: Any) -> Any:
+        """A partial [detect] / [detect.stall] table keeps the daemon's startup_timeout default."""
+        if isinstance(v, dict):
+            stall = v.get("stall", {})
+            if isinstance(stall, dict) and "startup_timeout" not in stall:
+                v = {**v, "stall": {**stall, "startup_timeout": DAEMON_STARTUP_TIMEOUT_S}}
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        self.detector_config()
-        self.policy_config()
         if not self.server.loopback and self.server.token_file is None:
             raise ValueError(f"server.host {self.server.host} is not loopback: set server.token_file "
                              "(bearer tokens) before exposing the supervisor beyond this machine")
@@ -189,30 +281,30 @@ class Settings(BaseSettings):
             from supervisor.auth import load_token_file
 
             load_token_file(self.server.token_file)  # a bad token file is a config error at start
+        from supervisor.run_plan import trainer_flags
+
+        self.run._trainer_flags = trainer_flags(self)
         return self
 
-    # --- typed views of the pass-through tables ---------------------------------------------
-    def detector_config(self):
-        from supervisor.detect.suite import DetectorSuite
+    # --- the component configs (kept by name for the daemon and replay) ---------------------
+    def detector_config(self) -> DetectorSuite.Config:
+        return self.detect
 
-        base = DetectorSuite.Config()
-        # launch.startup_timeout_s is the failed-start rule: no step within it is a hang
-        base.stall = dataclasses.replace(base.stall, startup_timeout=self.launch.startup_timeout_s)
-        for name, overrides in self.detect.items():
-            if not hasattr(base, name):
-                known = ", ".join(f.name for f in dataclasses.fields(base))
-                raise ValueError(f"detect.{name}: unknown detector (known: {known})")
-            setattr(base, name, _dataclass_with(getattr(base, name), overrides, f"detect.{name}"))
-        return base
-
-    def policy_config(self):
-        from supervisor.policy import Policy
-
-        return _dataclass_with(Policy.Config(), self.policy, "policy")
+    def policy_config(self) -> Policy.Config:
+        return self.policy
 
     @property
     def journal_path(self) -> Path:
         return self.run.workdir / "supervisor" / "journal.sqlite"
+
+    @classmethod
+    def defaults(cls) -> "Settings":
+        """The built-in defaults: no file, no environment, no flags."""
+        cls._sources_off = True
+        try:
+            return cls()
+        finally:
+            cls._sources_off = False
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides) -> "Settings":
@@ -231,32 +323,21 @@ class Settings(BaseSettings):
             raise ConfigError(str(e)) from None
 
 
+#: the daemon's failed-start rule: a generation with no step within this is a hang. The stall
+#: detector's standalone default (900 s) suits replays of unknown runs; the daemon's is shorter.
+DAEMON_STARTUP_TIMEOUT_S = 180.0
+
+
+def _daemon_detectors() -> DetectorSuite.Config:
+    from dataclasses import replace
+
+    c = DetectorSuite.Config()
+    c.stall = replace(c.stall, startup_timeout=DAEMON_STARTUP_TIMEOUT_S)
+    return c
+
+
 class ConfigError(ValueError):
     pass
-
-
-def _dataclass_with(obj, overrides: dict, where: str):
-    if not isinstance(overrides, dict):
-        raise ValueError(f"{where}: expected a table, got {overrides!r}")
-    names = {f.name: f for f in dataclasses.fields(obj)}
-    changes = {}
-    for key, value in overrides.items():
-        if key not in names:
-            raise ValueError(f"{where}.{key}: unknown setting (known: {', '.join(names)})")
-        current = getattr(obj, key)
-        if isinstance(current, bool) and not isinstance(value, bool):
-            raise ValueError(f"{where}.{key}: expected true/false, got {value!r}")
-        if isinstance(current, (int, float)) and not isinstance(current, bool):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{where}.{key}: expected a number, got {value!r}")
-            if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"{where}.{key}: expected an integer, got {value!r}")
-            value = type(current)(value)
-        changes[key] = value
-    try:
-        return dataclasses.replace(obj, **changes)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from None
 
 
 def _explain(e: ValidationError) -> str:
@@ -264,6 +345,8 @@ def _explain(e: ValidationError) -> str:
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            msg = "unknown setting"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 

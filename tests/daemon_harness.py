@@ -54,7 +54,8 @@ def to_toml(cfg: dict) -> str:
 def drill_config(workdir: Path, port: int, **run) -> dict:
     cfg = {
         "run": {"workdir": str(workdir), "run_id": "drill", "preset": "tiny", "nproc_per_node": 2,
-                "checkpoint_interval": 10, "trainer_args": ["--debug.seed", "42"], **run},
+                "checkpoint_interval": 10, **run},
+        "training": {"seed": 42},
         "server": {"port": port},
         "policy": {"backoff_base_seconds": 0.5, "backoff_max_seconds": 2.0},
         "detect": {"stall": {"heartbeat_timeout": 2.5}},

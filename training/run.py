@@ -105,7 +105,30 @@ def validate(config) -> None:
         config.checkpoint.keep_latest_k = 0  # the supervisor owns retention; torchtitan never deletes
 
 
-OPTIMIZER_KEYS = {"lr", "eps", "beta1", "beta2", "weight_decay", "warmup_steps"}
+def _set_kwarg(name: str):
+    def apply(config, value: float) -> None:
+        for group in config.optimizer.param_groups:
+            group.optimizer_kwargs[name] = float(value)
+    return apply
+
+
+def _set_beta(index: int):
+    def apply(config, value: float) -> None:
+        for group in config.optimizer.param_groups:
+            betas = list(group.optimizer_kwargs.get("betas", (0.9, 0.999)))
+            betas[index] = float(value)
+            group.optimizer_kwargs["betas"] = tuple(betas)
+    return apply
+
+
+def _set_warmup(config, value: float) -> None:
+    config.lr_scheduler.warmup_steps = int(value)
+
+
+# The one list of --supervision.optimizer keys (the daemon's [optimizer] section) and where each goes.
+OPTIMIZER_OVERRIDES = {"lr": _set_kwarg("lr"), "eps": _set_kwarg("eps"), "weight_decay": _set_kwarg("weight_decay"),
+                       "beta1": _set_beta(0), "beta2": _set_beta(1), "warmup_steps": _set_warmup}
+OPTIMIZER_KEYS = frozenset(OPTIMIZER_OVERRIDES)
 
 
 def apply_optimizer_overrides(config) -> None:
@@ -126,16 +149,8 @@ def apply_optimizer_overrides(config) -> None:
     for key, value in overrides.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise StartError(f"--supervision.optimizer: {key} must be a non-negative number, got {value!r}")
-    for group in config.optimizer.param_groups:
-        kw = group.optimizer_kwargs
-        for key in ("lr", "eps", "weight_decay"):
-            if key in overrides:
-                kw[key] = float(overrides[key])
-        if "beta1" in overrides or "beta2" in overrides:
-            b1, b2 = kw.get("betas", (0.9, 0.999))
-            kw["betas"] = (float(overrides.get("beta1", b1)), float(overrides.get("beta2", b2)))
-    if "warmup_steps" in overrides:
-        config.lr_scheduler.warmup_steps = int(overrides["warmup_steps"])
+    for key, value in overrides.items():
+        OPTIMIZER_OVERRIDES[key](config, value)
 
 
 def build_config(argv: list[str]):

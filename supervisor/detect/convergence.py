@@ -42,6 +42,8 @@ Pure logic: records in, findings out; no I/O, no clock.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import bisect
 import math
 from collections import deque
@@ -50,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor.detect.findings import SLOW_CONVERGENCE, WARNING, Finding, json_safe
+from supervisor.config_types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, doc
 
 
 def _field(record: Any, name: str, default: Any = None) -> Any:
@@ -152,20 +155,18 @@ class ConvergenceWatch:
 
     @dataclass
     class Config:
-        #: no judgement before this step ...
-        warmup_steps: int = 50
-        #: ... nor before this many tokens (0: steps alone decide)
-        warmup_tokens: int = 0
-        #: 0.5 = the run needs > 50% more tokens than the reference to reach the same loss
-        slowdown_threshold: float = 0.5
-        #: records in the causal rolling median (both curves); judged only once it is full
-        smoothing_window: int = 20
-        #: consecutive slow records before the finding is raised
-        patience: int = 20
-        #: relative loss credit given to the live run (see the module docstring) ...
-        loss_tolerance: float = 0.02
-        #: ... or this many standard errors of the smoothed live loss, whichever is larger
-        noise_sigmas: float = 3.0
+        warmup_steps: Annotated[NonNegativeInt, doc("no judgement before this step ...")] = 50
+        warmup_tokens: Annotated[NonNegativeInt, doc(
+            "... nor before this many tokens (0: steps alone decide)")] = 0
+        slowdown_threshold: Annotated[PositiveFloat, doc(
+            "0.5 = the run needs > 50% more tokens than the reference to reach the same loss")] = 0.5
+        smoothing_window: Annotated[PositiveInt, doc(
+            "records in the causal rolling median (both curves); judged only once it is full")] = 20
+        patience: Annotated[PositiveInt, doc("consecutive slow records before the finding is raised")] = 20
+        loss_tolerance: Annotated[NonNegativeFloat, doc(
+            "relative loss credit given to the live run (see the module docstring) ...")] = 0.02
+        noise_sigmas: Annotated[NonNegativeFloat, doc(
+            "... or this many standard errors of the smoothed live loss, whichever is larger")] = 3.0
 
     def __init__(self, reference: Sequence[tuple[float, float]], config: "ConvergenceWatch.Config | None" = None):
         self.config = c = config or ConvergenceWatch.Config()

@@ -13,12 +13,15 @@ normal exit and raises nothing.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import re
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from supervisor.detect.findings import CRITICAL, DEAD_RANK, OOM, Finding
+from supervisor.config_types import Strings, check_regexes, doc
 
 DEFAULT_OOM_PATTERNS: tuple[str, ...] = (
     r"CUDA out of memory",
@@ -52,8 +55,12 @@ def signal_name(signum: int | None) -> str | None:
 class DeadRankDetector:
     @dataclass
     class Config:
-        #: regexes (case-insensitive) that mark a log line as an out-of-memory death
-        oom_patterns: tuple[str, ...] = field(default_factory=lambda: DEFAULT_OOM_PATTERNS)
+        oom_patterns: Annotated[Strings, doc(
+            "regexes (case-insensitive) that mark a log line as an out-of-memory death")] = field(
+            default_factory=lambda: DEFAULT_OOM_PATTERNS)
+
+        def __post_init__(self) -> None:
+            check_regexes(self.oom_patterns)
 
     def __init__(self, config: "DeadRankDetector.Config | None" = None) -> None:
         self.config = config or DeadRankDetector.Config()

@@ -14,30 +14,31 @@ absorbed instead of firing forever); norms of skipped updates and non-finite nor
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import math
 from dataclasses import dataclass
 
 from supervisor.detect.findings import GRAD_BLOWUP, WARNING, Finding
+from supervisor.config_types import PositiveFloat, PositiveInt, doc
 from supervisor.detect.robust import RollingWindow
 
 
 class GradBlowupDetector:
     @dataclass
     class Config:
-        #: finite pre-clip norms of applied updates in the rolling baseline
-        window: int = 50
-        #: baseline samples needed before the statistical rule is applied
-        warmup: int = 20
-        #: robust z-score the norm must exceed ...
-        z_threshold: float = 6.0
-        #: ... while also being at least this multiple of the median
+        window: Annotated[PositiveInt, doc(
+            "finite pre-clip norms of applied updates in the rolling baseline")] = 50
+        warmup: Annotated[PositiveInt, doc("baseline samples needed before the statistical rule is applied")] = 20
+        z_threshold: Annotated[PositiveFloat, doc("robust z-score the norm must exceed ...")] = 6.0
         #: 4x, not 2x: a clean tiny CPU run showed a natural 2.07x norm at z 7.2 (step 385);
         #: the LR blow-ups this guards against measure 15-550x
-        min_ratio: float = 4.0
-        #: fire whenever the norm exceeds this, whatever the history (None = off)
-        absolute_bound: float | None = None
-        #: older samples kept so a rollback can restore the baseline at a checkpoint
-        history: int = 4096
+        min_ratio: Annotated[PositiveFloat, doc(
+            "... while also being at least this multiple of the median")] = 4.0
+        absolute_bound: Annotated[PositiveFloat | None, doc(
+            "fire whenever the norm exceeds this, whatever the history (unset = off)")] = None
+        history: Annotated[PositiveInt, doc(
+            "older samples kept so a rollback can restore the baseline at a checkpoint")] = 4096
 
     def __init__(self, config: "GradBlowupDetector.Config | None" = None) -> None:
         self.config = config or GradBlowupDetector.Config()

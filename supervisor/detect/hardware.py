@@ -10,10 +10,13 @@ caught as a dead rank), a false match only records a warning.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import re
 from dataclasses import dataclass, field
 
 from supervisor.detect.findings import HARDWARE, WARNING, Finding
+from supervisor.config_types import StringPairs, check_regexes, doc
 
 DEFAULT_HARDWARE_PATTERNS: tuple[tuple[str, str], ...] = (
     ("xid", r"\bXid\b"),
@@ -29,9 +32,12 @@ DEFAULT_HARDWARE_PATTERNS: tuple[tuple[str, str], ...] = (
 class HardwareDetector:
     @dataclass
     class Config:
-        #: (name, regex) pairs, matched case-insensitively against log lines
-        patterns: tuple[tuple[str, str], ...] = field(
+        patterns: Annotated[StringPairs, doc(
+            "(name, regex) pairs, matched case-insensitively against log lines")] = field(
             default_factory=lambda: DEFAULT_HARDWARE_PATTERNS)
+
+        def __post_init__(self) -> None:
+            check_regexes(p for _, p in self.patterns)
 
     def __init__(self, config: "HardwareDetector.Config | None" = None) -> None:
         self.config = config or HardwareDetector.Config()

@@ -25,12 +25,15 @@ restores the baseline that held at a checkpoint after a rollback.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import math
 from dataclasses import dataclass
 
 from supervisor.detect.findings import (CRITICAL, DIVERGENCE, INFO, LOSS_SPIKE, SPIKE_RECOVERED,
                                         WARNING, Finding, json_safe)
 from supervisor.detect.robust import RollingWindow
+from supervisor.config_types import NonNegativeFloat, PositiveFloat, PositiveInt, doc
 
 
 @dataclass
@@ -44,24 +47,22 @@ class _OpenSpike:
 class LossSpikeDetector:
     @dataclass
     class Config:
-        #: healthy losses in the rolling baseline
-        window: int = 50
-        #: baseline samples needed before anything is judged (covers the first steep drop)
-        warmup: int = 20
-        #: robust z-score ((loss - median) / robust scale) a spike must exceed ...
-        z_threshold: float = 6.0
-        #: ... and its relative height over the median (0.2 = 20 % above)
-        min_relative_jump: float = 0.20
-        #: steps after the onset within which the loss must come back (k)
-        recovery_steps: int = 5
-        #: "back" means loss <= median_at_onset * (1 + recovery_tolerance)
-        recovery_tolerance: float = 0.10
-        #: this many spike onsets ...
-        cluster_size: int = 3
-        #: ... within this many steps (last onset - first onset < this) are a divergence
-        cluster_window_steps: int = 50
-        #: older baseline samples kept so a rollback can restore the baseline at a checkpoint
-        history: int = 4096
+        window: Annotated[PositiveInt, doc("healthy losses in the rolling baseline")] = 50
+        warmup: Annotated[PositiveInt, doc(
+            "baseline samples needed before anything is judged (covers the first steep drop)")] = 20
+        z_threshold: Annotated[PositiveFloat, doc(
+            "robust z-score ((loss - median) / robust scale) a spike must exceed ...")] = 6.0
+        min_relative_jump: Annotated[NonNegativeFloat, doc(
+            "... and its relative height over the median (0.2 = 20 % above)")] = 0.20
+        recovery_steps: Annotated[PositiveInt, doc(
+            "steps after the onset within which the loss must come back (k)")] = 5
+        recovery_tolerance: Annotated[NonNegativeFloat, doc(
+            "'back' means loss <= median_at_onset * (1 + recovery_tolerance)")] = 0.10
+        cluster_size: Annotated[PositiveInt, doc("this many spike onsets ...")] = 3
+        cluster_window_steps: Annotated[PositiveInt, doc(
+            "... within this many steps (last onset - first onset < this) are a divergence")] = 50
+        history: Annotated[PositiveInt, doc(
+            "older baseline samples kept so a rollback can restore the baseline at a checkpoint")] = 4096
 
     def __init__(self, config: "LossSpikeDetector.Config | None" = None) -> None:
         self.config = config or LossSpikeDetector.Config()

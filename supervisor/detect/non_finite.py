@@ -10,17 +10,20 @@ on the records that arrive (missing steps neither extend nor break it).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import math
 from dataclasses import dataclass
 
 from supervisor.detect.findings import CRITICAL, DIVERGENCE, NON_FINITE, Finding, json_safe
+from supervisor.config_types import NonNegativeInt, doc
 
 
 class NonFiniteDetector:
     @dataclass
     class Config:
-        #: consecutive non-finite steps that turn into a divergence (0 disables escalation)
-        max_consecutive: int = 3
+        max_consecutive: Annotated[NonNegativeInt, doc(
+            "consecutive non-finite steps that turn into a divergence (0 disables escalation)")] = 3
 
     def __init__(self, config: "NonFiniteDetector.Config | None" = None) -> None:
         self.config = config or NonFiniteDetector.Config()

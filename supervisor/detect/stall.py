@@ -34,10 +34,13 @@ After `end()` (the generation exited or finished) nothing fires until `reset`.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from collections import deque
 from dataclasses import dataclass
 
 from supervisor.detect.findings import CRITICAL, HANG, MISSING_HEARTBEAT, WARNING, Finding
+from supervisor.config_types import PositiveFloat, PositiveInt, Seconds, Strings, doc
 from supervisor.detect.robust import percentile
 
 
@@ -53,23 +56,27 @@ class _Beat:
 class StallDetector:
     @dataclass
     class Config:
-        #: hang timeout = clamp(multiplier * p95 step seconds, floor, ceiling)
-        multiplier: float = 10.0
-        floor_seconds: float = 3.0
-        ceiling_seconds: float = 600.0
-        #: before the first step of a generation (start, load, compile)
-        startup_timeout: float = 900.0
-        #: a rank silent this long is missing (ranks beat about every second)
-        heartbeat_timeout: float = 5.0
-        #: step_seconds samples the p95 is taken over
-        step_time_window: int = 200
-        #: heartbeat phases during which steps legitimately pause ...
-        slow_phases: tuple[str, ...] = ("starting", "loading", "checkpoint", "rollback",
-                                        "finishing")
-        #: ... and the minimum hang timeout while any rank reports one
-        slow_phase_timeout: float = 600.0
-        #: the phase of a rank inside the training step (others outside it are suspects)
-        step_phase: str = "train_step"
+        multiplier: Annotated[PositiveFloat, doc(
+            "hang timeout = clamp(multiplier * p95 step seconds, floor_seconds, ceiling_seconds)")] = 10.0
+        floor_seconds: Annotated[Seconds, doc("lower bound of the learned hang timeout")] = 3.0
+        ceiling_seconds: Annotated[Seconds, doc("upper bound of the learned hang timeout")] = 600.0
+        startup_timeout: Annotated[Seconds, doc(
+            "before the first step of a generation (start, load, compile): no step within this "
+            "is a failed start (a hang)")] = 900.0
+        heartbeat_timeout: Annotated[Seconds, doc(
+            "a rank silent this long is missing (ranks beat about every second)")] = 5.0
+        step_time_window: Annotated[PositiveInt, doc("step_seconds samples the p95 is taken over")] = 200
+        slow_phases: Annotated[Strings, doc(
+            "heartbeat phases during which steps legitimately pause ...")] = (
+            "starting", "loading", "checkpoint", "rollback", "finishing")
+        slow_phase_timeout: Annotated[Seconds, doc(
+            "... and the minimum hang timeout while any rank reports one")] = 600.0
+        step_phase: Annotated[str, doc(
+            "the phase of a rank inside the training step (others outside it are suspects)")] = "train_step"
+
+        def __post_init__(self) -> None:
+            if self.floor_seconds > self.ceiling_seconds:
+                raise ValueError(f"floor_seconds {self.floor_seconds} > ceiling_seconds {self.ceiling_seconds}")
 
     def __init__(self, config: "StallDetector.Config | None" = None, *,
                  generation: int | None = None, now: float | None = None) -> None:

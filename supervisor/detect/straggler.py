@@ -11,22 +11,26 @@ starts over.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from collections import deque
 from dataclasses import dataclass
 
 from supervisor.detect.findings import STRAGGLER, WARNING, Finding
 from supervisor.detect.robust import median
+from supervisor.config_types import PositiveFloat, PositiveInt, doc
 
 
 class StragglerDetector:
     @dataclass
     class Config:
-        #: slow = rank time > ratio * median of its peers' times
-        ratio: float = 1.5
-        #: slow in at least this many ...
-        min_hits: int = 3
-        #: ... of the last this many gathered samples
-        samples: int = 5
+        ratio: Annotated[PositiveFloat, doc("slow = rank time > ratio * median of its peers' times")] = 1.5
+        min_hits: Annotated[PositiveInt, doc("slow in at least this many ...")] = 3
+        samples: Annotated[PositiveInt, doc("... of the last this many gathered samples")] = 5
+
+        def __post_init__(self) -> None:
+            if self.min_hits > self.samples:
+                raise ValueError(f"min_hits {self.min_hits} > samples {self.samples}")
 
     def __init__(self, config: "StragglerDetector.Config | None" = None) -> None:
         self.config = config or StragglerDetector.Config()

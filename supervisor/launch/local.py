@@ -25,8 +25,29 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import psutil
+
+from supervisor.config_types import PositiveInt, Seconds, doc
+
+
+@dataclass
+class LauncherConfig:
+    """The launcher's timings and log windows (settings: ``[launch.local]``)."""
+
+    log_tail_lines: Annotated[PositiveInt, doc(
+        "log lines attached to a rank exit (the dead-rank and hardware detectors read them)")] = 60
+    log_tail_bytes: Annotated[PositiveInt, doc("bytes read from the end of the generation log for a tail")] = 64 * 1024
+    log_scan_lines: Annotated[PositiveInt, doc(
+        "log lines searched for torchrun's root cause and per-pid exit codes")] = 300
+    exitcode_wait_s: Annotated[Seconds, doc(
+        "after a rank dies, wait at most this for torchrun to log its exit code (it does ~0.4 s later)")] = 0.5
+    finish_exit_wait_s: Annotated[Seconds, doc(
+        "after the trainer said it finished, wait at most this for torchrun's own exit code")] = 30.0
+    stop_poll_s: Annotated[Seconds, doc("how often stop() checks whether the ranks are gone")] = 0.05
+    reap_timeout_s: Annotated[Seconds, doc("wait for torchrun to be reaped after SIGKILL")] = 5.0
+    stack_dump_timeout_s: Annotated[Seconds, doc("py-spy dump timeout per rank")] = 20.0
 
 
 @dataclass
@@ -95,7 +116,9 @@ _EXIT_BY_PID = (re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)"),
 class Generation:
     """One running (or adopted) torchrun process group."""
 
-    def __init__(self, spec: LaunchSpec, pid: int, log_path: Path, proc: subprocess.Popen | None) -> None:
+    def __init__(self, spec: LaunchSpec, pid: int, log_path: Path, proc: subprocess.Popen | None,
+                 config: LauncherConfig | None = None) -> None:
+        self.config = config or LauncherConfig()
         self.spec = spec
         self.pid = pid
         self.log_path = log_path
@@ -124,12 +147,13 @@ class Generation:
         except psutil.NoSuchProcess:
             return False
 
-    def log_tail(self, n: int = 60) -> list[str]:
+    def log_tail(self, n: int | None = None) -> list[str]:
+        n = self.config.log_tail_lines if n is None else n
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 size = f.tell()
-                f.seek(max(0, size - 64 * 1024))
+                f.seek(max(0, size - self.config.log_tail_bytes))
                 return f.read().decode(errors="replace").splitlines()[-n:]
         except OSError:
             return []
@@ -147,14 +171,14 @@ class Generation:
             if rank in self._reported:
                 continue
             if not _pid_alive(pid):
-                # torchrun logs the exit code ~0.4 s after the death: wait for it, at most 0.5 s.
+                # torchrun logs the exit code ~0.4 s after the death: wait for it, briefly.
                 first = self._dead_since.setdefault(rank, now)
                 code = self._exitcode_from_log(rank)
                 if code is None and self.exit_expected:
-                    if self.alive() and now - first < 30:
+                    if self.alive() and now - first < self.config.finish_exit_wait_s:
                         continue  # a normal exit: torchrun's own exit code will tell
                     code = self._proc.returncode if self._proc is not None and self._proc.returncode is not None else 0
-                elif code is None and now - first < 0.5 and self.alive():
+                elif code is None and now - first < self.config.exitcode_wait_s and self.alive():
                     continue
                 self._reported.add(rank)
                 out.append(RankExit(rank, code if code is not None else -9, pid, self.log_tail(), now))
@@ -172,27 +196,27 @@ class Generation:
         return out
 
     def _root_cause_rank(self) -> int | None:
-        text = "\n".join(self.log_tail(300))
+        text = "\n".join(self.log_tail(self.config.log_scan_lines))
         m = _ROOT_CAUSE.search(text)
         return int(m.group(1)) if m else None
 
     def _exitcode_from_log(self, rank: int | None) -> int | None:
         """The exit code torchrun reported for this rank's pid, if it has yet."""
         pid = self.rank_pids.get(rank) if rank is not None else None
-        text = "\n".join(self.log_tail(300))
+        text = "\n".join(self.log_tail(self.config.log_scan_lines))
         for pattern in _EXIT_BY_PID:
             for m in pattern.finditer(text):
                 if pid is None or int(m.group(2)) == pid:
                     return int(m.group(1))
         return None
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float) -> None:
         """SIGTERM the process group, SIGKILL what is left after ``grace_s``. Idempotent."""
         pids = set(self.rank_pids.values()) | {self.pid}
         _signal_group(self.pid, signal.SIGTERM)
         deadline = time.time() + grace_s
         while time.time() < deadline and any(_pid_alive(p) for p in pids):
-            time.sleep(0.05)
+            time.sleep(self.config.stop_poll_s)
         _signal_group(self.pid, signal.SIGKILL)
         for p in pids:
             try:
@@ -201,7 +225,7 @@ class Generation:
                 pass
         if self._proc is not None:
             try:
-                self._proc.wait(timeout=5)
+                self._proc.wait(timeout=self.config.reap_timeout_s)
             except subprocess.TimeoutExpired:
                 pass
 
@@ -212,7 +236,8 @@ class Generation:
         for rank, pid in sorted(self.rank_pids.items()):
             if pyspy:
                 try:
-                    r = subprocess.run([pyspy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=20)
+                    r = subprocess.run([pyspy, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                                       timeout=self.config.stack_dump_timeout_s)
                     out.append(f"--- rank {rank} pid {pid} (py-spy) ---\n{r.stdout or r.stderr}")
                     continue
                 except (OSError, subprocess.TimeoutExpired) as e:
@@ -242,8 +267,11 @@ def _signal_group(pid: int, sig: int) -> None:
 class LocalLauncher:
     """The daemon's node agent for a single machine."""
 
-    def __init__(self, logs_dir: Path) -> None:
+    Config = LauncherConfig
+
+    def __init__(self, logs_dir: Path, config: LauncherConfig | None = None) -> None:
         self.logs_dir = Path(logs_dir)
+        self.config = config or LauncherConfig()
 
     def start(self, spec: LaunchSpec) -> Generation:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +286,7 @@ class LocalLauncher:
         proc = subprocess.Popen(spec.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=root, start_new_session=True)
         log.close()
-        return Generation(spec, proc.pid, log_path, proc)
+        return Generation(spec, proc.pid, log_path, proc, self.config)
 
     def adopt(self, spec: LaunchSpec, pid: int, rank_pids: dict[int, int]) -> Generation | None:
         """Re-attach to a generation started by a previous daemon process, if it still runs."""
@@ -270,7 +298,7 @@ class LocalLauncher:
             return None
         if "training.run" not in cmdline:
             return None  # pid reused by something else
-        gen = Generation(spec, pid, self.logs_dir / f"generation-{spec.generation}.log", None)
+        gen = Generation(spec, pid, self.logs_dir / f"generation-{spec.generation}.log", None, self.config)
         for r, p in rank_pids.items():
             gen.note_rank_pid(int(r), int(p))
         return gen

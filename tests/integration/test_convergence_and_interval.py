@@ -32,7 +32,7 @@ def reference(tmp_path_factory):
 
 def _supervised(tmp_path, reference, eps: float, seed: int) -> Daemon:
     cfg = drill_config(tmp_path / "run", free_port(), steps=STEPS)
-    cfg["run"]["trainer_args"] = ["--debug.seed", str(seed)]
+    cfg["training"]["seed"] = seed
     cfg["optimizer"] = {"eps": eps}
     cfg["convergence"] = {"reference_spool": str(reference)}
     # the ε lint would refuse 1e-3 (rightly): the drill says why it runs anyway
