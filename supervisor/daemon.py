@@ -84,8 +84,10 @@ class Supervisor:
         self.suite = DetectorSuite(s.detector_config(), reference=self._reference_curve())
         self.policy = Policy(s.policy_config())
         self.history = History.from_dict(self.journal.get_meta("policy_history", {}) or {})
+        self.metrics.set_policy_budget(self.policy.config, self.history, time.time())
         self.launcher = LocalLauncher(self.workdir / "logs")
         self.mode = self.journal.get_meta("mode", s.mode)
+        self.metrics.bind_mode(lambda: self.mode)
         self.url = ""  # set by the server once bound
         self.gen: Generation | None = None
         self.generation = -1
@@ -128,6 +130,7 @@ class Supervisor:
     # ------------------------------------------------------------------ lifecycle ---------
     async def start(self) -> None:
         """Re-adopt or launch, and finish whatever the last daemon left half done."""
+        self._spawn(self.metrics.watch_loop_lag())
         last = self.journal.last_generation()
         resumed = False
         if last is not None:
@@ -358,6 +361,7 @@ class Supervisor:
     def heartbeat(self, hb: Heartbeat) -> None:
         if hb.run_id != self.settings.run.run_id or hb.generation != self.generation:
             return
+        self.metrics.observe_heartbeat(hb)
         if self.gen is not None and hb.rank not in self.gen.rank_pids:
             self.gen.note_rank_pid(hb.rank, hb.pid)
             self.journal.set_meta(f"generation_{self.generation}",
@@ -397,7 +401,7 @@ class Supervisor:
             self._valid_cache = None
             self.journal.record_checkpoint(ev.step, path=str(self.workdir / "checkpoint" / f"step-{ev.step}"),
                                            state="valid", save_seconds=ev.seconds, at=ev.wall_time)
-            self.metrics.set_checkpoint(ev.step, saved_at=ev.wall_time)
+            self.metrics.set_checkpoint(ev.step, saved_at=ev.wall_time, save_seconds=ev.seconds)
             if self.incident_id is None:
                 self.lkg_candidate = ev.step
             self._recommend_interval()
@@ -530,6 +534,7 @@ class Supervisor:
     def _close_incident(self, resolution: str) -> None:
         if self.incident_id is not None:
             self.journal.close_incident(self.incident_id, resolution)
+            self.metrics.observe_incident_closed()
             self.incident_id = None
 
     # ------------------------------------------------------------------ actions ------------
@@ -571,6 +576,7 @@ class Supervisor:
             if a.finding is not None and a.decision is not None:
                 self.history.record(a.finding, a.decision)
                 self.journal.set_meta("policy_history", self.history.to_dict())
+                self.metrics.set_policy_budget(self.policy.config, self.history, time.time())
             if self.state not in ("stopped", "paused", "finished"):
                 self._close_on_next_record = f"{a.kind} done (action {a.id})"
             self.log.info("action done", id=a.id, kind=a.kind, outcome=outcome)
