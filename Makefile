@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast drills bench lint clean
+.PHONY: setup demo test test-fast drills bench lint clean obs-tools alerts dashboards
 
 setup: $(STAMP)
 
@@ -29,6 +29,27 @@ test-fast: setup
 
 drills: setup
 	$(PY) -m pytest -q -m drill
+
+# Observability binaries from apt (Debian/Ubuntu: Prometheus 2.42, Alertmanager 0.25); a no-op
+# when they are installed. Without apt (or root) the tests that need them skip and say why.
+obs-tools:
+	@if command -v promtool >/dev/null && command -v amtool >/dev/null && command -v prometheus >/dev/null \
+	   && (command -v prometheus-alertmanager >/dev/null || command -v alertmanager >/dev/null); then \
+	  echo "obs-tools: present"; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends prometheus prometheus-alertmanager >/dev/null && echo "obs-tools: installed"; \
+	else echo "obs-tools: no apt-get here; promtool/amtool tests will be skipped"; fi
+
+# promtool check/test rules, amtool check-config, dashboards vs schemas, metrics contract.
+alerts: setup obs-tools
+	$(PY) -m pytest -q tests/unit/test_alerts.py tests/unit/test_dashboards.py tests/unit/test_metrics_contract.py
+
+# Regenerate the committed dashboards and the metrics page after changing them.
+dashboards: setup
+	$(PY) -m alerts.dashboards.generate
+	$(PY) -m supervisor.metrics_doc > docs/metrics.md
 
 bench: setup
 	$(PY) bench/overhead.py

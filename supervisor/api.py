@@ -53,6 +53,7 @@ class _Reject(Exception):
 
 def build_app(sup) -> FastAPI:
     app = FastAPI(title="titan-supervisor", version="1", description="Supervisor daemon for torchtitan runs.")
+    sup.metrics.instrument(app)  # request counts and latency by route (supervisor/metrics.py)
 
     @app.exception_handler(_Reject)
     async def _reject(request: Request, exc: _Reject):

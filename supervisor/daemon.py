@@ -43,6 +43,7 @@ from supervisor.pager import Pager
 from supervisor.policy import History, Policy, RunState
 from supervisor.protocol import Heartbeat, StepRecord, TelemetryBatch, TelemetryReply
 from supervisor.remedies import Remedies
+from supervisor.run_plan import trainer_flags
 from supervisor.run_state import RunStatus
 from supervisor.settings import ConfigError, Settings
 from supervisor.spool import SpoolError, read_spool, spool_path
@@ -62,32 +63,35 @@ class Supervisor:
         self.log = logger or log.get()
         self.workdir = s.run.workdir.resolve()
         (self.workdir / "supervisor").mkdir(parents=True, exist_ok=True)
-        self.journal = j = Journal.open(s.journal_path)
+        self.journal = j = Journal.open(s.journal_path, s.journal)
         self.metrics = Metrics()
         self.metrics.set_run_info(s.run.run_id, preset=s.run.preset)
-        self.catalog = Catalog(self.workdir / "checkpoint", self.workdir / "quarantine",
-                               Catalog.Config(keep_last=s.checkpoints.keep_last,
-                                              in_progress_grace_s=s.checkpoints.in_progress_grace_s))
+        self.catalog = Catalog(self.workdir / "checkpoint", self.workdir / "quarantine", s.checkpoints.catalog)
         self.ledger = CheckpointLedger(self.catalog, j, self.log)
         self.suite = DetectorSuite(s.detector_config(), reference=self._reference_curve())
         self.decisions = DecisionLoop(Policy(s.policy_config()), History.from_dict(j.get_meta("policy_history") or {}))
+        self.metrics.set_policy_budget(self.decisions.policy.config, self.decisions.history, time.time())
         self.status = RunStatus(j, self.metrics, self.log, total_steps=s.run.steps)
         self.incidents = IncidentTracker(j, self.metrics)
-        self.directives = DirectiveChannel(j, spool_path(self.workdir))
-        self.generations = Generations(LocalLauncher(self.workdir / "logs"), j, self.log, self.metrics,
+        self.directives = DirectiveChannel(j, spool_path(self.workdir), max_acks=s.daemon.directive_acks_kept,
+                                           poll_s=s.launch.directive_poll_s)
+        self.generations = Generations(LocalLauncher(self.workdir / "logs", s.launch.local), j, self.log, self.metrics,
                                        spec=self._spec, stop_grace_s=s.launch.stop_grace_s, run_id=s.run.run_id,
                                        hooks=self)
-        self.pager = Pager(s.page.webhook_url, j, self.metrics, self.log, context=self._page_context)
+        self.pager = Pager(s.page.webhook_url, j, self.metrics, self.log, context=self._page_context,
+                           attempts=s.page.attempts, max_wait_s=s.page.backoff_max_s, timeout_s=s.page.timeout_s)
         self.step_times: list[float] = []
         self.remedies = Remedies(generations=self.generations, ledger=self.ledger, directives=self.directives,
                                  pager=self.pager, journal=j, status=self.status, suite=self.suite,
                                  metrics=self.metrics, log=self.log, step_times=self.step_times,
-                                 ranks=s.run.nproc_per_node, directive_timeout_s=s.launch.directive_timeout_s)
+                                 ranks=s.run.nproc_per_node, directive_timeout_s=s.launch.directive_timeout_s,
+                                 poll_s=s.launch.directive_poll_s, stack_dump_chars=s.launch.stack_dump_chars)
         self.runner = ActionRunner(self.decisions, self.remedies, j, self.metrics, self.log, spawn=self.spawn,
                                    context=lambda: {"generation": self.generation, "from_step": self.last_step},
                                    on_done=self._action_done)
         self.interval = IntervalAdvisor(s.checkpoints, s.run.checkpoint_interval, s.run.preset, j, self.metrics)
         self.mode = j.get_meta("mode", s.mode)
+        self.metrics.bind_mode(lambda: self.mode)
         self.url = ""  # set by the server once bound
         self.last_record: StepRecord | None = None
         self._steps_buffer: list[StepRecord] = []
@@ -117,6 +121,7 @@ class Supervisor:
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Re-adopt or launch, and finish whatever the last daemon left half done."""
+        self.spawn(self.metrics.watch_loop_lag())
         last = self.journal.last_generation()
         adopted = False
         if last is not None:
@@ -159,7 +164,7 @@ class Supervisor:
     def _catch_up_from_spool(self) -> None:
         """Rebuild the detectors' windows from the trainer's spool and journal the steps the daemon
         missed while it was down. Findings from this replay are not acted on again."""
-        journaled = {r["step"] for r in self.journal.recent_steps(limit=100_000, generation=self.generation)}
+        journaled = {r["step"] for r in self.journal.recent_steps(limit=self.settings.daemon.catchup_journal_steps, generation=self.generation)}
         segment: list[StepRecord] = []
         missed: list[StepRecord] = []
         for obj in read_spool(spool_path(self.workdir), strict=False):
@@ -205,7 +210,7 @@ class Supervisor:
                           supervisor_url=self.url, run_id=r.run_id, load_step=load_step,
                           skip_batches=skip_batches, lr_scale=lr_scale, lr_ramp_steps=ramp_steps,
                           steps=self.status.total_steps, checkpoint_interval=self.interval.current,
-                          faults=r.faults, extra_args=list(r.trainer_args), python=r.python,
+                          faults=r.faults, extra_args=trainer_flags(self.settings), python=r.python,
                           env=dict(r.env, **({TRAINER_TOKEN_ENV: self.trainer_token} if self.trainer_token else {})),
                           optimizer_json=self._optimizer_json())
 
@@ -261,7 +266,7 @@ class Supervisor:
 
         pf = self.settings.preflight
         try:
-            report = preflight(build_plan(self.settings, psutil.virtual_memory().total / 2**30))
+            report = preflight(build_plan(self.settings, psutil.virtual_memory().total / 2**30), pf.thresholds)
         except ValueError as e:
             raise PreflightFailed(f"preflight could not read the plan: {e}") from None
         summary = report.to_dict()
@@ -296,6 +301,7 @@ class Supervisor:
     def heartbeat(self, hb: Heartbeat) -> None:
         if hb.run_id != self.settings.run.run_id or hb.generation != self.generation:
             return
+        self.metrics.observe_heartbeat(hb)
         self.generations.note_rank_pid(hb.rank, hb.pid)
         for f in self.suite.observe_heartbeat(hb):
             self.on_finding(f)
@@ -312,7 +318,7 @@ class Supervisor:
         self.status.last_step = rec.step
         if math.isfinite(rec.step_seconds) and not rec.update_skipped:
             self.step_times.append(rec.step_seconds)
-            del self.step_times[:-500]
+            del self.step_times[:-self.settings.daemon.step_time_window]
         for f in self.suite.observe_record(rec):
             self.on_finding(f)
         self._maybe_pin_last_known_good(rec.step)
@@ -326,11 +332,11 @@ class Supervisor:
     def _on_event(self, ev) -> None:
         if ev.kind == "checkpoint_saved":
             self.ledger.saved(ev.step, str(self.workdir / "checkpoint" / f"step-{ev.step}"), ev.seconds, ev.wall_time)
-            self.metrics.set_checkpoint(ev.step, saved_at=ev.wall_time)
+            self.metrics.set_checkpoint(ev.step, saved_at=ev.wall_time, save_seconds=ev.seconds)
             if self.incidents.current is None:
                 self._lkg_candidate = ev.step
             self._advise_interval()
-            if self.settings.checkpoints.keep_last:
+            if self.settings.checkpoints.catalog.keep_last:
                 self.ledger.apply_retention()
         elif ev.kind == "directive_applied":
             self.directives.applied(ev)
@@ -358,7 +364,7 @@ class Supervisor:
     def _maybe_pin_last_known_good(self, step: int) -> None:
         """A checkpoint with healthy telemetry after it becomes the pinned last-known-good."""
         c = self._lkg_candidate
-        if c is not None and self.incidents.current is None and step >= c + 3:
+        if c is not None and self.incidents.current is None and step >= c + self.settings.checkpoints.lkg_healthy_steps:
             self.ledger.pin_last_known_good(c)
             self._lkg_candidate = None
 
@@ -400,6 +406,7 @@ class Supervisor:
 
     def _action_done(self, a) -> None:
         self.journal.set_meta("policy_history", self.decisions.history.to_dict())
+        self.metrics.set_policy_budget(self.decisions.policy.config, self.decisions.history, time.time())
         if not self.status.at_rest:
             self.incidents.close_when_training_resumes(f"{a.kind} done (action {a.id})")
 
@@ -410,6 +417,7 @@ class Supervisor:
                 await self.reconcile_once()
             except Exception as e:  # noqa: BLE001 - the loop must survive a bad tick
                 self.log.error("reconcile tick failed", error=repr(e))
+            self.last_reconcile_at = time.monotonic()  # read by the systemd watchdog (service.py)
             await asyncio.sleep(self.settings.launch.poll_interval_s)
 
     async def reconcile_once(self) -> None:

@@ -132,8 +132,7 @@ def _scrape(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if not s.labels:
-                out[s.name] = s.value
+            out[s.name] = out.get(s.name, 0.0) + s.value  # labelled series sum (lost steps by kind)
     return out
 
 

@@ -26,13 +26,11 @@ from supervisor.spool import read_spool
 class DirectiveChannel:
     """Queue directives for the running generation and collect their acknowledgements."""
 
-    #: acknowledgements kept for operator commands that poll for them
-    MAX_ACKS = 1000
-
-    def __init__(self, journal, spool: Path, *, poll_s: float = 0.05) -> None:
+    def __init__(self, journal, spool: Path, *, max_acks: int = 1000, poll_s: float = 0.05) -> None:
         self._journal = journal
         self._spool = spool
         self._poll_s = poll_s
+        self._max_acks = max_acks  # acknowledgements kept for operator commands that poll for them
         self.pending: dict[str, Directive] = {}
         self._acks: dict[str, DirectiveApplied] = {}
 
@@ -56,7 +54,7 @@ class DirectiveChannel:
         """The trainer's acknowledgement arrived (from telemetry)."""
         self.pending.pop(ev.directive_id, None)
         self._acks[ev.directive_id] = ev
-        if len(self._acks) > self.MAX_ACKS:
+        if len(self._acks) > self._max_acks:
             self._acks.pop(next(iter(self._acks)))
 
     def ack(self, directive_id: str) -> DirectiveApplied | None:

@@ -25,6 +25,7 @@ class IncidentTracker:
     def close(self, resolution: str) -> None:
         if self.current is not None:
             self._journal.close_incident(self.current, resolution)
+            self._metrics.observe_incident_closed()
             self.current = None
 
     def close_when_training_resumes(self, resolution: str) -> None:

@@ -4,7 +4,7 @@ The formula is pure (`supervisor.checkpoint_interval`); this part gathers its in
 measured save cost (median of the journal's recent saves), the MTBF observed in the journal's
 failure incidents (a configured prior until the first failure) and the median step time — exports
 the recommendation, and says when the live trainer's interval should change (``checkpoints.adaptive``,
-with ±20% hysteresis so the estimate's noise does not churn the trainer).
+with `checkpoints.interval_hysteresis` (±20%) so the estimate's noise does not churn the trainer).
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ class IntervalChange:
 
 
 class IntervalAdvisor:
-    #: a recommendation within this fraction of the current interval is not applied
-    HYSTERESIS = 0.2
-
     def __init__(self, config, configured_interval: int | None, preset: str, journal, metrics) -> None:
         self.config = config  # settings.checkpoints
         preset_cfg = PRESET_TRAINING.get(preset)
@@ -53,7 +50,7 @@ class IntervalAdvisor:
         was = self.current
         if not c.adaptive or not may_apply:
             return None
-        if was is not None and abs(rec.steps - was) <= self.HYSTERESIS * was:
+        if was is not None and abs(rec.steps - was) <= c.interval_hysteresis * was:
             return None
         reason = (f"Young/Daly: {rec.formula} with C={rec.inputs['save_cost_s']:.3g}s, "
                   f"MTBF={rec.inputs['mtbf_s']:.4g}s, step={rec.inputs['step_seconds']:.3g}s "

@@ -1,5 +1,14 @@
 """Prometheus metrics of the daemon (DESIGN.md §2, §3): what Prometheus scrapes at /metrics.
 
+The contract is the `SERIES` table below: every series with its type, unit, labels and meaning.
+The registry is built from it and `docs/metrics.md` is generated from it
+(`python -m supervisor.metrics_doc`), so the documentation cannot drift from the exposition;
+`tests/unit/test_metrics_contract.py` checks both, and `promtool check metrics` on a scrape.
+
+Naming follows Prometheus conventions: base units (seconds, bytes), `_total` on counters, unit
+suffixes, `titan_run_info` for run identity, and bounded label sets only (kind/cause/action
+enums, rank, node, HTTP route template and status code) — never a step number or free text.
+
 Each `Metrics` owns its own ``CollectorRegistry`` (never the process-global default), so tests
 and several supervisors in one process do not collide.
 
@@ -8,26 +17,112 @@ Failure model and guarantees:
   what a non-finite step looks like), and unknown states or kinds simply add a label value.
 - Gauges fed from step records follow the newest record by wall time; a late or resent older
   record does not move them backwards (counters it carries are still counted).
-- ``titan_last_checkpoint_age_seconds`` is computed at scrape time from the stored save time,
-  so it keeps growing while nothing saves; it is absent until a checkpoint is known.
+- Ages (checkpoint, last step, heartbeat per rank) are computed at scrape time from stored wall
+  times, so they keep growing while nothing arrives; each is absent until its first event.
 - ``dropped_records`` on a StepRecord is the trainer process's running total (see
-  training/telemetry.py), so ``titan_dropped_records_total`` grows by its increase per
+  training/telemetry.py), so ``titan_telemetry_dropped_records_total`` grows by its increase per
   generation (a new generation is a new process whose count starts at 0); resent or
   reordered records never count twice.
+- Restarts, rollbacks and lost work are attributed to the kind of the incident open when they
+  happen (``observe_incident``), else ``operator``; the daemon has one open incident at a time.
+- Scrape-time callbacks (``bind_mode``) that raise are skipped for that scrape, never fail it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import statistics
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               Info, disable_created_metrics)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+
+# `*_created` series double the series count and Prometheus 2.x stores them as plain gauges:
+# off for the whole (daemon) process.
+disable_created_metrics()
+
+GIB = 1024 ** 3
+ROLLBACK_KINDS = frozenset({"rollback", "rollback_lr_down"})
+RESTART_KINDS = frozenset({"restart", "kill_restart_hang", "exclude_node"})
+STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+SAVE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of the metrics contract (name without the namespace prefix)."""
+
+    name: str
+    type: str  # gauge | counter | histogram | info
+    unit: str
+    labels: tuple[str, ...]
+    help: str
+
+
+SERIES: tuple[Series, ...] = (
+    Series("run", "info", "", ("run_id", "preset"), "Identity of the supervised run (value 1)."),
+    Series("trainer_up", "gauge", "", (), "1 while a training generation is running under the supervisor."),
+    Series("supervisor_state", "gauge", "", ("state",), "1 for the supervisor's current state, else 0."),
+    Series("policy_mode", "gauge", "", ("mode",), "1 for the policy mode in force (auto, advise, off), else 0."),
+    Series("policy_budget_remaining", "gauge", "", ("budget",),
+           "Policy ladder budget left: rollbacks_run, rollbacks_region (newest region), restarts_window."),
+    Series("human_needed", "gauge", "", (),
+           "1 after the policy stopped the run and paged (budget exhausted) until it runs again."),
+    Series("step", "gauge", "", (), "Newest optimizer step reported by rank 0."),
+    Series("loss", "gauge", "", (), "Training loss at the newest step (NaN/Inf exported as-is)."),
+    Series("grad_norm", "gauge", "", (), "Pre-clip total gradient norm at the newest step."),
+    Series("lr", "gauge", "", (), "Learning rate at the newest step (after lr_scale)."),
+    Series("lr_scale", "gauge", "", (), "LR scale the supervisor applied (1 = as scheduled)."),
+    Series("tokens_per_second", "gauge", "tokens/s", (), "Training throughput at the newest step."),
+    Series("step_seconds", "gauge", "seconds", (), "Wall seconds of the newest step (rank 0)."),
+    Series("step_duration_seconds", "histogram", "seconds", (), "Distribution of step wall seconds (rank 0)."),
+    Series("rank_step_seconds", "gauge", "seconds", ("rank", "node"),
+           "Per-rank seconds of the newest gathered step (outside collective waits; every K steps)."),
+    Series("rank_heartbeat_age_seconds", "gauge", "seconds", ("rank", "node"),
+           "Seconds since each rank's last heartbeat of the current generation (scrape time)."),
+    Series("last_step_age_seconds", "gauge", "seconds", (), "Seconds since the newest step record arrived (scrape time)."),
+    Series("last_step_timestamp_seconds", "gauge", "seconds", (), "Wall time of the newest step record (Unix seconds)."),
+    Series("peak_memory_bytes", "gauge", "bytes", (), "Peak accelerator memory at the newest step."),
+    Series("generation", "gauge", "", (), "Current generation (process restart count of the job)."),
+    Series("open_incidents", "gauge", "", ("kind",), "Incidents open (or acked) and not yet closed, by kind."),
+    Series("incidents_total", "counter", "", ("kind",), "Incidents opened, by kind."),
+    Series("findings_total", "counter", "", ("kind",), "Detector findings, by kind."),
+    Series("decisions_total", "counter", "", ("action", "advisory"), "Policy decisions, by action."),
+    Series("actions_total", "counter", "", ("kind", "result"), "Actions carried out, by kind and result."),
+    Series("restarts_total", "counter", "", ("cause",), "Generations restarted by the supervisor, by incident kind."),
+    Series("rollbacks_total", "counter", "", ("cause",), "Rollbacks carried out, by incident kind (operator for commands)."),
+    Series("lost_steps_total", "counter", "", ("kind",), "Optimizer steps redone after rollbacks and restarts, by incident kind."),
+    Series("lost_gpu_seconds_total", "counter", "seconds", ("kind",),
+           "GPU-seconds lost to incidents (steps redone x step time x GPUs), by incident kind."),
+    Series("updates_skipped_total", "counter", "", (), "Optimizer updates the trainer skipped."),
+    Series("goodput_ratio", "gauge", "ratio", (),
+           "Effective training time ratio (ETTR): final step x median step time / wall time since the run started."),
+    Series("checkpoint_last_step", "gauge", "", (), "Step of the newest valid checkpoint."),
+    Series("checkpoint_age_seconds", "gauge", "seconds", (), "Seconds since the newest checkpoint was saved (scrape time)."),
+    Series("checkpoint_save_seconds", "gauge", "seconds", (), "Wall seconds the newest checkpoint save took."),
+    Series("checkpoint_save_duration_seconds", "histogram", "seconds", (), "Distribution of checkpoint save seconds."),
+    Series("checkpoint_interval_steps", "gauge", "steps", (), "Checkpoint interval applied to the trainer."),
+    Series("checkpoint_interval_seconds", "gauge", "seconds", (),
+           "Applied checkpoint interval in seconds (steps x median step time); the stale alert compares the age with it."),
+    Series("recommended_checkpoint_interval_steps", "gauge", "steps", (),
+           "Checkpoint interval that minimizes expected lost time (Young/Daly)."),
+    Series("telemetry_dropped_records_total", "counter", "", (),
+           "Telemetry records the trainer dropped (daemon slow or away)."),
+    Series("http_requests_total", "counter", "", ("route", "code"),
+           "HTTP requests answered, by route template and status code (4xx on /v1/telemetry = refused telemetry)."),
+    Series("http_request_duration_seconds", "histogram", "seconds", ("route",),
+           "HTTP handling latency by route template (ingest latency on /v1/telemetry)."),
+    Series("event_loop_lag_seconds", "gauge", "seconds", (),
+           "How late the daemon's asyncio loop ran a 1 s timer (a blocked loop delays every decision)."),
+)
 
 
 def _field(rec: Any, name: str, default: Any = None) -> Any:
@@ -36,33 +131,52 @@ def _field(rec: Any, name: str, default: Any = None) -> Any:
     return getattr(rec, name, default)
 
 
-class _CheckpointAge(Collector):
-    """``<ns>_last_checkpoint_age_seconds`` = now - last save time, evaluated per scrape."""
+class _ScrapeTime(Collector):
+    """Series computed when Prometheus scrapes: ages from stored wall times, the policy mode."""
 
-    def __init__(self, name: str, clock: Callable[[], float]) -> None:
-        self._name = name
-        self._clock = clock
-        self.saved_at: float | None = None
+    def __init__(self, owner: "Metrics") -> None:
+        self.m = owner
 
     def describe(self) -> Iterable[Metric]:
-        yield GaugeMetricFamily(self._name, "Seconds since the newest checkpoint was saved.")
+        return []
 
     def collect(self) -> Iterable[Metric]:
-        fam = GaugeMetricFamily(self._name, "Seconds since the newest checkpoint was saved.")
-        if self.saved_at is not None:
-            fam.add_metric([], max(0.0, self._clock() - self.saved_at))
-        yield fam
+        m, ns, now = self.m, self.m.config.namespace, self.m._clock()
+        doc = {s.name: s.help for s in SERIES}
+
+        def fam(name: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{ns}_{name}", doc[name], labels=list(labels))
+
+        ckpt, last, hb, mode = (fam("checkpoint_age_seconds"), fam("last_step_age_seconds"),
+                                fam("rank_heartbeat_age_seconds", ("rank", "node")), fam("policy_mode", ("mode",)))
+        with m._lock:
+            if m._ckpt_saved_at is not None:
+                ckpt.add_metric([], max(0.0, now - m._ckpt_saved_at))
+            if m._last_step_seen_at is not None:
+                last.add_metric([], max(0.0, now - m._last_step_seen_at))
+            for rank, (seen, host) in sorted(m._heartbeats.items()):
+                hb.add_metric([str(rank), host], max(0.0, now - seen))
+        if m._mode_source is not None:
+            try:
+                current = str(m._mode_source())
+                for md in sorted(set(m.config.modes) | {current}):
+                    mode.add_metric([md], 1.0 if md == current else 0.0)
+            except Exception:  # noqa: BLE001 - a scrape never fails for a callback
+                pass
+        yield from (ckpt, last, hb, mode)
 
 
 class Metrics:
-    """All ``titan_*`` series, with update methods for step records, findings, incidents,
-    decisions, actions and checkpoints."""
+    """All ``titan_*`` series, with update methods for step records, heartbeats, findings,
+    incidents, decisions, actions, checkpoints and HTTP requests."""
 
     @dataclass
     class Config:
         namespace: str = "titan"
         states: tuple[str, ...] = ("starting", "running", "recovering", "paused", "stopped",
                                    "failed", "finished")
+        modes: tuple[str, ...] = ("auto", "advise", "off")
+        loop_lag_period_s: float = 1.0
 
     def __init__(self, config: Config | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -74,142 +188,235 @@ class Metrics:
         self._dropped_seen: dict[int, int] = {}  # generation -> highest running total seen
         self._state: str | None = None
         self._known_states: list[str] = list(self.config.states)
-        ns = self.config.namespace
-        r = self.registry
-
-        def g(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
-            return Gauge(f"{ns}_{name}", doc, labels, registry=r)
-
-        def c(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-            return Counter(f"{ns}_{name}", doc, labels, registry=r)
-
-        self.up = g("up", "1 while a training generation is running under the supervisor.")
-        self.step = g("step", "Newest optimizer step reported by rank 0.")
-        self.loss = g("loss", "Training loss at the newest step.")
-        self.grad_norm = g("grad_norm", "Pre-clip total gradient norm at the newest step.")
-        self.lr = g("lr", "Learning rate at the newest step (after lr_scale).")
-        self.lr_scale = g("lr_scale", "LR scale the supervisor applied (1 = as scheduled).")
-        self.tokens_per_second = g("tokens_per_second", "Training throughput, tokens per second.")
-        self.step_seconds = g("step_seconds", "Wall seconds of the newest step.")
-        self.peak_memory_gib = g("peak_memory_gib", "Peak accelerator memory at the newest step.")
-        self.generation = g("generation", "Current generation (process restart count of the job).")
-        self.last_step_timestamp = g("last_step_timestamp_seconds",
-                                     "Wall time of the newest step record (Unix seconds).")
-        self.state = g("supervisor_state", "1 for the supervisor's current state, else 0.",
-                       ("state",))
-        self.open_incidents = g("open_incidents", "Incidents open or acked, not yet closed.")
-        self.last_checkpoint_step = g("last_checkpoint_step", "Step of the newest valid checkpoint.")
-        self.goodput_ratio = g("goodput_ratio",
-                               "Productive training time / wall time since the run started.")
-        self.checkpoint_interval = g("checkpoint_interval_steps", "Current checkpoint interval.")
-        self.recommended_checkpoint_interval = g(
-            "recommended_checkpoint_interval_steps",
-            "Checkpoint interval that minimizes expected lost time (Young/Daly).")
-        self.incidents = c("incidents", "Incidents opened, by kind.", ("kind",))
-        self.findings = c("findings", "Detector findings, by kind.", ("kind",))
-        self.decisions = c("decisions", "Policy decisions, by action.", ("action", "advisory"))
-        self.actions = c("actions", "Actions carried out, by kind and result.", ("kind", "result"))
-        self.lost_steps = c("lost_steps", "Optimizer steps redone after rollbacks and restarts.")
-        self.lost_gpu_hours = c("lost_gpu_hours", "GPU hours lost to incidents.")
-        self.dropped_records = c("dropped_records",
-                                 "Telemetry records the trainer dropped (daemon slow or away).")
-        self.updates_skipped = c("updates_skipped", "Optimizer updates the trainer skipped.")
-        self.restarts = c("restarts", "Generations restarted by the supervisor.")
-        self.run_info = Info(f"{ns}_run", "The supervised run.", registry=r)
-        self._ckpt_age = _CheckpointAge(f"{ns}_last_checkpoint_age_seconds", clock)
-        r.register(self._ckpt_age)
+        self._incident_kind: str | None = None
+        self._ckpt_saved_at: float | None = None
+        self._last_step_seen_at: float | None = None
+        self._heartbeats: dict[int, tuple[float, str]] = {}  # rank -> (received at, host)
+        self._hb_generation: int | None = None
+        self._mode_source: Callable[[], str] | None = None
+        self._median_step_s: float | None = None
+        self._interval_steps: int | None = None
+        self._step_window: list[float] = []  # recent non-skipped step seconds (median)
+        self.m: dict[str, Any] = {}
+        self._build()
+        self.generation = self.m["generation"]  # the daemon sets it on launch
         for s in self._known_states:
-            self.state.labels(state=s).set(0)
+            self.m["supervisor_state"].labels(state=s).set(0)
+        self.m["human_needed"].set(0)
 
-    # -- updates ---------------------------------------------------------------------------
+    def _build(self) -> None:
+        ns, r = self.config.namespace, self.registry
+        buckets = {"step_duration_seconds": STEP_BUCKETS, "http_request_duration_seconds": LATENCY_BUCKETS,
+                   "checkpoint_save_duration_seconds": SAVE_BUCKETS}
+        scrape_time = {"checkpoint_age_seconds", "last_step_age_seconds", "rank_heartbeat_age_seconds",
+                       "policy_mode"}
+        for s in SERIES:
+            if s.name in scrape_time:
+                continue
+            full = f"{ns}_{s.name}"
+            if s.type == "gauge":
+                self.m[s.name] = Gauge(full, s.help, s.labels, registry=r)
+            elif s.type == "counter":
+                self.m[s.name] = Counter(full.removesuffix("_total"), s.help, s.labels, registry=r)
+            elif s.type == "histogram":
+                self.m[s.name] = Histogram(full, s.help, s.labels, buckets=buckets[s.name], registry=r)
+            elif s.type == "info":
+                self.m[s.name] = Info(full, s.help, registry=r)
+        r.register(_ScrapeTime(self))
+
+    # -- step records and heartbeats ------------------------------------------------------
 
     def observe_step(self, record: Any) -> None:
         """Update from a StepRecord (or a mapping with the same field names)."""
+        m = self.m
         with self._lock:
             gen = int(_field(record, "generation", 0) or 0)
             total = int(_field(record, "dropped_records", 0) or 0)
             seen = self._dropped_seen.get(gen, 0)
             if total > seen:
-                self.dropped_records.inc(total - seen)
+                m["telemetry_dropped_records_total"].inc(total - seen)
                 self._dropped_seen[gen] = total
             if _field(record, "update_skipped", False):
-                self.updates_skipped.inc()
+                m["updates_skipped_total"].inc()
+            secs = _field(record, "step_seconds")
+            if secs is not None and math.isfinite(secs):
+                m["step_duration_seconds"].observe(secs)
+                if not _field(record, "update_skipped", False):
+                    self._step_window = (self._step_window + [float(secs)])[-500:]
+                    self._median_step_s = statistics.median(self._step_window)
+                    self._update_interval_seconds()
             wall = float(_field(record, "wall_time", 0.0) or 0.0)
             if wall < self._last_wall:
                 return
             self._last_wall = wall
-            self.step.set(_field(record, "step"))
-            self.generation.set(_field(record, "generation"))
-            self.loss.set(_field(record, "loss"))
-            self.grad_norm.set(_field(record, "grad_norm"))
-            self.lr.set(_field(record, "lr"))
-            self.lr_scale.set(_field(record, "lr_scale", 1.0))
-            self.tokens_per_second.set(_field(record, "tokens_per_s"))
-            self.step_seconds.set(_field(record, "step_seconds"))
-            self.peak_memory_gib.set(_field(record, "peak_mem_gib", 0.0) or 0.0)
-            self.last_step_timestamp.set(wall)
+            self._last_step_seen_at = self._clock()
+            for name, fld in (("step", "step"), ("generation", "generation"), ("loss", "loss"),
+                              ("grad_norm", "grad_norm"), ("lr", "lr"), ("tokens_per_second", "tokens_per_s"),
+                              ("step_seconds", "step_seconds")):
+                m[name].set(_field(record, fld))
+            m["lr_scale"].set(_field(record, "lr_scale", 1.0))
+            m["peak_memory_bytes"].set((_field(record, "peak_mem_gib", 0.0) or 0.0) * GIB)
+            m["last_step_timestamp_seconds"].set(wall)
+            for rank, t in enumerate(_field(record, "rank_step_seconds", None) or []):
+                host = self._heartbeats.get(rank, (0.0, ""))[1]
+                m["rank_step_seconds"].labels(rank=str(rank), node=host).set(t)
+
+    def observe_heartbeat(self, hb: Any) -> None:
+        """A rank's heartbeat of the current generation (a new generation forgets the old ranks)."""
+        gen = int(_field(hb, "generation", 0) or 0)
+        with self._lock:
+            if self._hb_generation != gen:
+                self._heartbeats.clear()
+                self.m["rank_step_seconds"].clear()
+                self._hb_generation = gen
+            self._heartbeats[int(_field(hb, "rank"))] = (self._clock(), str(_field(hb, "host", "") or ""))
+
+    # -- findings, incidents, decisions, actions --------------------------------------------
 
     def observe_finding(self, kind: str) -> None:
-        self.findings.labels(kind=kind).inc()
+        self.m["findings_total"].labels(kind=kind).inc()
 
     def observe_incident(self, kind: str) -> None:
-        self.incidents.labels(kind=kind).inc()
+        """An incident opened; restarts, rollbacks and lost work are attributed to it until closed."""
+        with self._lock:
+            if self._incident_kind is not None:
+                self.m["open_incidents"].labels(kind=self._incident_kind).set(0)
+            self._incident_kind = kind
+            self.m["incidents_total"].labels(kind=kind).inc()
+            self.m["open_incidents"].labels(kind=kind).set(1)
+
+    def observe_incident_closed(self) -> None:
+        with self._lock:
+            if self._incident_kind is not None:
+                self.m["open_incidents"].labels(kind=self._incident_kind).set(0)
+            self._incident_kind = None
+
+    @property
+    def cause(self) -> str:
+        """What restarts/rollbacks/lost work are attributed to right now."""
+        return self._incident_kind or "operator"
 
     def observe_decision(self, action: str, advisory: bool = False) -> None:
-        self.decisions.labels(action=action, advisory=str(bool(advisory)).lower()).inc()
+        self.m["decisions_total"].labels(action=action, advisory=str(bool(advisory)).lower()).inc()
 
     def observe_action(self, kind: str, result: str) -> None:
-        """Count one finished action; ``result`` is done | failed | abandoned."""
-        self.actions.labels(kind=kind, result=result).inc()
-        if kind == "restart" and result == "done":
-            self.restarts.inc()
+        """Count one finished action; ``result`` is done | failed | abandoned | sent."""
+        self.m["actions_total"].labels(kind=kind, result=result).inc()
+        if result != "done":
+            return
+        if kind in RESTART_KINDS:
+            self.m["restarts_total"].labels(cause=self.cause).inc()
+        elif kind in ROLLBACK_KINDS:
+            self.m["rollbacks_total"].labels(cause=self.cause).inc()
+        elif kind == "stop_page":
+            self.m["human_needed"].set(1)
 
     def set_state(self, state: str) -> None:
         with self._lock:
             if state not in self._known_states:
                 self._known_states.append(state)
             for s in self._known_states:
-                self.state.labels(state=s).set(1 if s == state else 0)
+                self.m["supervisor_state"].labels(state=s).set(1 if s == state else 0)
             self._state = state
+            if state == "running":
+                self.m["human_needed"].set(0)
 
     @property
     def current_state(self) -> str | None:
         return self._state
 
+    def bind_mode(self, source: Callable[[], str]) -> None:
+        """``titan_policy_mode`` reads the mode from ``source`` at every scrape."""
+        self._mode_source = source
+
+    def set_policy_budget(self, config: Any, history: Any, now: float) -> None:
+        """Budget left per rung, from the policy's Config and History (supervisor/policy.py)."""
+        b = self.m["policy_budget_remaining"]
+        b.labels(budget="rollbacks_run").set(config.max_total_rollbacks - len(history.rollbacks))
+        newest = max(history.rollbacks, key=lambda r: r.wall_time, default=None)
+        near = history.rollbacks_near(newest.onset_step, config.region_width_steps) if newest else []
+        b.labels(budget="rollbacks_region").set(config.max_rollbacks_per_region - len(near))
+        recent = history.restarts_since(now - config.restart_window_seconds)
+        b.labels(budget="restarts_window").set(config.max_restarts - len(recent))
+
     def set_up(self, up: bool) -> None:
-        self.up.set(1 if up else 0)
+        self.m["trainer_up"].set(1 if up else 0)
 
-    def set_open_incidents(self, n: int) -> None:
-        self.open_incidents.set(n)
+    # -- checkpoints, goodput, lost work ----------------------------------------------------
 
-    def set_checkpoint(self, step: int, saved_at: float | None = None) -> None:
-        """The newest valid checkpoint and when it was saved (default: now)."""
-        self.last_checkpoint_step.set(step)
-        self._ckpt_age.saved_at = self._clock() if saved_at is None else float(saved_at)
+    def set_checkpoint(self, step: int, saved_at: float | None = None,
+                       save_seconds: float | None = None) -> None:
+        """The newest valid checkpoint, when it was saved (default: now) and how long it took."""
+        self.m["checkpoint_last_step"].set(step)
+        with self._lock:
+            self._ckpt_saved_at = self._clock() if saved_at is None else float(saved_at)
+        if save_seconds is not None and math.isfinite(save_seconds) and save_seconds >= 0:
+            self.m["checkpoint_save_seconds"].set(save_seconds)
+            self.m["checkpoint_save_duration_seconds"].observe(save_seconds)
 
     def set_goodput(self, ratio: float) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"goodput ratio must be in [0, 1], got {ratio}")
-        self.goodput_ratio.set(ratio)
+        self.m["goodput_ratio"].set(ratio)
 
-    def add_lost(self, steps: int = 0, gpu_hours: float = 0.0) -> None:
+    def add_lost(self, steps: int = 0, gpu_hours: float = 0.0, kind: str | None = None) -> None:
+        """Work redone after a rollback/restart, attributed to ``kind`` (default: the open incident)."""
         if steps < 0 or gpu_hours < 0:
             raise ValueError("lost steps and GPU hours only grow")
-        self.lost_steps.inc(steps)
-        self.lost_gpu_hours.inc(gpu_hours)
+        k = kind or self.cause
+        self.m["lost_steps_total"].labels(kind=k).inc(steps)
+        self.m["lost_gpu_seconds_total"].labels(kind=k).inc(gpu_hours * 3600.0)
 
-    def inc_restarts(self, n: int = 1) -> None:
+    def inc_restarts(self, n: int = 1, cause: str | None = None) -> None:
         """For restarts not carried out through `observe_action` (e.g. adopted on startup)."""
-        self.restarts.inc(n)
+        self.m["restarts_total"].labels(cause=cause or self.cause).inc(n)
 
     def set_checkpoint_interval(self, steps: int) -> None:
-        self.checkpoint_interval.set(steps)
+        self.m["checkpoint_interval_steps"].set(steps)
+        self._interval_steps = steps
+        self._update_interval_seconds()
+
+    def _update_interval_seconds(self) -> None:
+        if self._interval_steps and self._median_step_s:
+            self.m["checkpoint_interval_seconds"].set(self._interval_steps * self._median_step_s)
 
     def set_recommended_checkpoint_interval(self, steps: int) -> None:
-        self.recommended_checkpoint_interval.set(steps)
+        self.m["recommended_checkpoint_interval_steps"].set(steps)
 
-    def set_run_info(self, run_id: str, **labels: str) -> None:
-        self.run_info.info({"run_id": run_id, **{k: str(v) for k, v in labels.items()}})
+    def set_run_info(self, run_id: str, preset: str = "") -> None:
+        self.m["run"].info({"run_id": run_id, "preset": str(preset)})
+
+    # -- the daemon itself ------------------------------------------------------------------
+
+    def observe_http(self, route: str, code: int, seconds: float) -> None:
+        self.m["http_requests_total"].labels(route=route, code=str(code)).inc()
+        self.m["http_request_duration_seconds"].labels(route=route).observe(seconds)
+
+    def instrument(self, app: Any) -> None:
+        """Count and time every request of a FastAPI/Starlette ``app`` by route template."""
+        metrics = self
+
+        @app.middleware("http")
+        async def _count(request, call_next):  # noqa: ANN001 - Starlette's types
+            t0 = time.perf_counter()
+            code = 500
+            try:
+                response = await call_next(request)
+                code = response.status_code
+                return response
+            finally:
+                route = request.scope.get("route")
+                metrics.observe_http(getattr(route, "path", None) or "unmatched", code,
+                                     time.perf_counter() - t0)
+
+    async def watch_loop_lag(self) -> None:
+        """Run forever in the daemon's loop: how late a periodic timer fires is the loop lag."""
+        period = self.config.loop_lag_period_s
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(period)
+            self.m["event_loop_lag_seconds"].set(max(0.0, loop.time() - t0 - period))
 
     # -- exposition ------------------------------------------------------------------------
 

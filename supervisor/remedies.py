@@ -34,13 +34,15 @@ def lost_gpu_hours(steps: int, step_seconds: float, ranks: int) -> float:
 
 class Remedies:
     def __init__(self, *, generations, ledger, directives, pager, journal, status, suite, metrics, log,
-                 step_times: list[float], ranks: int, directive_timeout_s: float, poll_s: float = 0.05) -> None:
+                 step_times: list[float], ranks: int, directive_timeout_s: float, poll_s: float = 0.05,
+                 stack_dump_chars: int = 20_000) -> None:
         self.generations, self.ledger, self.directives, self.pager = generations, ledger, directives, pager
         self._journal, self.status, self._suite, self._metrics, self._log = journal, status, suite, metrics, log
         self._step_times = step_times  # the daemon's window of recent step seconds (read only)
         self._ranks = ranks
         self.directive_timeout_s = directive_timeout_s
         self._poll_s = poll_s
+        self._stack_dump_chars = stack_dump_chars
         #: heavy actions: action kind -> remedy (each an idempotent coroutine)
         self.table = {
             ROLLBACK: self.rollback, ROLLBACK_LR_DOWN: self.rollback,
@@ -157,7 +159,7 @@ class Remedies:
         self.status.set("recovering")
         gen = self.generations.current
         if hang and gen is not None:
-            out["stacks"] = (await asyncio.to_thread(gen.dump_stacks))[-20000:]
+            out["stacks"] = (await asyncio.to_thread(gen.dump_stacks))[-self._stack_dump_chars:]
         # A hung rank (SIGSTOPped, or stuck in a collective) ignores SIGTERM: its stacks are
         # already dumped, so kill at once.
         await self.generations.stop(f"{a.kind} (action {a.id})", grace_s=0.0 if hang else None)

@@ -24,7 +24,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from supervisor.checkpoints import Catalog
@@ -63,13 +63,6 @@ class RunSettings(_Section):
     faults: str = Field("", description="Fault-injection spec for drills (training/faults.py); empty in production.")
     python: str = Field("", description="Python interpreter for the ranks (default: the daemon's).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the ranks.")
-
-    _trainer_flags: list[str] = PrivateAttr(default_factory=list)
-
-    @property
-    def trainer_args(self) -> list[str]:
-        """Transitional, read-only: ``run_plan.trainer_flags(settings)`` (the daemon's ``_spec`` reads this)."""
-        return list(self._trainer_flags)
 
     @model_validator(mode="before")
     @classmethod
@@ -180,15 +173,6 @@ class CheckpointSettings(_Section):
             raise ValueError(f"min_interval_steps {self.min_interval_steps} > max_interval_steps {self.max_interval_steps}")
         return self
 
-    # Transitional: the daemon reads these two; new code reads ``catalog``.
-    @property
-    def keep_last(self) -> int:
-        return self.catalog.keep_last
-
-    @property
-    def in_progress_grace_s(self) -> float:
-        return self.catalog.in_progress_grace_s
-
 
 class OptimizerSettings(_Section):
     """Overrides of the preset's AdamW settings: passed to the trainer and linted by preflight."""
@@ -281,9 +265,6 @@ class Settings(BaseSettings):
             from supervisor.auth import load_token_file
 
             load_token_file(self.server.token_file)  # a bad token file is a config error at start
-        from supervisor.run_plan import trainer_flags
-
-        self.run._trainer_flags = trainer_flags(self)
         return self
 
     # --- the component configs (kept by name for the daemon and replay) ---------------------

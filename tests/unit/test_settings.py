@@ -295,16 +295,22 @@ def test_config_prints_the_effective_tree(tmp_path):
     assert _cli("config").returncode == 2
 
 
-def test_preflight_lints_the_batch_the_trainer_gets():
+def test_preflight_lints_the_batch_the_trainer_gets(tmp_path):
     """The bug this replaces: preflight linted micro-batch 4 while trainer_args passed 8."""
-    s = Settings.load(training={"local_batch_size": 8, "seq_len": 128, "seed": 3})
+    from supervisor.daemon import Supervisor
+
+    s = Settings.load(run={"workdir": str(tmp_path / "w")}, training={"local_batch_size": 8, "seq_len": 128, "seed": 3})
     plan = build_plan(s, host_memory_gib=16.0)
     flags = trainer_flags(s)
     got = dict(zip(flags[::2], flags[1::2]))
     assert got == {"--debug.seed": "3", "--training.local_batch_size": "8", "--training.seq_len": "128"}
     assert plan.layouts[0].micro_batch == 8 and plan.seq_len == 128
     assert plan.global_batch == s.run.nproc_per_node * 8
-    assert s.run.trainer_args == flags  # what the daemon passes to the launch today
+    sup = Supervisor(s)
+    try:  # what the daemon hands the launcher is exactly that
+        assert sup._spec(0, load_step=None, skip_batches=0, lr_scale=1.0).extra_args == flags
+    finally:
+        sup.journal.close()
     assert trainer_flags(Settings.load()) == []  # unset: the preset's own values, nothing passed
     s = Settings.load(training={"global_batch_size": 32})
     assert build_plan(s, 16.0).global_batch == 32 and trainer_flags(s) == ["--training.global_batch_size", "32"]

@@ -1,0 +1,154 @@
+"""Grafana annotations: the real `grafana-client` posts to a small local HTTP server that records
+each request and checks it against Grafana's annotation API (POST /api/annotations, bearer
+token, JSON with `time` in ms, `tags`, `text`, optional `dashboardUID`). No Grafana server can
+run on this machine, so that server stands in for it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from supervisor.annotations import GrafanaAnnotator
+
+
+class FakeGrafana:
+    def __init__(self, fail_first: int = 0, always_fail: bool = False, delay_s: float = 0.0) -> None:
+        self.requests: list[dict] = []
+        self.accepted: list[dict] = []
+        self.fail_first, self.always_fail, self.delay_s = fail_first, always_fail, delay_s
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                time.sleep(outer.delay_s)
+                if outer.always_fail or len(outer.requests) <= outer.fail_first:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                problems = outer.check(self.path, body)
+                code = 400 if problems else 200
+                reply = {"message": "; ".join(problems)} if problems else {"message": "Annotation added", "id": len(outer.accepted) + 1}
+                if not problems:
+                    outer.accepted.append(body)
+                data = json.dumps(reply).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def check(path: str, body: dict) -> list[str]:
+        """Grafana's POST /api/annotations contract (docs: HTTP API, annotations)."""
+        p = []
+        if path != "/api/annotations":
+            p.append(f"path {path}")
+        if not isinstance(body.get("time"), int) or body["time"] < 10 ** 12:
+            p.append("time must be epoch milliseconds")
+        if not isinstance(body.get("tags"), list) or not all(isinstance(t, str) for t in body["tags"]):
+            p.append("tags must be a list of strings")
+        if not isinstance(body.get("text"), str) or not body["text"]:
+            p.append("text required")
+        if set(body) - {"time", "timeEnd", "tags", "text", "panelId", "dashboardUID", "dashboardId"}:
+            p.append(f"unknown fields {set(body)}")
+        return p
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def grafana():
+    servers = []
+
+    def make(**kw) -> FakeGrafana:
+        servers.append(FakeGrafana(**kw))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def wait_for(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def annotator(url: str, **kw) -> GrafanaAnnotator:
+    cfg = dict(url=url, token="glsa_test", dashboard_uid="titan-run-overview", backoff_initial_s=0.01,
+               backoff_max_s=0.05)
+    cfg.update(kw)
+    return GrafanaAnnotator(GrafanaAnnotator.Config(**cfg))
+
+
+def test_opened_acted_resolved_are_posted_with_tags_in_grafana_shape(grafana):
+    g = grafana()
+    a = annotator(g.url)
+    a.post("opened", run_id="r1", kind="divergence", text="loss 9.1 at step 61", at=1_700_000_000.5, incident_id=4)
+    a.post("acted", run_id="r1", kind="divergence", action="rollback", text="hot rollback to 50", at=1_700_000_001.0)
+    a.post("resolved", run_id="r1", kind="divergence", text="training resumed at 62", at=1_700_000_002.0)
+    assert wait_for(lambda: a.sent == 3)
+    assert [r["auth"] for r in g.requests] == ["Bearer glsa_test"] * 3
+    first, acted, _ = g.accepted
+    assert first["time"] == 1_700_000_000_500 and first["dashboardUID"] == "titan-run-overview"
+    assert first["tags"] == ["titan-supervisor", "run:r1", "event:opened", "kind:divergence"]
+    assert "incident 4" in first["text"] and "loss 9.1" in first["text"]
+    assert acted["tags"][-1] == "action:rollback"
+    a.close()
+
+
+def test_retried_with_backoff_until_grafana_answers(grafana):
+    g = grafana(fail_first=2)
+    a = annotator(g.url)
+    a.post("opened", run_id="r1", kind="hang", text="rank 1 silent")
+    assert wait_for(lambda: a.sent == 1)
+    assert len(g.requests) == 3 and len(g.accepted) == 1 and a.failed == 0
+    a.close()
+
+
+def test_gives_up_after_the_attempts_and_counts_it(grafana):
+    g = grafana(always_fail=True)
+    results = []
+    a = annotator(g.url, attempts=3)
+    a.on_result = lambda ev, ok: results.append(ok)
+    a.post("opened", run_id="r1", kind="hang", text="x")
+    assert wait_for(lambda: results == [False])
+    assert len(g.requests) == 3 and a.failed == 1 and a.sent == 0
+    a.close()
+
+
+def test_post_never_blocks_and_a_full_queue_drops(grafana):
+    g = grafana(delay_s=0.5)  # a slow Grafana
+    a = annotator(g.url, queue_size=2)
+    t0 = time.perf_counter()
+    results = [a.post("opened", run_id="r1", kind="hang", text=str(i)) for i in range(6)]
+    assert time.perf_counter() - t0 < 0.1
+    assert results.count(False) >= 3 and a.dropped == results.count(False)
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="http"):
+        GrafanaAnnotator.Config(url="grafana:3000")
+    a = annotator("http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="event"):
+        a.post("exploded", run_id="r1", kind="hang", text="x")
+    a.close()
