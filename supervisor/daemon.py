@@ -661,6 +661,7 @@ class Supervisor:
                 await self.reconcile_once()
             except Exception as e:  # noqa: BLE001 - the loop must survive a bad tick
                 self.log.error("reconcile tick failed", error=repr(e))
+            self.last_reconcile_at = time.monotonic()  # read by the systemd watchdog (service.py)
             await asyncio.sleep(interval)
 
     async def reconcile_once(self) -> None:
