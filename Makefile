@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast drills bench lint clean obs-tools alerts dashboards
+.PHONY: setup demo test test-fast drills bench lint clean obs-tools alerts dashboards deploy-tools deploy-manifests deploy-check
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ demo: setup
 	$(VENV)/bin/titan-supervisor demo
 
 # The whole suite, drills included (what CI runs).
-test: setup
+test: setup obs-tools deploy-tools
 	$(PY) -m pytest -q
 
 test-fast: setup
@@ -50,6 +50,18 @@ alerts: setup obs-tools
 dashboards: setup
 	$(PY) -m alerts.dashboards.generate
 	$(PY) -m supervisor.metrics_doc > docs/metrics.md
+
+# systemd-analyze for tests/unit/test_deploy_systemd.py (the venv brings kubectl and hadolint).
+deploy-tools:
+	@command -v systemd-analyze >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
+
+# Regenerate deploy/kubernetes/base/prometheusrule.yaml from alerts/rules/*.yml.
+deploy-manifests: setup
+	$(PY) deploy/kubernetes/generate.py alerts/rules
+
+# Render + validate every overlay, verify the units, lint the Dockerfile.
+deploy-check: setup deploy-tools
+	$(PY) -m pytest -q tests/unit/test_deploy_systemd.py tests/unit/test_deploy_kubernetes.py tests/unit/test_deploy_docker.py
 
 bench: setup
 	$(PY) bench/overhead.py
