@@ -1,4 +1,4 @@
-"""Incidents as Grafana annotations (DESIGN.md §3: "journal + metrics + annotations").
+"""Incidents as Grafana annotations (docs/architecture.md §3: "journal + metrics + annotations").
 
 Each incident event — opened, acted, resolved — becomes an annotation (Grafana HTTP API
 `POST /api/annotations`, through `grafana-client`) tagged `titan-supervisor`, `run:<run_id>`,

@@ -1,4 +1,4 @@
-"""Bearer tokens with roles for the daemon's API (DESIGN.md §6: every operator command is
+"""Bearer tokens with roles for the daemon's API (docs/architecture.md §8: every operator command is
 authenticated).
 
 Roles are ordered ``viewer < operator < admin``: a viewer reads (status, incidents,

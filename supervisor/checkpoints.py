@@ -1,4 +1,4 @@
-"""The checkpoint catalog over torchtitan's DCP folder (DESIGN.md §5).
+"""The checkpoint catalog over torchtitan's DCP folder (docs/architecture.md §6).
 
 Layout read: ``<root>/step-N/`` with ``.metadata`` (a pickle of
 ``torch.distributed.checkpoint.metadata.Metadata``) and shard files ``__<rank>_0.distcp``.

@@ -1,4 +1,4 @@
-"""The on-call control plane: the daemon's /v1 read and command routes (DESIGN.md §2, §6).
+"""The on-call control plane: the daemon's /v1 read and command routes (docs/architecture.md §2, §8).
 
 Mounted by `supervisor.api.build_app`. Every route here follows the same rules:
 

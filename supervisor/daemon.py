@@ -44,7 +44,7 @@ from supervisor.policy import History, Policy, RunState
 from supervisor.protocol import Heartbeat, StepRecord, TelemetryBatch, TelemetryReply
 from supervisor.remedies import Remedies
 from supervisor.run_plan import trainer_flags
-from supervisor.run_state import RunStatus
+from supervisor.run_state import AT_REST, RunStatus
 from supervisor.settings import ConfigError, Settings
 from supervisor.spool import SpoolError, read_spool, spool_path
 
@@ -134,7 +134,7 @@ class Supervisor:
                 self._catch_up_from_spool()
                 self.status.set("running")
         prior = self.journal.get_meta("state")
-        if prior in ("finished", "stopped", "paused") and not adopted:
+        if prior in AT_REST and not adopted:
             newest = self.journal.recent_steps(limit=1)
             self.status.last_step = int(newest[-1]["step"]) if newest else 0
             self.status.finish() if prior == "finished" else self.status.set(prior)

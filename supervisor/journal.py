@@ -1,4 +1,4 @@
-"""The journal: the daemon's durable memory and audit log (DESIGN.md §3, §6), in SQLite.
+"""The journal: the daemon's durable memory and audit log (docs/architecture.md §3, §8), in SQLite.
 
 Failure model and guarantees:
 - WAL mode with ``synchronous=FULL`` by default: every committed transaction is on disk before
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Mapping, NamedTuple
 
 from supervisor.config_types import PositiveInt, Strings, doc
+from supervisor.protocol import record_field
 
 ACTION_STATES = ("intent", "running", "done", "failed", "abandoned")
 ACTION_TERMINAL = ("done", "failed", "abandoned")
@@ -154,12 +155,6 @@ def _row(r: sqlite3.Row | None) -> dict[str, Any] | None:
         if k in d and d[k] is not None:
             d[k] = bool(d[k])
     return d
-
-
-def _field(rec: Any, name: str) -> Any:
-    if isinstance(rec, Mapping):
-        return rec.get(name)
-    return getattr(rec, name, None)
 
 
 class Journal:
@@ -443,12 +438,6 @@ class Journal:
                 (incident_id, kind, step, severity, rank, wall_time, _dumps(dict(evidence or {})),
                  self._now(at))).lastrowid
 
-    def attach_finding(self, finding_id: int, incident_id: int) -> None:
-        with self._tx() as c:
-            if c.execute("UPDATE findings SET incident_id = ? WHERE id = ? AND incident_id IS NULL",
-                         (incident_id, finding_id)).rowcount != 1:
-                raise InvalidTransition(f"finding {finding_id} missing or already attached")
-
     def findings(self, *, incident_id: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
         if incident_id is None:
             return self._q("SELECT * FROM findings ORDER BY id DESC LIMIT ?", (limit,))
@@ -603,7 +592,7 @@ class Journal:
         for rec in records:
             row = []
             for name in _STEP_FIELDS:
-                v = _field(rec, name)
+                v = record_field(rec, name)
                 if name in ("generation", "step"):
                     if v is None:
                         raise ValueError(f"step record without {name}")

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the daemon (DESIGN.md §2, §3): what Prometheus scrapes at /metrics.
+"""Prometheus metrics of the daemon (docs/architecture.md §2, §3): what Prometheus scrapes at /metrics.
 
 The contract is the `SERIES` table below: every series with its type, unit, labels and meaning.
 The registry is built from it and `docs/metrics.md` is generated from it
@@ -36,13 +36,17 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                Info, disable_created_metrics)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+
+from supervisor.policy import MODES
+from supervisor.protocol import record_field
+from supervisor.run_state import STATES
 
 # `*_created` series double the series count and Prometheus 2.x stores them as plain gauges:
 # off for the whole (daemon) process.
@@ -125,12 +129,6 @@ SERIES: tuple[Series, ...] = (
 )
 
 
-def _field(rec: Any, name: str, default: Any = None) -> Any:
-    if isinstance(rec, Mapping):
-        return rec.get(name, default)
-    return getattr(rec, name, default)
-
-
 class _ScrapeTime(Collector):
     """Series computed when Prometheus scrapes: ages from stored wall times, the policy mode."""
 
@@ -173,9 +171,8 @@ class Metrics:
     @dataclass
     class Config:
         namespace: str = "titan"
-        states: tuple[str, ...] = ("starting", "running", "recovering", "paused", "stopped",
-                                   "failed", "finished")
-        modes: tuple[str, ...] = ("auto", "advise", "off")
+        states: tuple[str, ...] = STATES
+        modes: tuple[str, ...] = MODES
         loop_lag_period_s: float = 1.0
 
     def __init__(self, config: Config | None = None,
@@ -230,22 +227,22 @@ class Metrics:
         """Update from a StepRecord (or a mapping with the same field names)."""
         m = self.m
         with self._lock:
-            gen = int(_field(record, "generation", 0) or 0)
-            total = int(_field(record, "dropped_records", 0) or 0)
+            gen = int(record_field(record, "generation", 0) or 0)
+            total = int(record_field(record, "dropped_records", 0) or 0)
             seen = self._dropped_seen.get(gen, 0)
             if total > seen:
                 m["telemetry_dropped_records_total"].inc(total - seen)
                 self._dropped_seen[gen] = total
-            if _field(record, "update_skipped", False):
+            if record_field(record, "update_skipped", False):
                 m["updates_skipped_total"].inc()
-            secs = _field(record, "step_seconds")
+            secs = record_field(record, "step_seconds")
             if secs is not None and math.isfinite(secs):
                 m["step_duration_seconds"].observe(secs)
-                if not _field(record, "update_skipped", False):
+                if not record_field(record, "update_skipped", False):
                     self._step_window = (self._step_window + [float(secs)])[-500:]
                     self._median_step_s = statistics.median(self._step_window)
                     self._update_interval_seconds()
-            wall = float(_field(record, "wall_time", 0.0) or 0.0)
+            wall = float(record_field(record, "wall_time", 0.0) or 0.0)
             if wall < self._last_wall:
                 return
             self._last_wall = wall
@@ -253,23 +250,23 @@ class Metrics:
             for name, fld in (("step", "step"), ("generation", "generation"), ("loss", "loss"),
                               ("grad_norm", "grad_norm"), ("lr", "lr"), ("tokens_per_second", "tokens_per_s"),
                               ("step_seconds", "step_seconds")):
-                m[name].set(_field(record, fld))
-            m["lr_scale"].set(_field(record, "lr_scale", 1.0))
-            m["peak_memory_bytes"].set((_field(record, "peak_mem_gib", 0.0) or 0.0) * GIB)
+                m[name].set(record_field(record, fld))
+            m["lr_scale"].set(record_field(record, "lr_scale", 1.0))
+            m["peak_memory_bytes"].set((record_field(record, "peak_mem_gib", 0.0) or 0.0) * GIB)
             m["last_step_timestamp_seconds"].set(wall)
-            for rank, t in enumerate(_field(record, "rank_step_seconds", None) or []):
+            for rank, t in enumerate(record_field(record, "rank_step_seconds", None) or []):
                 host = self._heartbeats.get(rank, (0.0, ""))[1]
                 m["rank_step_seconds"].labels(rank=str(rank), node=host).set(t)
 
     def observe_heartbeat(self, hb: Any) -> None:
         """A rank's heartbeat of the current generation (a new generation forgets the old ranks)."""
-        gen = int(_field(hb, "generation", 0) or 0)
+        gen = int(record_field(hb, "generation", 0) or 0)
         with self._lock:
             if self._hb_generation != gen:
                 self._heartbeats.clear()
                 self.m["rank_step_seconds"].clear()
                 self._hb_generation = gen
-            self._heartbeats[int(_field(hb, "rank"))] = (self._clock(), str(_field(hb, "host", "") or ""))
+            self._heartbeats[int(record_field(hb, "rank"))] = (self._clock(), str(record_field(hb, "host", "") or ""))
 
     # -- findings, incidents, decisions, actions --------------------------------------------
 

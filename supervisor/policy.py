@@ -1,6 +1,6 @@
 """The policy: findings -> decisions, a pure function of (finding, run state, history).
 
-It walks the ladder of DESIGN.md §3; each rung has a budget, and an exhausted budget climbs
+It walks the ladder of docs/architecture.md §3; each rung has a budget, and an exhausted budget climbs
 to the next rung, ending with "stop, keep everything, page a human":
 
   rung 1  record          a spike that recovers; straggler, hardware, missing heartbeat,
@@ -176,7 +176,7 @@ def _secs(s: float) -> str:
     return f"{s:g}s"
 
 
-def _num(x) -> str:
+def _fmt(x) -> str:
     return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
 
 
@@ -256,13 +256,13 @@ class Policy:
         k = f.kind
         if k == LOSS_SPIKE:
             return Decision(RECORD, (
-                f"loss spike at step {f.step}: {_num(ev.get('loss'))} vs median "
-                f"{_num(ev.get('median'))} (z={_num(ev.get('z'))}); watching for recovery "
+                f"loss spike at step {f.step}: {_fmt(ev.get('loss'))} vs median "
+                f"{_fmt(ev.get('median'))} (z={_fmt(ev.get('z'))}); watching for recovery "
                 f"within {ev.get('recovery_steps', '?')} steps"), RUNG_RECORD)
         if k == SPIKE_RECOVERED:
             return Decision(RECORD, (
                 f"loss spike at step {ev.get('onset_step')} recovered after "
-                f"{ev.get('steps_to_recover')} steps (peak {_num(ev.get('peak'))}); no action"),
+                f"{ev.get('steps_to_recover')} steps (peak {_fmt(ev.get('peak'))}); no action"),
                 RUNG_RECORD)
         if k in (NON_FINITE, GRAD_BLOWUP):
             return self._skip_update(f, state)
@@ -402,11 +402,11 @@ class Policy:
             return f"non-finite {' and '.join(ev.get('fields', []))} at step {f.step}"
         if f.kind == GRAD_BLOWUP:
             if ev.get("rule") == "absolute_bound":
-                return (f"pre-clip grad norm {_num(ev.get('grad_norm'))} at step {f.step} is above "
-                        f"the bound {_num(ev.get('bound'))}")
-            return (f"pre-clip grad norm {_num(ev.get('grad_norm'))} at step {f.step} is "
-                    f"{_num(ev.get('ratio'))}x its median {_num(ev.get('median'))} "
-                    f"(z={_num(ev.get('z'))})")
+                return (f"pre-clip grad norm {_fmt(ev.get('grad_norm'))} at step {f.step} is above "
+                        f"the bound {_fmt(ev.get('bound'))}")
+            return (f"pre-clip grad norm {_fmt(ev.get('grad_norm'))} at step {f.step} is "
+                    f"{_fmt(ev.get('ratio'))}x its median {_fmt(ev.get('median'))} "
+                    f"(z={_fmt(ev.get('z'))})")
         if f.kind in (DEAD_RANK, OOM):
             sig = ev.get("signal_name")
             how = f"{sig} (exit {ev.get('exitcode')})" if sig else f"exit code {ev.get('exitcode')}"
@@ -424,14 +424,14 @@ class Policy:
                     silent = f"; rank {f.rank} is stuck outside the step (phase {phase})"
             basis = {"steps": "from step times", "startup": "startup",
                      "checkpoint": "checkpoint save", "pause": "after an announced pause"}
-            return (f"no new step for {_num(ev.get('seconds_without_progress'))}s after step "
-                    f"{f.step} (timeout {_num(ev.get('timeout_seconds'))}s "
+            return (f"no new step for {_fmt(ev.get('seconds_without_progress'))}s after step "
+                    f"{f.step} (timeout {_fmt(ev.get('timeout_seconds'))}s "
                     f"{basis.get(ev.get('basis')) or str(ev.get('basis')).replace(':', ' ')})"
                     f"{silent}")
         if f.kind == MISSING_HEARTBEAT:
-            return f"rank {f.rank} sent no heartbeat for {_num(ev.get('seconds_silent'))}s"
+            return f"rank {f.rank} sent no heartbeat for {_fmt(ev.get('seconds_silent'))}s"
         if f.kind == STRAGGLER:
-            return (f"rank {f.rank} is {_num(ev.get('ratio'))}x slower than its peers "
+            return (f"rank {f.rank} is {_fmt(ev.get('ratio'))}x slower than its peers "
                     f"({ev.get('slow_samples')} of {ev.get('samples')} samples) at step {f.step}")
         if f.kind == HARDWARE:
             on = ev.get("host") or (f"rank {f.rank}" if f.rank is not None else "a node")
@@ -439,6 +439,6 @@ class Policy:
         if f.kind == SLOW_CONVERGENCE:
             gap = ev.get("relative_gap")
             gap_s = f"{gap:.0%}" if isinstance(gap, (int, float)) else "?"
-            return (f"smoothed loss {_num(ev.get('smoothed_loss'))} at step {f.step} is "
-                    f"{gap_s} above the reference {_num(ev.get('reference_loss'))}")
+            return (f"smoothed loss {_fmt(ev.get('smoothed_loss'))} at step {f.step} is "
+                    f"{gap_s} above the reference {_fmt(ev.get('reference_loss'))}")
         return f"{f.kind} at step {f.step}"

@@ -1,4 +1,4 @@
-"""Preflight: lint a training plan before launch (DESIGN.md §1, `titan-supervisor preflight`).
+"""Preflight: lint a training plan before launch (docs/architecture.md §1, `titan-supervisor preflight`).
 
 Why this exists: the LLM-jp lab lost months to one wrong number (Adam ε = 1e-5, a typo copied
 from a paper, ~3× slower convergence than ε = 1e-8), and their fastest parallel layout kept

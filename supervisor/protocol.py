@@ -1,4 +1,4 @@
-"""The wire protocol between trainer ranks and the daemon (DESIGN.md §3, §4).
+"""The wire protocol between trainer ranks and the daemon (docs/architecture.md §3, §5).
 
 Everything that crosses the process boundary is defined here, once, as strict pydantic
 models: the daemon validates every request against them (a malformed body is a 400 and
@@ -18,11 +18,17 @@ once and reports it back in `events`, so the daemon can resend until acknowledge
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-PROTOCOL_VERSION = 1
+
+def record_field(record: Any, name: str, default: Any = None) -> Any:
+    """A field of a StepRecord, or of the same record as a plain dict (a spool line, a journal row)."""
+    if isinstance(record, Mapping):
+        return record.get(name, default)
+    return getattr(record, name, default)
 
 
 class _Strict(BaseModel):

@@ -1,4 +1,4 @@
-"""Remedies: carry out a decision, idempotently (docs/architecture.md, "Remedies").
+"""Remedies: carry out a decision, idempotently (docs/architecture.md, "Who owns what").
 
 `Remedies` is built with exactly what it touches — the generations, the checkpoint ledger, the
 directive channel, the pager, the journal, the run status and the detectors — and maps each

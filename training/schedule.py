@@ -1,7 +1,7 @@
 """The LR multiplier the trainer applies: a WSD schedule times a supervisor-controlled scale.
 
 WSD (warmup-stable-decay) lets the decay start at any step, so "start the decay now" and
-"extend the run" change training length without a restart (DESIGN.md §1). The scale is
+"extend the run" change training length without a restart (docs/architecture.md §1 "Lessons"). The scale is
 what the supervisor turns down after repeated instabilities (OPT-style), optionally with a
 linear ramp so the change (or a re-warm after a rollback) is gradual.
 

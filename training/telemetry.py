@@ -89,10 +89,6 @@ class TelemetryClient:
         if self._spool is not None:
             self._spool.write(json.dumps(obj, allow_nan=True) + "\n")
 
-    def flush_spool(self) -> None:
-        if self._spool is not None:
-            self._spool.flush()
-
     def _enqueue(self, item) -> None:
         if self._thread is None:
             return

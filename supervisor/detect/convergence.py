@@ -47,25 +47,14 @@ from typing import Annotated
 import bisect
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from supervisor.detect.findings import SLOW_CONVERGENCE, WARNING, Finding, json_safe
 from supervisor.config_types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, doc
-
-
-def _field(record: Any, name: str, default: Any = None) -> Any:
-    if isinstance(record, Mapping):
-        return record.get(name, default)
-    return getattr(record, name, default)
-
-
-def _median(values: Iterable[float]) -> float:
-    s = sorted(values)
-    n = len(s)
-    mid = n // 2
-    return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
+from supervisor.detect.findings import SLOW_CONVERGENCE, WARNING, Finding, json_safe
+from supervisor.detect.robust import median
+from supervisor.protocol import record_field
 
 
 def _median_stderr(window: Sequence[float]) -> float:
@@ -78,8 +67,8 @@ def _median_stderr(window: Sequence[float]) -> float:
     if len(vals) < 3:
         return 0.0
     diffs = [b - a for a, b in zip(vals, vals[1:])]
-    mid = _median(diffs)
-    sigma = 1.4826 * _median(abs(d - mid) for d in diffs) / math.sqrt(2.0)
+    mid = median(diffs)
+    sigma = 1.4826 * median(abs(d - mid) for d in diffs) / math.sqrt(2.0)
     return 1.2533 * sigma / math.sqrt(len(vals))
 
 
@@ -105,8 +94,8 @@ def isotonic_non_increasing(values: Sequence[float]) -> list[float]:
 
 def _usable(record: Any) -> tuple[float, float] | None:
     """(tokens, loss) of a record that can be compared, else None."""
-    loss, tokens = _field(record, "loss"), _field(record, "tokens_seen")
-    if _field(record, "update_skipped", False):
+    loss, tokens = record_field(record, "loss"), record_field(record, "tokens_seen")
+    if record_field(record, "update_skipped", False):
         return None
     if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
         return None
@@ -129,9 +118,9 @@ def reference_from_spool_lines(lines: Iterable[Any], smoothing_window: int = 20)
         raise ValueError(f"smoothing_window: must be >= 1, got {smoothing_window}")
     points: list[tuple[int | None, float, float]] = []  # (step, tokens, loss)
     for rec in lines:
-        if _field(rec, "loss") is None or _field(rec, "tokens_seen") is None:
+        if record_field(rec, "loss") is None or record_field(rec, "tokens_seen") is None:
             continue
-        step = _field(rec, "step")
+        step = record_field(rec, "step")
         step = step if isinstance(step, int) and not isinstance(step, bool) else None
         if step is not None:
             while points and points[-1][0] is not None and points[-1][0] >= step:
@@ -143,7 +132,7 @@ def reference_from_spool_lines(lines: Iterable[Any], smoothing_window: int = 20)
     smoothed: list[float] = []
     for _, _, loss in points:
         window.append(loss)
-        smoothed.append(_median(window))
+        smoothed.append(median(window))
     curve = list(zip((t for _, t, _ in points), isotonic_non_increasing(smoothed)))
     if len(curve) < 2:
         raise ValueError("reference: fewer than two usable step records (need finite loss and tokens_seen > 0)")
@@ -230,11 +219,11 @@ class ConvergenceWatch:
             self._streak = 0
         self._last_tokens = tokens
         self._window.append(loss)
-        step = int(_field(record, "step", 0) or 0)
+        step = int(record_field(record, "step", 0) or 0)
         if (self._raised or len(self._window) < c.smoothing_window
                 or step < c.warmup_steps or tokens < c.warmup_tokens):
             return []
-        smoothed = _median(self._window)
+        smoothed = median(self._window)
         stderr = _median_stderr(self._window)
         margin = max(smoothed * c.loss_tolerance, c.noise_sigmas * stderr)
         target = smoothed - margin
@@ -255,7 +244,7 @@ class ConvergenceWatch:
         self._raised = True
         return [Finding(
             kind=SLOW_CONVERGENCE, step=step, severity=WARNING,
-            wall_time=float(_field(record, "wall_time", 0.0) or 0.0),
+            wall_time=float(record_field(record, "wall_time", 0.0) or 0.0),
             evidence=json_safe({
                 "tokens": tokens,
                 "compared_tokens": compared_tokens,

@@ -1,4 +1,4 @@
-"""What a detector says: one `Finding` per noticed event (DESIGN.md §3).
+"""What a detector says: one `Finding` per noticed event (docs/architecture.md §3).
 
 A finding is a plain, immutable fact ("the loss at step 57 is 9 MADs above its median"),
 never a decision; the policy turns findings into decisions. Findings are journaled, so they

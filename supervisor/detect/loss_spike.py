@@ -1,6 +1,6 @@
 """Loss spikes: tolerate one that recovers, act on one that does not, act on a cluster.
 
-The lesson (LLM-jp, DESIGN.md §1): a single spike usually comes back down by itself, many
+The lesson (LLM-jp, docs/architecture.md §1): a single spike usually comes back down by itself, many
 overlapping spikes kill the run. So a spike is judged against a robust baseline (median
 and robust scale of the last `window` healthy losses, see robust.py) and must clear two
 bars: a robust z-score above `z_threshold` *and* a relative jump above `min_relative_jump`
