@@ -46,7 +46,6 @@ from supervisor import dcp
 from supervisor.config_types import NonNegativeInt, PositiveInt, Seconds, doc
 from supervisor.dcp import METADATA, read_required_sizes
 
-_STEP_DIR = re.compile(r"step-([0-9]{1,18})")
 _STEP_NAME = re.compile(r"(?:step-)?([0-9]{1,18})")
 
 
@@ -180,14 +179,7 @@ class Catalog:
     # -- scanning --------------------------------------------------------------------------
 
     def _step_dirs(self) -> list[tuple[int, Path]]:
-        out = []
-        with os.scandir(self.root) as it:
-            for e in it:
-                m = _STEP_DIR.fullmatch(e.name)
-                if m and e.is_dir(follow_symlinks=False):
-                    out.append((int(m.group(1)), Path(e.path)))
-        out.sort()
-        return out
+        return dcp.step_folders(self.root)
 
     def _required(self, meta: Path) -> dict[str, int]:
         st = meta.stat()

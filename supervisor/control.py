@@ -648,10 +648,22 @@ def _where(plan: dict) -> str:
 # --- routes --------------------------------------------------------------------------------
 
 def build_router(sup, tokens: TokenStore | None = None) -> APIRouter:
+    """The /v1 routes: reads (viewer), one route per `CommandSpec`, and the Alertmanager receiver."""
     cp = ControlPlane(sup, tokens)
     bearer = HTTPBearer(auto_error=False, description="A token from `titan-supervisor token add`.")
     r = APIRouter(prefix="/v1")
     cred_dep = Security(bearer)
+    _read_routes(r, cp, cred_dep)
+    for spec in COMMAND_SPECS:
+        _command_route(r, cp, spec, cred_dep)
+
+    _unknown_command_route(r, cp, cred_dep)
+    _alert_route(r, cp, cred_dep)
+    return r
+
+
+def _read_routes(r: APIRouter, cp: ControlPlane, cred_dep) -> None:
+    sup = cp.sup
 
     def read(cred, fn):
         try:
@@ -727,9 +739,9 @@ def build_router(sup, tokens: TokenStore | None = None) -> APIRouter:
     async def proposals(cred: HTTPAuthorizationCredentials | None = cred_dep):
         return read(cred, lambda: {"mode": sup.mode, "proposals": cp.proposals()})
 
-    for spec in COMMAND_SPECS:
-        _command_route(r, cp, spec, cred_dep)
 
+
+def _unknown_command_route(r: APIRouter, cp: ControlPlane, cred_dep) -> None:
     @r.post("/commands/{command}", tags=["commands"], responses=_CMD_ERRORS, include_in_schema=False)
     async def unknown(command: str, request: Request, cred: HTTPAuthorizationCredentials | None = cred_dep):
         who = None
@@ -741,6 +753,9 @@ def build_router(sup, tokens: TokenStore | None = None) -> APIRouter:
             cp.audit(who, command[:64], {}, None, None, False, f"{e.status} {e.error}")
             return e.response()
 
+
+
+def _alert_route(r: APIRouter, cp: ControlPlane, cred_dep) -> None:
     @r.post("/alerts", tags=["alerts"], openapi_extra=_body_doc(AlertmanagerPayload),
             responses={**_ERRORS, 200: {"description": "Alerts about a node became hardware findings"}},
             summary="Alertmanager webhook: firing alerts labelled with a node become hardware findings")
@@ -763,7 +778,6 @@ def build_router(sup, tokens: TokenStore | None = None) -> APIRouter:
             return e.response()
         return cp.alerts.receive(payload)
 
-    return r
 
 
 def _int_arg(value, what: str) -> int:
