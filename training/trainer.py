@@ -201,6 +201,7 @@ class SupervisedTrainer(Trainer):
         self._grad_norm = float("nan")
         self._applied: set[str] = set()
         self._stop_reason: str | None = None
+        self._finished = False  # "finished" sent (once)
         self._last_saved_step = -1
         self.optimizers.skip_reason = lambda: self._skip_reason
         self._metrics = _StepMetrics()
@@ -311,6 +312,15 @@ class SupervisedTrainer(Trainer):
         (faults, timing, guard, save, report)."""
         self._set_phase("loading")
         super().train()
+        self._finish()  # the loop ended without asking (the data ran out)
+
+    def _finish(self) -> None:
+        """Save the last step and tell the daemon the run ended — once, and before upstream's
+        loop makes rank 0 sleep 2 s while the other ranks already exit (a daemon that saw rank 1
+        go without a "finished" would take it for a dead rank)."""
+        if self._finished:
+            return
+        self._finished = True
         self._set_phase("finishing")
         if self.checkpointer.enable and self._last_saved_step != self.step:
             self._maybe_save(force=True)
@@ -335,7 +345,10 @@ class SupervisedTrainer(Trainer):
         every rank applies the same directives (rank 0 broadcasts them)."""
         if self.batches is not None and self._stop_reason is None:
             self._apply_directives()
-        return self.step < self.schedule.total_steps and self._stop_reason is None
+        more = self.step < self.schedule.total_steps and self._stop_reason is None
+        if not more and self.batches is not None:
+            self._finish()  # every rank is here at the same boundary: the final save is collective
+        return more
 
     def train_step(self, data_iterator):
         own_start = time.perf_counter()
