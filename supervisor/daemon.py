@@ -113,6 +113,7 @@ class Supervisor:
         # admits the ranks of a re-adopted generation. Never logged.
         self.trainer_token: str | None = None
         self._trainer_hashes: list[str] = []
+        self._refused, self._refused_logged_at = 0, -1e9  # heartbeats refused, logged at most every 10 s
         if s.server.require_trainer_token:
             self.trainer_token = secrets.token_urlsafe(32)
             self._trainer_hashes = trainer_token_hashes(j, self.trainer_token)
@@ -324,7 +325,11 @@ class Supervisor:
         why = self.generations.note_rank_pid(hb.rank, hb.pid, ranks=self.settings.run.nproc_per_node)
         if why is not None:
             self.health.metrics_only("heartbeat_refused")
-            self.log.warning("heartbeat refused", rank=hb.rank, pid=hb.pid, why=why)
+            self._refused += 1
+            if time.monotonic() - self._refused_logged_at >= 10.0:  # a flood must not fill the log
+                self.log.warning("heartbeat refused", rank=hb.rank, pid=hb.pid, why=why,
+                                 refused_since_last_log=self._refused)
+                self._refused, self._refused_logged_at = 0, time.monotonic()
             return why
         self.metrics.observe_heartbeat(hb)
         for f in self.suite.observe_heartbeat(hb):

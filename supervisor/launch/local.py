@@ -45,7 +45,9 @@ class LauncherConfig:
     log_scan_lines: Annotated[PositiveInt, doc(
         "log lines searched for torchrun's root cause and per-pid exit codes")] = 300
     exitcode_wait_s: Annotated[Seconds, doc(
-        "after a rank dies, wait at most this for torchrun to log its exit code (it does ~0.4 s later)")] = 0.5
+        "after a rank's process is gone, wait at most this for torchrun to log a failure (it does ~0.4 s "
+        "after a crash) or for rank 0's `finished` event: upstream torchtitan's rank 0 sleeps 2 s after the "
+        "last step before it returns, while the other ranks exit at once")] = 3.0
     finish_exit_wait_s: Annotated[Seconds, doc(
         "after the trainer said it finished, wait at most this for torchrun's own exit code")] = 30.0
     stop_poll_s: Annotated[Seconds, doc("how often stop() checks whether the ranks are gone")] = 0.05
