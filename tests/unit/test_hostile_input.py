@@ -438,3 +438,21 @@ def test_finding_7_disk_full_fails_readyz_and_shows_in_metrics(sup, trainer):
     assert errors_metric(trainer, "disk_full") >= 1
     conn.execute("PRAGMA max_page_count = 1073741823")
     assert trainer.post("/v1/telemetry", json={"run_id": "t", "generation": 0, "records": [record(500)]}).status_code == 200
+
+
+def test_finding_4_the_daemons_own_stall_is_not_blamed_on_the_ranks(sup):
+    """A starved loop made a healthy trainer look hung. When the reconcile loop's own sleep overran
+    (the daemon stalled), hang deadlines are deferred by the stall before any tick can fire."""
+    from supervisor.protocol import StepRecord
+
+    now = time.time()
+    sup.suite.reset_generation(0, now - 60, resume_step=None, world_size=2)
+    sup.suite.observe_record(StepRecord.model_validate(record(1, wall_time=now - 30)))
+    assert any(f.kind == "hang" for f in sup.suite.tick(now)), "precondition: the deadline has passed"
+    sup.suite.reset_generation(0, now - 60, resume_step=None, world_size=2)
+    sup.suite.observe_record(StepRecord.model_validate(record(1, wall_time=now - 30)))
+    sup._check_own_stall(sup.settings.launch.poll_interval_s + 0.2)  # a normal tick: nothing deferred
+    assert errors_metric(TestClient(build_app(sup)), "loop_stall") == 0
+    sup._check_own_stall(30.0)  # the loop itself did not run for ~30 s
+    assert [f.kind for f in sup.suite.tick(now + 1) if f.kind == "hang"] == []
+    assert errors_metric(TestClient(build_app(sup)), "loop_stall") == 1
