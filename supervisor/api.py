@@ -3,19 +3,30 @@
 Bad input never changes anything: a body that does not parse or does not match the wire
 protocol (supervisor/protocol.py) is answered 400 with the field that is wrong, before any
 record reaches the journal or the detectors.
+
+Hostile input (README "Security"): every body is read through `supervisor.wire.read_body`
+(capped while it streams: 413), parsed by `supervisor.wire.loads` (finite numbers, valid
+Unicode) and validated with wall times near the daemon's clock (`protocol.wire_context`); every
+route class has a rate limit (`supervisor.ratelimit`, 429 before the body is read); the trainer
+routes need the per-run trainer token; a heartbeat naming a rank or pid that is not one of the
+running generation's is refused (403) and counted. A journal or disk fault while answering is a
+503 naming it, counted, and reported by `/readyz` (`supervisor.health`).
 """
 
 from __future__ import annotations
 
-import hmac
-import json
+import sqlite3
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from supervisor.protocol import Heartbeat, TelemetryBatch
+from supervisor.health import fault_kind
+from supervisor.protocol import Heartbeat, TelemetryBatch, wire_context
+from supervisor.ratelimit import RateLimiter, route_class
+from supervisor.wire import WireError, loads, read_body
 
 MAX_BODY = 8 * 1024 * 1024
 
@@ -31,17 +42,19 @@ def _errors(e: ValidationError | RequestValidationError) -> list[dict]:
     return out
 
 
-async def _parse(request: Request, model):
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise _Reject(_bad_request(f"body is {len(body)} bytes; the limit is {MAX_BODY}"))
+async def _parse(request: Request, model, sup):
     try:
-        # NaN/Infinity literals are part of the protocol (a NaN loss is data, not an error)
-        obj = json.loads(body)
-    except ValueError as e:
-        raise _Reject(_bad_request(f"body is not JSON: {e}")) from None
+        # NaN/Infinity literals are part of the protocol (a NaN loss is data, not an error);
+        # 1e400 is not (it is no finite number, and inf/nan are spelled as literals).
+        obj = loads(await read_body(request, MAX_BODY), allow_nan=True)
+    except WireError as e:
+        if e.status == 413:
+            sup.health.metrics_only("body_too_large")
+        raise _Reject(JSONResponse({"error": e.message, "details": []}, status_code=e.status)) from None
+    server = sup.settings.server
+    ctx = wire_context(time.time(), future_s=server.clock_skew_s, past_s=server.max_record_age_s)
     try:
-        return model.model_validate(obj)
+        return model.model_validate(obj, context=ctx)
     except ValidationError as e:
         raise _Reject(_bad_request(f"body is not a valid {model.__name__}", _errors(e))) from None
 
@@ -54,6 +67,24 @@ class _Reject(Exception):
 def build_app(sup) -> FastAPI:
     app = FastAPI(title="titan-supervisor", version="1", description="Supervisor daemon for torchtitan runs.")
     sup.metrics.instrument(app)  # request counts and latency by route (supervisor/metrics.py)
+    limiter = RateLimiter(sup.settings.server.rate_limit)
+
+    @app.middleware("http")
+    async def _rate_limit(request: Request, call_next):
+        cls = route_class(request.method, request.url.path)
+        if not limiter.allow(cls):
+            sup.health.metrics_only("rate_limited")
+            return JSONResponse({"error": f"too many {cls} requests (limit {limiter.rate(cls):g}/s)", "details": []},
+                                status_code=429, headers={"Retry-After": "1"})
+        return await call_next(request)
+
+    @app.exception_handler(sqlite3.Error)
+    @app.exception_handler(OSError)
+    async def _fault(request: Request, exc: Exception):
+        kind = fault_kind(exc)
+        sup.health.fault(kind, f"{request.url.path}: {type(exc).__name__}: {exc}")
+        return JSONResponse({"error": f"the supervisor could not record this ({kind}): {exc}", "details": []},
+                            status_code=503)
 
     @app.exception_handler(_Reject)
     async def _reject(request: Request, exc: _Reject):
@@ -64,11 +95,8 @@ def build_app(sup) -> FastAPI:
         return _bad_request("invalid request", _errors(exc))
 
     def _trainer_allowed(request: Request) -> bool:
-        token = getattr(sup, "trainer_token", None)
-        if not token:
-            return True
-        got = request.headers.get("authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {token}".encode())
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return sup.trainer_allowed(token.strip() if scheme.lower() == "bearer" else None)
 
     def _trainer_refused() -> JSONResponse:
         return JSONResponse({"error": "trainer token missing or wrong", "details": []}, status_code=401,
@@ -78,7 +106,7 @@ def build_app(sup) -> FastAPI:
     async def telemetry(request: Request):
         if not _trainer_allowed(request):
             return _trainer_refused()
-        batch = await _parse(request, TelemetryBatch)
+        batch = await _parse(request, TelemetryBatch, sup)
         reply = sup.ingest(batch)
         return JSONResponse(reply.model_dump(mode="json", exclude_none=True))
 
@@ -86,8 +114,10 @@ def build_app(sup) -> FastAPI:
     async def heartbeat(request: Request):
         if not _trainer_allowed(request):
             return _trainer_refused()
-        hb = await _parse(request, Heartbeat)
-        sup.heartbeat(hb)
+        hb = await _parse(request, Heartbeat, sup)
+        why = sup.heartbeat(hb)
+        if why is not None:
+            return JSONResponse({"error": f"heartbeat refused: {why}", "details": []}, status_code=403)
         return {"ok": True}
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
@@ -102,6 +132,9 @@ def build_app(sup) -> FastAPI:
     async def readyz():
         if sup.state == "starting" and sup.gen is None and sup.action is None:
             return JSONResponse({"ready": False, "state": sup.state}, status_code=503)
+        problems = sup.health.problems()
+        if problems:
+            return JSONResponse({"ready": False, "state": sup.state, "problems": problems}, status_code=503)
         return {"ready": True, "state": sup.state}
 
     from supervisor.control import build_router

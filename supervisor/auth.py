@@ -3,7 +3,7 @@ authenticated).
 
 Roles are ordered ``viewer < operator < admin``: a viewer reads (status, incidents,
 checkpoints, audit), an operator also runs commands (rollback, pause, lr, ...), an admin also
-changes the policy mode. A token is a random string (``tsv_`` + 43 URL-safe characters) that
+changes the policy mode. ``alerts`` (Alertmanager's token) may only post to /v1/alerts. A token is a random string (``tsv_`` + 43 URL-safe characters) that
 is shown once, when it is made; only its SHA-256 is stored. A SHA-256 of a 256-bit random
 secret needs no salt or slow hash: nobody can guess their way back to the token.
 
@@ -33,8 +33,11 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-ROLES = ("viewer", "operator", "admin")
-_RANK = {r: i for i, r in enumerate(ROLES)}
+ORDERED_ROLES = ("viewer", "operator", "admin")
+#: ``alerts`` is outside the order: it may post to /v1/alerts (Alertmanager's token) and nothing else
+ROLES = (*ORDERED_ROLES, "alerts")
+_RANK = {r: i for i, r in enumerate(ORDERED_ROLES)}
+ALERT_POSTERS = frozenset({"alerts", "operator", "admin"})
 ENV_VAR = "TITAN_SUPERVISOR_TOKENS"
 _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -52,7 +55,9 @@ class Principal:
     role: str
 
     def allows(self, needed: str) -> bool:
-        return _RANK[self.role] >= _RANK[needed]
+        if needed == "alerts":
+            return self.role in ALERT_POSTERS
+        return self.role in _RANK and _RANK[self.role] >= _RANK[needed]
 
 
 @dataclass(frozen=True)
@@ -159,6 +164,32 @@ def revoke_token(path: str | Path, name: str) -> bool:
         os.fsync(f.fileno())
     os.replace(tmp, p)
     return True
+
+
+def token_matches(presented: str, hashes: list[str]) -> bool:
+    """Whether ``presented`` hashes to one of ``hashes`` (every entry compared: no early exit)."""
+    digest = hash_token(presented)
+    found = False
+    for h in hashes:
+        found = hmac.compare_digest(digest, h) or found
+    return found
+
+
+TRAINER_HASHES_KEPT = 8
+
+
+def trainer_token_hashes(journal, token: str) -> list[str]:
+    """Journal the hash of this daemon's new trainer token next to the previous ones (a re-adopted
+    generation's ranks still hold an older token); return the accepted hashes. Only hashes are
+    stored; a plain-text token an older version journaled is replaced by its hash."""
+    hashes = list(journal.get_meta("trainer_token_sha256") or [])
+    legacy = journal.get_meta("trainer_token")
+    if isinstance(legacy, str) and legacy:
+        hashes.append(hash_token(legacy))
+        journal.set_meta("trainer_token", None)
+    hashes = (hashes + [hash_token(token)])[-TRAINER_HASHES_KEPT:]
+    journal.set_meta("trainer_token_sha256", hashes)
+    return hashes
 
 
 class TokenStore:

@@ -7,8 +7,8 @@ Mounted by `supervisor.api.build_app`. Every route here follows the same rules:
   operator, ``policy`` an admin. No token or an unknown token is 401, too weak a role is 403.
   With no tokens configured (loopback only, settings refuse anything else) reads are open and
   commands are refused unless ``server.allow_unauthenticated_loopback`` is set, in which case
-  they run as actor ``local``. ``/v1/alerts`` needs an operator token once tokens exist and is
-  open on loopback otherwise (Alertmanager on the same host, like the trainers' telemetry).
+  they run as actor ``local``. ``/v1/alerts`` needs a token of role ``alerts`` (or operator,
+  admin); with no tokens configured it is refused like a command.
 - **Validation first**: a command body is checked (strict types, ranges, the checkpoint named
   by a rollback is in the catalog, valid, not quarantined, not ahead of the run) before
   anything happens; a refusal is 400 with ``{"error", "details"}`` and changes nothing.
@@ -40,13 +40,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from supervisor.alert_receiver import MAX_BODY as MAX_ALERT_BODY
-from supervisor.alert_receiver import AlertmanagerPayload, AlertReceiver
+from supervisor.alert_receiver import AlertmanagerPayload
 from supervisor.auth import Principal, TokenStore
 from supervisor.checkpoints import CheckpointNotFound, parse_step
 from supervisor.detect.findings import Finding
 from supervisor.policy import (KILL_RESTART_HANG, RESTART, ROLLBACK, ROLLBACK_LR_DOWN, SKIP_UPDATE, STOP_PAGE,
                                Decision)
 from supervisor.run_state import ACTIVE, RESUMABLE, json_number
+from supervisor.wire import WireError, json_safe, loads, read_body
 
 MAX_BODY = 64 * 1024
 STATUS_SCHEMA = 1
@@ -128,10 +129,6 @@ class Refusal(Exception):
                             headers=headers)
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
-
-
 def _validation_details(e: ValidationError) -> list[dict]:
     return [{"field": ".".join(str(x) for x in err.get("loc", ())), "problem": err.get("msg", "")}
             for err in e.errors()]
@@ -172,7 +169,7 @@ class ControlPlane:
     def __init__(self, sup, tokens: TokenStore | None = None) -> None:
         self.sup = sup
         self.tokens = tokens if tokens is not None else TokenStore.from_settings(sup.settings)
-        self.alerts = AlertReceiver(sup.suite, sup.on_finding, lambda: sup.last_step)
+        self.alerts = sup.alerts  # the daemon's receiver: it enqueues, the daemon's task drains
 
     # -- auth / audit ----------------------------------------------------------------------
     def authorize(self, cred: HTTPAuthorizationCredentials | None, need: str) -> Principal:
@@ -211,18 +208,16 @@ class ControlPlane:
     # -- the pipeline ----------------------------------------------------------------------
     async def command(self, request: Request, cred, spec: CommandSpec, extra: dict):
         """Authorize, parse, validate, run and audit one command."""
-        raw = await request.body()
         obj: Any = None
         parse_error = None
-        if len(raw) > MAX_BODY:
-            parse_error = f"body is {len(raw)} bytes; the limit is {MAX_BODY}"
-        elif raw.strip():
-            try:
-                obj = json.loads(raw, parse_constant=_reject_constant)
-            except (ValueError, UnicodeDecodeError) as e:
-                parse_error = f"body is not JSON: {e}"
-        else:
-            parse_error = "a JSON body is required"
+        raw = b""
+        try:
+            raw = await read_body(request, MAX_BODY)
+            if not raw.strip():
+                raise WireError(400, "a JSON body is required")
+            obj = loads(raw)  # finite numbers only, invalid Unicode replaced: safe to audit
+        except WireError as e:
+            parse_error = e.message
         d = obj if isinstance(obj, dict) else {}
         reason = d.get("reason") if isinstance(d.get("reason"), str) else None
         rid = d.get("request_id") if isinstance(d.get("request_id"), str) else None
@@ -550,7 +545,7 @@ class ControlPlane:
                 a = j.action_by_request(c["request_id"])
                 if a is not None:
                     row["action"] = {"id": a["id"], "kind": a["kind"], "state": a["state"], "outcome": a["outcome"]}
-            out.append(row)
+            out.append(json_safe(row))  # rows journaled before sanitizing may hold inf
         return out
 
 
@@ -757,26 +752,23 @@ def _unknown_command_route(r: APIRouter, cp: ControlPlane, cred_dep) -> None:
 
 def _alert_route(r: APIRouter, cp: ControlPlane, cred_dep) -> None:
     @r.post("/alerts", tags=["alerts"], openapi_extra=_body_doc(AlertmanagerPayload),
-            responses={**_ERRORS, 200: {"description": "Alerts about a node became hardware findings"}},
-            summary="Alertmanager webhook: firing alerts labelled with a node become hardware findings")
+            responses={**_ERRORS, 202: {"description": "Alerts queued (de-duplicated and capped); ignored ones listed"}},
+            summary="Alertmanager webhook (token role alerts): firing alerts labelled with a node are queued "
+                    "to become hardware findings")
     async def alerts(request: Request, cred: HTTPAuthorizationCredentials | None = cred_dep):
         try:
-            if cp.tokens.configured:
-                cp.authorize(cred, "operator")
-            raw = await request.body()
-            if len(raw) > MAX_ALERT_BODY:
-                raise Refusal(400, "body is too large")
+            cp.authorize(cred, "alerts")
             try:
-                obj = json.loads(raw, parse_constant=_reject_constant)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise Refusal(400, f"body is not JSON: {e}") from None
+                obj = loads(await read_body(request, MAX_ALERT_BODY))
+            except WireError as e:
+                raise Refusal(e.status, e.message) from None
             try:
                 payload = AlertmanagerPayload.model_validate(obj)
             except ValidationError as e:
                 raise Refusal(400, "body is not an Alertmanager webhook payload", _validation_details(e)) from None
         except Refusal as e:
             return e.response()
-        return cp.alerts.receive(payload)
+        return JSONResponse(cp.alerts.receive(payload), status_code=202)
 
 
 

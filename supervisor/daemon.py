@@ -33,7 +33,11 @@ from supervisor.checkpoints import Catalog
 from supervisor.detect.findings import CRITICAL, DEAD_RANK, SPIKE_RECOVERED, Finding
 from supervisor.detect.suite import DetectorSuite
 from supervisor.directives import DirectiveChannel
+from supervisor.alert_receiver import AlertReceiver
+from supervisor.auth import token_matches, trainer_token_hashes
+from supervisor.dead_letter import DeadLetters, private_dirs
 from supervisor.generations import Generations, PreflightFailed
+from supervisor.health import Health, LoopLagGuard
 from supervisor.incidents import IncidentTracker
 from supervisor.journal import Journal
 from supervisor.launch.local import LaunchSpec, LocalLauncher
@@ -62,9 +66,10 @@ class Supervisor:
         self.settings = s = settings
         self.log = logger or log.get()
         self.workdir = s.run.workdir.resolve()
-        (self.workdir / "supervisor").mkdir(parents=True, exist_ok=True)
+        private_dirs(self.workdir / "supervisor")  # 0700: journal, dead letters (hostile-input issue)
         self.journal = j = Journal.open(s.journal_path, s.journal)
         self.metrics = Metrics()
+        self.health = Health(self.metrics, self.log)
         self.metrics.set_run_info(s.run.run_id, preset=s.run.preset)
         self.catalog = Catalog(self.workdir / "checkpoint", self.workdir / "quarantine", s.checkpoints.catalog)
         self.ledger = CheckpointLedger(self.catalog, j, self.log)
@@ -89,6 +94,10 @@ class Supervisor:
         self.runner = ActionRunner(self.decisions, self.remedies, j, self.metrics, self.log, spawn=self.spawn,
                                    context=lambda: {"generation": self.generation, "from_step": self.last_step},
                                    on_done=self._action_done)
+        self.dead_letters = DeadLetters(self.workdir / "supervisor" / "dead-letter.jsonl", self.health)
+        self.alerts = AlertReceiver(self.suite, self.on_finding, lambda: self.last_step, s.server.alerts,
+                                    on_drop=lambda n: self.health.metrics_only("alert_dropped", n))
+        self.loop_guard = LoopLagGuard(LoopLagGuard.Config(), s.launch.poll_interval_s)
         self.interval = IntervalAdvisor(s.checkpoints, s.run.checkpoint_interval, s.run.preset, j, self.metrics)
         self.mode = j.get_meta("mode", s.mode)
         self.metrics.bind_mode(lambda: self.mode)
@@ -99,12 +108,15 @@ class Supervisor:
         self._lkg_candidate: int | None = None
         self._last_record_generation: int | None = None
         j.record_run(s.run.run_id, {"preset": s.run.preset, "workdir": str(self.workdir)})
-        # The per-run secret the ranks present on telemetry/heartbeats (kept across daemon
-        # restarts so a re-adopted generation still gets in). Never logged.
+        # The secret the ranks present on telemetry/heartbeats: made fresh by each daemon process and
+        # handed to the ranks it launches; only hashes are journaled, so a restarted daemon still
+        # admits the ranks of a re-adopted generation. Never logged.
         self.trainer_token: str | None = None
+        self._trainer_hashes: list[str] = []
+        self._refused, self._refused_logged_at = 0, -1e9  # heartbeats refused, logged at most every 10 s
         if s.server.require_trainer_token:
-            self.trainer_token = j.get_meta("trainer_token") or secrets.token_urlsafe(32)
-            j.set_meta("trainer_token", self.trainer_token)
+            self.trainer_token = secrets.token_urlsafe(32)
+            self._trainer_hashes = trainer_token_hashes(j, self.trainer_token)
 
     # -- views of the owners' state, for the API, the CLI and tests ---------------------------------
     state = _delegate("status", "state")
@@ -122,6 +134,7 @@ class Supervisor:
     async def start(self) -> None:
         """Re-adopt or launch, and finish whatever the last daemon left half done."""
         self.spawn(self.metrics.watch_loop_lag())
+        self.spawn(self.alerts.drain())
         last = self.journal.last_generation()
         adopted = False
         if last is not None:
@@ -298,13 +311,30 @@ class Supervisor:
         self._flush_steps()
         return TelemetryReply(accepted=len(batch.records), directives=list(self.directives.pending.values()))
 
-    def heartbeat(self, hb: Heartbeat) -> None:
+    def trainer_allowed(self, presented: str | None) -> bool:
+        """The trainer token check (always True when none is required)."""
+        if self.trainer_token is None:
+            return True
+        return bool(presented) and token_matches(presented, self._trainer_hashes)
+
+    def heartbeat(self, hb: Heartbeat) -> str | None:
+        """Feed a heartbeat of the current generation; a refusal reason for a rank or pid that is not
+        one of this generation's (nothing is recorded then: a forged pid must never be signalled)."""
         if hb.run_id != self.settings.run.run_id or hb.generation != self.generation:
-            return
+            return None
+        why = self.generations.note_rank_pid(hb.rank, hb.pid, ranks=self.settings.run.nproc_per_node)
+        if why is not None:
+            self.health.metrics_only("heartbeat_refused")
+            self._refused += 1
+            if time.monotonic() - self._refused_logged_at >= 10.0:  # a flood must not fill the log
+                self.log.warning("heartbeat refused", rank=hb.rank, pid=hb.pid, why=why,
+                                 refused_since_last_log=self._refused)
+                self._refused, self._refused_logged_at = 0, time.monotonic()
+            return why
         self.metrics.observe_heartbeat(hb)
-        self.generations.note_rank_pid(hb.rank, hb.pid)
         for f in self.suite.observe_heartbeat(hb):
             self.on_finding(f)
+        return None
 
     def _on_record(self, rec: StepRecord) -> None:
         if self.state in ("starting", "recovering") and self._last_record_generation != self.generation:
@@ -325,9 +355,23 @@ class Supervisor:
         self._update_goodput()
 
     def _flush_steps(self) -> None:
-        if self._steps_buffer:
-            self.journal.add_steps(self._steps_buffer)
-            self._steps_buffer = []
+        """Journal the buffered steps. A batch that fails is retried record by record; a record that
+        still fails goes to the dead-letter file with the reason, so one poisoned record never
+        wedges the pipeline (the buffer is always emptied)."""
+        rows, self._steps_buffer = self._steps_buffer, []
+        if not rows:
+            return
+        try:
+            self.journal.add_steps(rows)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure is handled record by record below
+            batch_error = e
+        for rec in rows:
+            try:
+                self.journal.add_steps([rec])
+            except Exception as e:  # noqa: BLE001
+                self.dead_letters.put("step", rec, e)
+        self.log.warning("step batch failed to journal; retried record by record", error=repr(batch_error))
 
     def _on_event(self, ev) -> None:
         if ev.kind == "checkpoint_saved":
@@ -419,6 +463,16 @@ class Supervisor:
                 self.log.error("reconcile tick failed", error=repr(e))
             self.last_reconcile_at = time.monotonic()  # read by the systemd watchdog (service.py)
             await asyncio.sleep(self.settings.launch.poll_interval_s)
+            self._check_own_stall(time.monotonic() - self.last_reconcile_at)
+
+    def _check_own_stall(self, slept_s: float) -> None:
+        """The hang detector must not blame the ranks for the daemon's own stall: when the loop ran
+        late, heartbeats that arrived meanwhile are still queued, so hang deadlines are deferred."""
+        stalled = self.loop_guard.stalled(slept_s)
+        if stalled is not None:
+            self.health.metrics_only("loop_stall")
+            self.log.warning("event loop stalled; hang deadlines deferred", seconds=round(stalled, 3))
+            self.suite.expect_pause(time.time() + stalled)
 
     async def reconcile_once(self) -> None:
         """Observed vs desired: rank exits and silent deadlines become findings; a generation that

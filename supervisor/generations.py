@@ -101,11 +101,22 @@ class Generations:
         self._log.info("adopted generation", generation=self.id, pid=gen.pid, pids=last.get("pids") or [])
         return gen
 
-    def note_rank_pid(self, rank: int, pid: int) -> None:
-        """A rank's pid, learned from its first heartbeat (journaled for re-adoption)."""
+    def note_rank_pid(self, rank: int, pid: int, *, ranks: int) -> str | None:
+        """A rank's pid, learned from its first heartbeat (journaled for re-adoption); or why the
+        heartbeat is refused. A pid from a request is only believed when the launcher confirms
+        the process is one it started for this generation (its process tree, its start time):
+        the daemon signals these pids, so a forged one must never get in."""
         gen = self.current
-        if gen is None or rank in gen.rank_pids:
-            return
+        if gen is None:
+            return "no generation is running"
+        if not 0 <= rank < ranks:
+            return f"rank {rank} is not a rank of this run (0..{ranks - 1})"
+        known = gen.rank_pids.get(rank)
+        if known is not None:
+            return None if known == pid else f"rank {rank} is pid {known}, not {pid}"
+        if not gen.owns(pid) or pid in gen.rank_pids.values():
+            return f"pid {pid} is not a trainer process of generation {gen.generation}"
         gen.note_rank_pid(rank, pid)
         self._journal.set_meta(f"generation_{self.id}", {"torchrun_pid": gen.pid, "rank_pids": gen.rank_pids})
         self._journal.set_generation_pids(self.id, sorted(gen.rank_pids.values()))
+        return None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -36,6 +37,7 @@ from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Mappin
 
 from supervisor.config_types import PositiveInt, Strings, doc
 from supervisor.protocol import record_field
+from supervisor.wire import clean_text, json_safe
 
 ACTION_STATES = ("intent", "running", "done", "failed", "abandoned")
 ACTION_TERMINAL = ("done", "failed", "abandoned")
@@ -157,6 +159,15 @@ def _row(r: sqlite3.Row | None) -> dict[str, Any] | None:
     return d
 
 
+def _private_files(path: Path) -> None:
+    """The journal holds the audit log and token hashes: create it (and its WAL/SHM, which SQLite
+    creates with the database file's mode) 0600, and tighten an older world-readable one."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if p.exists():
+            os.chmod(p, 0o600)
+
+
 class Journal:
     """SQLite journal of generations, incidents, findings, decisions, actions, commands,
     checkpoints and downsampled steps. See the module docstring for the guarantees."""
@@ -201,6 +212,7 @@ class Journal:
                                    check_same_thread=False, timeout=config.busy_timeout_ms / 1000)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _private_files(path)
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
                                    timeout=config.busy_timeout_ms / 1000)
         conn.row_factory = sqlite3.Row
@@ -533,13 +545,17 @@ class Journal:
                        args: Mapping[str, Any] | None = None, role: str | None = None,
                        reason: str | None = None, request_id: str | None = None,
                        result: str = "", at: float | None = None) -> int:
-        """Audit one operator command, accepted or refused (every attempt is a new row)."""
+        """Audit one operator command, accepted or refused (every attempt is a new row). Everything
+        in it came from a request: stored as strict JSON and valid Unicode, so the row can always be
+        read back and served (`json_safe`)."""
+        text = lambda v: None if v is None else clean_text(str(v))  # noqa: E731
         with self._tx() as c:
             return c.execute(
                 "INSERT INTO commands(at, actor, role, command, args, reason, request_id, accepted,"
                 " result) VALUES (?,?,?,?,?,?,?,?,?)",
-                (self._now(at), actor, role, command, _dumps(dict(args or {})), reason, request_id,
-                 int(accepted), result)).lastrowid
+                (self._now(at), text(actor), text(role), text(command),
+                 json.dumps(json_safe(dict(args or {})), sort_keys=True, default=str), text(reason),
+                 text(request_id), int(accepted), text(result))).lastrowid
 
     def commands(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._q("SELECT * FROM commands ORDER BY id DESC LIMIT ?", (limit,))

@@ -126,7 +126,14 @@ SERIES: tuple[Series, ...] = (
            "HTTP handling latency by route template (ingest latency on /v1/telemetry)."),
     Series("event_loop_lag_seconds", "gauge", "seconds", (),
            "How late the daemon's asyncio loop ran a 1 s timer (a blocked loop delays every decision)."),
+    Series("supervisor_errors_total", "counter", "", ("kind",),
+           "Faults of the daemon itself and refused input, by kind (journal_write, dead_letter, disk_full, "
+           "heartbeat_refused, rate_limited, body_too_large, alert_dropped, loop_stall)."),
 )
+
+#: the kinds of `supervisor_errors_total` (bounded; `Metrics.error` refuses others)
+ERROR_KINDS = ("journal_write", "dead_letter", "disk_full", "heartbeat_refused", "rate_limited", "body_too_large",
+               "alert_dropped", "loop_stall")
 
 
 class _ScrapeTime(Collector):
@@ -200,6 +207,8 @@ class Metrics:
         for s in self._known_states:
             self.m["supervisor_state"].labels(state=s).set(0)
         self.m["human_needed"].set(0)
+        for kind in ERROR_KINDS:
+            self.m["supervisor_errors_total"].labels(kind=kind)  # exported as 0 from the start
 
     def _build(self) -> None:
         ns, r = self.config.namespace, self.registry
@@ -269,6 +278,12 @@ class Metrics:
             self._heartbeats[int(record_field(hb, "rank"))] = (self._clock(), str(record_field(hb, "host", "") or ""))
 
     # -- findings, incidents, decisions, actions --------------------------------------------
+
+    def error(self, kind: str, n: int = 1) -> None:
+        """Count a fault or a refusal (`ERROR_KINDS`)."""
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r}")
+        self.m["supervisor_errors_total"].labels(kind=kind).inc(n)
 
     def observe_finding(self, kind: str) -> None:
         self.m["findings_total"].labels(kind=kind).inc()

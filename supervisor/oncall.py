@@ -18,6 +18,7 @@ import uuid
 from datetime import datetime, timezone
 
 from supervisor import client as C
+from supervisor.wire import inert
 
 FMT = argparse.RawDescriptionHelpFormatter
 
@@ -61,6 +62,12 @@ STATE_STYLE = {"running": "green", "starting": "cyan", "recovering": "yellow", "
                "stopped": "red", "failed": "red", "finished": "blue"}
 
 
+def _add(table, *cells) -> None:
+    """A table row whose every string came from outside (a reason, an alert name, a token name):
+    rendered inert, so escape codes and rich markup print as the text they are."""
+    table.add_row(*(inert(c, newlines=True) if isinstance(c, str) else c for c in cells))
+
+
 def render_status(st: dict):
     """The status panel; fits an 80-column terminal (numbers in a 4-column grid, then one
     full-width line each for the action in flight, the policy and the open incidents)."""
@@ -73,7 +80,7 @@ def render_status(st: dict):
     t.add_column(width=26, overflow="ellipsis", no_wrap=True)
     t.add_column(style="bold", no_wrap=True, width=10)
     t.add_column(width=28, overflow="ellipsis", no_wrap=True)
-    state = Text(st.get("state", "?"), style=STATE_STYLE.get(st.get("state"), ""))
+    state = Text(inert(st.get("state", "?"), markup=False), style=STATE_STYLE.get(st.get("state"), ""))
     total = st.get("total_steps")
     step = f"{st.get('step', 0)}" + (f" / {total}" if total else "")
     lr = _fmt_num(st.get("lr"), ".2e")
@@ -81,23 +88,23 @@ def render_status(st: dict):
     if scale is not None and scale != 1.0:
         lr += f" (x{scale:g})"
     tps = st.get("tokens_per_s")
-    t.add_row("run", f"{st.get('run_id')}", "generation", f"{st.get('generation')}  mode {st.get('mode', '?')}")
-    t.add_row("state", state, "step", step)
-    t.add_row("loss", _fmt_num(st.get("loss"), ".4f"), "tokens/s", f"{tps:,.0f}" if tps is not None else "-")
-    t.add_row("lr", lr, "updated", _ago(st.get("updated_at")))
+    _add(t, "run", f"{st.get('run_id')}", "generation", f"{st.get('generation')}  mode {st.get('mode', '?')}")
+    _add(t, "state", state, "step", step)
+    _add(t, "loss", _fmt_num(st.get("loss"), ".4f"), "tokens/s", f"{tps:,.0f}" if tps is not None else "-")
+    _add(t, "lr", lr, "updated", _ago(st.get("updated_at")))
     lkg, newest = st.get("last_known_good"), st.get("newest_checkpoint")
-    t.add_row("LKG", f"step {lkg}" if lkg is not None else "-", "checkpoint",
+    _add(t, "LKG", f"step {lkg}" if lkg is not None else "-", "checkpoint",
               f"step {newest}" if newest is not None else "-")
     w = Table.grid(padding=(0, 1))
     w.add_column(style="bold", no_wrap=True, width=10)
     w.add_column(overflow="fold", ratio=1)
     a = st.get("action")
     if a:
-        w.add_row("action", f"#{a['id']} {a['kind']} by {a.get('actor')}, started {_ago(a.get('since'))}")
-    w.add_row("policy", st.get("policy_now", ""))
+        _add(w, "action", f"#{a['id']} {a['kind']} by {a.get('actor')}, started {_ago(a.get('since'))}")
+    _add(w, "policy", st.get("policy_now", ""))
     rec = st.get("recommended_checkpoint_interval")
     if st.get("checkpoint_interval") or rec:
-        w.add_row("ckpt every", f"{st.get('checkpoint_interval') or '-'} steps"
+        _add(w, "ckpt every", f"{st.get('checkpoint_interval') or '-'} steps"
                   + (f" (Young/Daly recommends {rec['steps']})" if rec else ""))
     inc = st.get("open_incidents") or []
     if inc:
@@ -105,9 +112,9 @@ def render_status(st: dict):
                  + (f" by {i['acked_by']}" if i.get("acked_by") else "") for i in inc[:4]]
         if len(inc) > 4:
             lines.append(f"... {len(inc) - 4} more: titan-supervisor incidents")
-        w.add_row("incidents", Text("\n".join(lines), style="red"))
+        _add(w, "incidents", Text(inert("\n".join(lines), newlines=True, markup=False), style="red"))
     else:
-        w.add_row("incidents", Text("none open", style="green"))
+        _add(w, "incidents", Text("none open", style="green"))
     return Group(t, w)
 
 
@@ -124,7 +131,7 @@ def render_incidents(rows: list[dict]):
     t = _table(None, [("id", {"justify": "right"}), ("state", {}), ("kind", {}), ("onset", {"justify": "right"}),
                       ("opened", {"no_wrap": True}), ("acked by", {}), ("resolution", {"overflow": "fold"})])
     for i in rows:
-        t.add_row(str(i["id"]), i["state"], i["kind"], str(i.get("onset_step")), _ago(i.get("opened_at")),
+        _add(t, str(i["id"]), i["state"], i["kind"], str(i.get("onset_step")), _ago(i.get("opened_at")),
                   i.get("acked_by") or "-", i.get("resolution") or "")
     return t
 
@@ -133,22 +140,23 @@ def render_incident(inc: dict):
     from rich.console import Group
     from rich.text import Text
 
-    head = Text(f"incident #{inc['id']} {inc['kind']} at step {inc.get('onset_step')} - {inc['state']}"
+    head = Text(inert(f"incident #{inc['id']} {inc['kind']} at step {inc.get('onset_step')} - {inc['state']}"
                 + (f", acked by {inc['acked_by']}" if inc.get("acked_by") else "")
-                + (f"\nresolution: {inc['resolution']}" if inc.get("resolution") else ""), style="bold")
+                + (f"\nresolution: {inc['resolution']}" if inc.get("resolution") else ""), newlines=True, markup=False),
+                style="bold")
     f = _table("findings", [("id", {"justify": "right"}), ("step", {"justify": "right"}), ("kind", {}),
                             ("sev", {}), ("rank", {}), ("evidence", {"overflow": "fold"})])
     for x in inc.get("findings", []):
-        f.add_row(str(x["id"]), str(x.get("step")), x["kind"], x["severity"], str(x.get("rank") or "-"),
+        _add(f, str(x["id"]), str(x.get("step")), x["kind"], x["severity"], str(x.get("rank") or "-"),
                   json.dumps(x.get("evidence"), default=str)[:160])
     d = _table("decisions", [("id", {"justify": "right"}), ("action", {}), ("advisory", {}),
                              ("reason", {"overflow": "fold"})])
     for x in inc.get("decisions", []):
-        d.add_row(str(x["id"]), x["action"], "yes" if x.get("advisory") else "", x.get("reason", ""))
+        _add(d, str(x["id"]), x["action"], "yes" if x.get("advisory") else "", x.get("reason", ""))
     a = _table("actions", [("id", {"justify": "right"}), ("kind", {}), ("by", {}), ("state", {}),
                            ("outcome", {"overflow": "fold"})])
     for x in inc.get("actions", []) + inc.get("operator_actions", []):
-        a.add_row(str(x["id"]), x["kind"], x.get("actor", ""), x["state"],
+        _add(a, str(x["id"]), x["kind"], x.get("actor", ""), x["state"],
                   json.dumps(_short(x.get("outcome")), default=str)[:160])
     return Group(head, f, d, a)
 
@@ -176,12 +184,12 @@ def render_checkpoints(body: dict):
                                ("size", {"justify": "right"}), ("saved", {"no_wrap": True}),
                                ("why not valid", {"overflow": "fold"})])
     for c in body.get("checkpoints", []):
-        t.add_row(str(c["step"]), c["state"], "yes" if c.get("pinned") else "", "yes" if c.get("last_known_good") else "",
+        _add(t, str(c["step"]), c["state"], "yes" if c.get("pinned") else "", "yes" if c.get("last_known_good") else "",
                   _size(c.get("size_bytes")), _ago(c.get("mtime")), c.get("reason") or "")
     q = _table("quarantine (kept, never used)", [("step", {"justify": "right"}), ("folder", {}), ("when", {}),
                                                  ("why", {"overflow": "fold"})])
     for c in body.get("quarantined", []):
-        q.add_row(str(c["step"]), c["name"], _ago(c.get("at")), c.get("reason") or "")
+        _add(q, str(c["step"]), c["name"], _ago(c.get("at")), c.get("reason") or "")
     return Group(t, q) if body.get("quarantined") else t
 
 
@@ -193,7 +201,7 @@ def render_audit(rows: list[dict]):
         a = c.get("action")
         if a:
             result += f" -> action {a['id']} {a['state']}"
-        t.add_row(_when(c.get("at")), c.get("actor", ""), c.get("command", ""), "yes" if c.get("accepted") else "NO",
+        _add(t, _when(c.get("at")), c.get("actor", ""), c.get("command", ""), "yes" if c.get("accepted") else "NO",
                   c.get("reason") or "", result)
     return t
 
@@ -202,7 +210,7 @@ def render_proposals(body: dict):
     t = _table(f"policy mode: {body.get('mode')}", [("decision", {"justify": "right"}), ("action", {}),
                                                     ("proposed", {"no_wrap": True}), ("why", {"overflow": "fold"})])
     for p in body.get("proposals", []):
-        t.add_row(str(p["decision_id"]), p["action"], _ago(p.get("created_at")), p.get("reason", ""))
+        _add(t, str(p["decision_id"]), p["action"], _ago(p.get("created_at")), p.get("reason", ""))
     return t
 
 
@@ -214,6 +222,11 @@ def _client(args) -> C.Client:
     return C.Client(cfg)
 
 
+def _plain(text) -> str:
+    """A server message for a plain print: it may quote request input, so control codes are spelled out."""
+    return inert(text, newlines=True, markup=False)
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -222,10 +235,10 @@ def _fail(e: C.ClientError, as_json: bool) -> int:
     if as_json:
         _print_json({"error": e.message, "details": e.details, "status": e.status, "exit_code": e.exit_code})
     else:
-        print(f"error: {e.message}", file=sys.stderr)
+        print(_plain(f"error: {e.message}"), file=sys.stderr)
         for d in e.details or []:
             if isinstance(d, dict) and "field" in d:
-                print(f"  {d['field']}: {d.get('problem')}", file=sys.stderr)
+                print(_plain(f"  {d['field']}: {d.get('problem')}"), file=sys.stderr)
     return e.exit_code
 
 
@@ -256,7 +269,8 @@ def _status(args) -> int:
                     except C.ClientError as e:
                         from rich.text import Text
 
-                        live.update(Text(f"{_when(time.time())} UTC  error: {e.message} (retrying)", style="red"))
+                        live.update(Text(inert(f"{_when(time.time())} UTC  error: {e.message} (retrying)", markup=False),
+                                         style="red"))
         except KeyboardInterrupt:
             return 0
     st = c.get("/v1/status")
@@ -300,9 +314,9 @@ def _confirm_on_tty(args, c: C.Client, path: str, body: dict) -> int | None:
     if args.yes or args.dry_run or not sys.stdin.isatty():
         return None
     plan = c.post(path, dict(body, dry_run=True, request_id=None))
-    print(plan.get("message", ""))
+    print(_plain(plan.get("message", "")))
     for k, v in (plan.get("plan") or {}).items():
-        print(f"  {k}: {v}")
+        print(_plain(f"  {k}: {v}"))
     try:
         answer = input("Proceed? [y/N] ").strip().lower()
     except EOFError:
@@ -328,14 +342,14 @@ def _command(path: str, build, *, destructive: bool, waits: bool = False):
             if args.json:
                 _print_json(out)
             else:
-                print(out.get("message", ""))
+                print(_plain(out.get("message", "")))
                 for k, v in (out.get("plan") or {}).items():
-                    print(f"  {k}: {v}")
+                    print(_plain(f"  {k}: {v}"))
             return C.EXIT_OK
         code = C.EXIT_OK
         if waits and out.get("action_id") is not None and not args.no_wait:
             if not args.json:
-                print(out.get("message", ""), file=sys.stderr)
+                print(_plain(out.get("message", "")), file=sys.stderr)
             final = c.wait_action(out["action_id"], args.wait_timeout)
             out["action"] = final
             state = final.get("state")
@@ -344,9 +358,9 @@ def _command(path: str, build, *, destructive: bool, waits: bool = False):
             if not args.json:
                 outcome = json.dumps(_short(final.get("outcome")), default=str)
                 mark = "done" if state == "done" else ("STILL RUNNING" if state in ("intent", "running") else state.upper())
-                print(f"action {final['id']} {final['kind']}: {mark} {outcome if final.get('outcome') else ''}".rstrip())
+                print(_plain(f"action {final['id']} {final['kind']}: {mark} {outcome if final.get('outcome') else ''}".rstrip()))
         elif not args.json:
-            print(out.get("message", ""))
+            print(_plain(out.get("message", "")))
         if out.get("applied") is False:
             code = C.EXIT_FAILED
         if args.json:
@@ -553,7 +567,7 @@ def add_subcommands(sub) -> None:
         if name != "list":
             tp.add_argument("name", help="token name (shown in the audit log)")
         if name == "add":
-            tp.add_argument("--role", required=True, choices=["viewer", "operator", "admin"],
+            tp.add_argument("--role", required=True, choices=["viewer", "operator", "admin", "alerts"],
                             help="viewer: read; operator: commands; admin: also policy")
         tp.add_argument("--file", help="the token file (the daemon's server.token_file)")
         tp.add_argument("--json", action="store_true", help="machine-readable output")

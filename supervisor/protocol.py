@@ -21,7 +21,9 @@ import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from supervisor.wire import MAX_WIRE_INT, check_wall_time
 
 
 def record_field(record: Any, name: str, default: Any = None) -> Any:
@@ -35,15 +37,49 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-NonNegInt = Annotated[int, Field(ge=0)]
+# Every number from the wire has a range (docs/architecture.md §3; issue "hostile input"): an
+# integer past 2**53 is not a step of any real run and overflows SQLite's INTEGER at 2**63.
+NonNegInt = Annotated[int, Field(ge=0, lt=MAX_WIRE_INT)]
+Step = Annotated[int, Field(ge=1, lt=MAX_WIRE_INT)]
+Generation = Annotated[int, Field(ge=0, lt=2**31)]
+Rank = Annotated[int, Field(ge=0, lt=65536)]
+Pid = Annotated[int, Field(ge=1, lt=2**22)]  # Linux pid_max is at most 2**22
+Text = Annotated[str, Field(max_length=2000)]
 
 
-class StepRecord(_Strict):
+def wire_context(now: float, *, future_s: float, past_s: float) -> dict:
+    """The validation context under which a request's wall times must lie near the daemon's clock:
+    pass it as ``Model.model_validate(obj, context=...)``. Without it (a spool replayed offline)
+    wall times only have to be finite."""
+    return {"now": now, "future_s": future_s, "past_s": past_s}
+
+
+def _wall_time(v: float, info: ValidationInfo) -> float:
+    ctx = info.context or {}
+    if "now" in ctx:
+        check_wall_time(v, ctx["now"], future_s=ctx["future_s"], past_s=ctx["past_s"])
+    elif not math.isfinite(v):
+        raise ValueError("must be finite")
+    return v
+
+
+class _Timed(_Strict):
+    """A model with a ``wall_time`` that is finite and, under `wire_context`, near the daemon's clock."""
+
+    wall_time: float
+
+    @field_validator("wall_time")
+    @classmethod
+    def _in_window(cls, v: float, info: ValidationInfo) -> float:
+        return _wall_time(v, info)
+
+
+class StepRecord(_Timed):
     """One optimizer step as seen by rank 0 (losses and norms are already reduced)."""
 
     run_id: str = Field(min_length=1, max_length=128)
-    generation: NonNegInt
-    step: Annotated[int, Field(ge=1)]
+    generation: Generation
+    step: Step
     loss: float  # NaN / inf allowed: that is what the non-finite detector looks for
     grad_norm: float  # pre-clip total norm; NaN / inf allowed
     lr: float
@@ -52,15 +88,15 @@ class StepRecord(_Strict):
     step_seconds: Annotated[float, Field(ge=0)]
     peak_mem_gib: Annotated[float, Field(ge=0)] = 0.0
     update_skipped: bool = False
-    skip_reason: str | None = None
+    skip_reason: Text | None = None
     samples_consumed: NonNegInt = 0
     tokens_seen: NonNegInt = 0
-    wall_time: Annotated[float, Field(gt=0)]
+    wall_time: Annotated[float, Field(gt=0)]  # and near the daemon's clock (`_Timed`)
     # Per-rank seconds of this step, gathered to rank 0 every K steps (else None).
-    rank_step_seconds: list[Annotated[float, Field(ge=0)]] | None = None
+    rank_step_seconds: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(None, max_length=65536)
     dropped_records: NonNegInt = 0
 
-    @field_validator("lr", "tokens_per_s", "step_seconds", "peak_mem_gib", "wall_time", "lr_scale")
+    @field_validator("lr", "tokens_per_s", "step_seconds", "peak_mem_gib", "lr_scale")
     @classmethod
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
@@ -68,37 +104,33 @@ class StepRecord(_Strict):
         return v
 
 
-class DirectiveApplied(_Strict):
+class DirectiveApplied(_Timed):
     kind: Literal["directive_applied"]
     directive_id: str = Field(min_length=1, max_length=128)
-    directive: str
+    directive: str = Field(max_length=64)
     step: NonNegInt
     ok: bool
-    detail: str = ""
-    wall_time: float
+    detail: Text = ""
 
 
-class CheckpointSaved(_Strict):
+class CheckpointSaved(_Timed):
     kind: Literal["checkpoint_saved"]
     step: NonNegInt
-    seconds: Annotated[float, Field(ge=0)]
-    wall_time: float
+    seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-class TrainerStarted(_Strict):
+class TrainerStarted(_Timed):
     kind: Literal["started"]
     step: NonNegInt  # the step training resumes from (0 = fresh)
     skip_batches: NonNegInt = 0
-    lr_scale: float = 1.0
-    world_size: Annotated[int, Field(ge=1)] = 1
-    wall_time: float
+    lr_scale: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    world_size: Annotated[int, Field(ge=1, lt=65536)] = 1
 
 
-class TrainerFinished(_Strict):
+class TrainerFinished(_Timed):
     kind: Literal["finished"]
     step: NonNegInt
-    reason: str = "completed"
-    wall_time: float
+    reason: Text = "completed"
 
 
 Event = Annotated[
@@ -110,19 +142,18 @@ Event = Annotated[
 class TelemetryBatch(_Strict):
     version: Literal[1] = 1
     run_id: str = Field(min_length=1, max_length=128)
-    generation: NonNegInt
+    generation: Generation
     records: list[StepRecord] = Field(default_factory=list, max_length=10_000)
     events: list[Event] = Field(default_factory=list, max_length=10_000)
 
 
-class Heartbeat(_Strict):
+class Heartbeat(_Timed):
     run_id: str = Field(min_length=1, max_length=128)
-    generation: NonNegInt
-    rank: NonNegInt
+    generation: Generation
+    rank: Rank
     step: NonNegInt
-    pid: Annotated[int, Field(ge=1)]
+    pid: Pid
     host: str = Field(min_length=1, max_length=255)
-    wall_time: float
     # What the rank's training thread is doing ("train_step", "checkpoint", "fault:hang"...):
     # evidence for naming the hung rank when the heartbeat thread is alive but training is not.
     phase: str = Field(default="", max_length=64)

@@ -27,7 +27,7 @@ import uvicorn
 from supervisor import log
 from supervisor.api import build_app
 from supervisor.daemon import Supervisor
-from supervisor.settings import Settings
+from supervisor.settings import ConfigError, Settings
 from supervisor.systemd import Notifier, Watchdog, watchdog_interval
 
 
@@ -38,6 +38,7 @@ class _Server(uvicorn.Server):
 
 async def serve(settings: Settings, *, on_ready=None, exit_when_finished: bool = True) -> Supervisor:
     logging.getLogger("uvicorn.access").disabled = True
+    settings.check_startup()  # workdir writable, port free: a config error before anything is created
     sup = Supervisor(settings)
     app = build_app(sup)
     tls = {"ssl_certfile": str(settings.server.tls_cert_file), "ssl_keyfile": str(settings.server.tls_key_file)} \
@@ -49,8 +50,9 @@ async def serve(settings: Settings, *, on_ready=None, exit_when_finished: bool =
     server_task = asyncio.create_task(server.serve())
     while not server.started:
         if server_task.done():
-            server_task.result()  # raises the bind error
-            raise RuntimeError("HTTP server exited before it started")
+            # lost a race for the port after check_startup (uvicorn exits instead of raising)
+            sup.journal.close()
+            raise ConfigError(f"server.port: {settings.server.host}:{settings.server.port} could not be bound")
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     host = settings.server.host if settings.server.host != "0.0.0.0" else "127.0.0.1"

@@ -17,6 +17,7 @@ lists in the environment are JSON.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import sys
 import tomllib
@@ -27,13 +28,16 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from supervisor.alert_receiver import AlertReceiver
 from supervisor.checkpoints import Catalog
 from supervisor.config_types import PositiveInt, Seconds
 from supervisor.detect.suite import DetectorSuite
 from supervisor.journal import Journal
 from supervisor.launch.local import LocalLauncher
+from supervisor.model_table import PRESET_TRAINING
 from supervisor.policy import Policy
 from supervisor.preflight import Layout, Preflight
+from supervisor.ratelimit import RateLimiter
 
 _FAULT = re.compile(r"^[a-z]+@\d+(:[a-z]+=[\w.*]+)*$")
 
@@ -72,6 +76,13 @@ class RunSettings(_Section):
                              "[training] fields (seed, local_batch_size, global_batch_size, seq_len) instead")
         return data
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESET_TRAINING:
+            raise ValueError(f"unknown preset {v!r} (known: {', '.join(PRESET_TRAINING)})")
+        return v
+
     @field_validator("faults")
     @classmethod
     def _faults(cls, v: str) -> str:
@@ -91,9 +102,17 @@ class ServerSettings(_Section):
     tls_key_file: Path | None = Field(None, description="TLS private key (PEM) for the API; set with tls_cert_file.")
     plaintext_behind_tls_proxy: bool = Field(
         False, description="Allow a non-loopback bind without tls_cert_file because a proxy in front terminates TLS.")
-    trainer_token: bool | None = Field(
-        None, description="Require the per-run trainer token on /v1/telemetry and /v1/heartbeat (the daemon makes "
-                          "one and hands it to the ranks it launches). Default: required when bound beyond loopback.")
+    trainer_token: bool = Field(
+        True, description="Require the per-run trainer token on /v1/telemetry and /v1/heartbeat (the daemon makes "
+                          "one and hands it to the ranks it launches; only its hash is journaled). On by default, "
+                          "loopback included: any local process could otherwise forge a rank.")
+    clock_skew_s: Seconds = Field(30.0, description="A wall_time from the wire may be at most this far ahead of the "
+                                                    "daemon's clock (a forged future time cannot defer a hang).")
+    max_record_age_s: Seconds = Field(86_400.0, description="A wall_time from the wire may be at most this old.")
+    rate_limit: RateLimiter.Config = Field(default_factory=RateLimiter.Config,
+                                           description="Requests per second per route class (429 beyond).")
+    alerts: AlertReceiver.Config = Field(default_factory=AlertReceiver.Config,
+                                         description="The Alertmanager receiver's queue, de-duplication and caps.")
     allow_unauthenticated_loopback: bool = Field(
         False, description="With no tokens configured, accept operator/admin commands from loopback as actor "
                            "'local' (reads from loopback are always allowed then). Off by default: configure a "
@@ -124,7 +143,7 @@ class ServerSettings(_Section):
 
     @property
     def require_trainer_token(self) -> bool:
-        return (not self.loopback) if self.trainer_token is None else self.trainer_token
+        return self.trainer_token
 
 
 class TrainingSettings(_Section):
@@ -267,6 +286,13 @@ class Settings(BaseSettings):
             load_token_file(self.server.token_file)  # a bad token file is a config error at start
         return self
 
+    def check_startup(self) -> None:
+        """What `run` checks before it creates anything: the workdir can be written and the port is
+        free. A `ConfigError` naming the field (exit 2), never a traceback after half a start."""
+        _check_writable(self.run.workdir)
+        if self.server.port:
+            _check_port_free(self.server.host, self.server.port)
+
     # --- the component configs (kept by name for the daemon and replay) ---------------------
     def detector_config(self) -> DetectorSuite.Config:
         return self.detect
@@ -319,6 +345,32 @@ def _daemon_detectors() -> DetectorSuite.Config:
 
 class ConfigError(ValueError):
     pass
+
+
+def _check_writable(workdir: Path) -> None:
+    p = Path(workdir).absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"run.workdir: {probe} is not a directory")
+    for d in (probe, p / "supervisor") if p.exists() else (probe,):
+        if d.exists() and not os.access(d, os.W_OK | os.X_OK):
+            raise ConfigError(f"run.workdir: {d} is not writable by this user")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import errno
+    import socket
+
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1" if host == "localhost" else host, port))
+        except OSError as e:
+            why = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
+            raise ConfigError(f"server.port: {host}:{port} {why}") from None
 
 
 def _explain(e: ValidationError) -> str:

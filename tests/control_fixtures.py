@@ -40,6 +40,9 @@ class FakeGen:
     def note_rank_pid(self, rank, pid):
         self.rank_pids[rank] = pid
 
+    def owns(self, pid):  # a fake generation has no process tree: every pid is "ours"
+        return True
+
 
 class FakeLauncher:
     def __init__(self) -> None:

@@ -13,6 +13,9 @@ Failure model and guarantees:
 - ``stop`` is idempotent: SIGTERM to the whole process group, SIGKILL after a grace period
   (a SIGSTOPped rank cannot handle SIGTERM; SIGKILL still reaches it).
 - Nothing here decides anything: it reports facts to the daemon.
+- Only our own processes are ever signalled: a rank pid is accepted (`Generation.owns`) only if
+  it descends from this generation's torchrun and started after it, and its start time is kept,
+  so a pid reused by another process after the rank died is never killed (`stop`).
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ class LauncherConfig:
     log_scan_lines: Annotated[PositiveInt, doc(
         "log lines searched for torchrun's root cause and per-pid exit codes")] = 300
     exitcode_wait_s: Annotated[Seconds, doc(
-        "after a rank dies, wait at most this for torchrun to log its exit code (it does ~0.4 s later)")] = 0.5
+        "after a rank's process is gone, wait at most this for torchrun to log a failure (it does ~0.4 s "
+        "after a crash) or for rank 0's `finished` event: upstream torchtitan's rank 0 sleeps 2 s after the "
+        "last step before it returns, while the other ranks exit at once")] = 3.0
     finish_exit_wait_s: Annotated[Seconds, doc(
         "after the trainer said it finished, wait at most this for torchrun's own exit code")] = 30.0
     stop_poll_s: Annotated[Seconds, doc("how often stop() checks whether the ranks are gone")] = 0.05
@@ -124,6 +129,7 @@ class Generation:
         self.log_path = log_path
         self._proc = proc
         self.rank_pids: dict[int, int] = {}
+        self._started: dict[int, float | None] = {}  # rank pid -> its start time when noted
         self._reported: set[int] = set()
         self._dead_since: dict[int, float] = {}
         self.exited: int | None = None
@@ -136,7 +142,24 @@ class Generation:
         return self.spec.generation
 
     def note_rank_pid(self, rank: int, pid: int) -> None:
-        self.rank_pids.setdefault(rank, pid)
+        if rank not in self.rank_pids:
+            self.rank_pids[rank] = pid
+            self._started[pid] = _create_time(pid)
+
+    def owns(self, pid: int) -> bool:
+        """``pid`` is a live descendant of this generation's torchrun that started after it."""
+        try:
+            root = psutil.Process(self.pid)
+            proc = psutil.Process(pid)
+            return (proc.create_time() >= root.create_time()
+                    and any(p.pid == self.pid for p in proc.parents()))
+        except psutil.Error:
+            return False
+
+    def _same_process(self, pid: int) -> bool:
+        """``pid`` still names the process noted for a rank (not a reused pid)."""
+        started = self._started.get(pid)
+        return started is not None and _create_time(pid) == started
 
     def alive(self) -> bool:
         if self._proc is not None:
@@ -218,7 +241,9 @@ class Generation:
         while time.time() < deadline and any(_pid_alive(p) for p in pids):
             time.sleep(self.config.stop_poll_s)
         _signal_group(self.pid, signal.SIGKILL)
-        for p in pids:
+        for p in set(self.rank_pids.values()):
+            if not self._same_process(p):
+                continue  # gone, or the pid now belongs to another process
             try:
                 os.kill(p, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -242,12 +267,22 @@ class Generation:
                     continue
                 except (OSError, subprocess.TimeoutExpired) as e:
                     out.append(f"--- rank {rank} pid {pid}: py-spy failed: {e}")
+            if not self._same_process(pid):
+                out.append(f"--- rank {rank} pid {pid}: gone")
+                continue
             try:
                 os.kill(pid, signal.SIGUSR1)
                 out.append(f"--- rank {rank} pid {pid}: faulthandler dump sent to {self.log_path}")
             except ProcessLookupError:
                 out.append(f"--- rank {rank} pid {pid}: gone")
         return "\n".join(out)
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 def _pid_alive(pid: int) -> bool:

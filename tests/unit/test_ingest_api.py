@@ -35,7 +35,8 @@ def sup(tmp_path):
 
 @pytest.fixture
 def client(sup):
-    return TestClient(build_app(sup))
+    """A client holding the trainer token, as the ranks the daemon launches do."""
+    return TestClient(build_app(sup), headers={"Authorization": f"Bearer {sup.trainer_token}"})
 
 
 def steps_in_journal(sup) -> int:
@@ -131,7 +132,8 @@ def test_trainer_token_guards_telemetry_and_heartbeats_when_required(tmp_path):
         assert steps_in_journal(sup) == 0  # a refused batch records nothing
         ok = {"Authorization": f"Bearer {sup.trainer_token}"}
         assert client.post("/v1/telemetry", json=body, headers=ok).json()["accepted"] == 1
-        assert client.post("/v1/heartbeat", json=hb, headers=ok).status_code == 200
+        # past the token check; pid 1 is no process of a generation, so the heartbeat is refused
+        assert client.post("/v1/heartbeat", json=hb, headers=ok).status_code == 403
         # the ranks get it through their environment, never on the command line
         spec = sup._spec(1, load_step=None, skip_batches=0, lr_scale=1.0)
         assert spec.env["TITAN_SUPERVISOR_TRAINER_TOKEN"] == sup.trainer_token
@@ -140,6 +142,8 @@ def test_trainer_token_guards_telemetry_and_heartbeats_when_required(tmp_path):
         sup.journal.close()
 
 
-def test_loopback_default_needs_no_trainer_token(sup, client):
-    assert sup.trainer_token is None
+def test_loopback_default_requires_the_trainer_token(sup, client):
+    assert sup.trainer_token is not None
+    bare = TestClient(build_app(sup))
+    assert bare.post("/v1/telemetry", json={"run_id": "t", "generation": 0, "records": [record(1)]}).status_code == 401
     assert client.post("/v1/telemetry", json={"run_id": "t", "generation": 0, "records": [record(1)]}).status_code == 200

@@ -5,8 +5,10 @@ its FastAPI app. No trainer is launched (`Supervisor.start()` is not called)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.api import build_app
 from supervisor.daemon import Supervisor
+from supervisor.launch.local import Generation, LaunchSpec
 from supervisor.metrics import SERIES
 from supervisor.metrics_doc import render
 from supervisor.settings import Settings
@@ -36,9 +39,15 @@ def scrape(tmp_path):
     s = Settings.load(run={"workdir": str(tmp_path / "run"), "run_id": "t"}, server={"port": 0})
     sup = Supervisor(s)
     sup.generation = 0
+    # a heartbeat's pid must be a process of the generation: this test process stands in for
+    # torchrun and a real child of it for rank 1 (the generation is never stopped here)
+    rank1 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sup.gen = Generation(LaunchSpec(0, 2, "tiny", tmp_path, "http://127.0.0.1:1", "t"), os.getpid(),
+                         tmp_path / "g.log", None)
+    sup.journal.record_generation_start(generation=0, run_id="t")
     try:
-        c = TestClient(build_app(sup))
-        assert c.post("/v1/heartbeat", json={"run_id": "t", "generation": 0, "rank": 1, "step": 1, "pid": 123,
+        c = TestClient(build_app(sup), headers={"Authorization": f"Bearer {sup.trainer_token}"})
+        assert c.post("/v1/heartbeat", json={"run_id": "t", "generation": 0, "rank": 1, "step": 1, "pid": rank1.pid,
                                              "host": "node-b", "wall_time": time.time()}).status_code == 200
         assert c.post("/v1/telemetry", json={"run_id": "t", "generation": 0,
                                              "records": [record(1), record(2)]}).status_code == 200
@@ -46,6 +55,8 @@ def scrape(tmp_path):
         sup.metrics.set_checkpoint(2, save_seconds=0.3)
         yield c.get("/metrics").text
     finally:
+        rank1.kill()
+        rank1.wait()
         sup.journal.close()
 
 
