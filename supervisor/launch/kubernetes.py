@@ -118,17 +118,18 @@ def pod_end(pod: dict, *, deleted: bool) -> PodEnd | None:
     term = next((((c.get("state") or {}).get("terminated")) for c in status.get("containerStatuses") or []
                  if (c.get("state") or {}).get("terminated")), None)
     name = meta.get("name", "?")
+    cause = f"{reason}: {status.get('message') or ''}" if reason else _disruption(status)
     if term is not None and phase in ("Succeeded", "Failed"):
         code, creason, message = int(term.get("exitCode", 0)), term.get("reason") or "", term.get("message") or ""
         why = f"pod {name} on node {node}: {phase}, container {creason or 'terminated'} with exit code {code}"
         return PodEnd(code, creason, message, node, creason == "OOMKilled",
-                      message.splitlines() + [f"kubernetes: {why}" + (" (OOMKilled)" if creason == "OOMKilled" else "")])
+                      message.splitlines() + [f"kubernetes: {why}" + (f" ({cause})" if cause else "")
+                                              + (" (OOMKilled)" if creason == "OOMKilled" else "")])
     if phase == "Failed" or reason in ("Evicted", "NodeLost"):
-        message = status.get("message") or ""
-        return PodEnd(KILLED, reason or "Failed", message, node, False,
-                      [f"kubernetes: pod {name} on node {node}: {reason or phase}: {message}"])
+        return PodEnd(KILLED, reason or "Failed", status.get("message") or "", node, False,
+                      [f"kubernetes: pod {name} on node {node}: {cause or phase}"])
     if deleted:
-        why = _disruption(status) or "deleted by the cluster (node lost, eviction or another client)"
+        why = cause or "deleted by the cluster (node lost, eviction or another client)"
         return PodEnd(KILLED, "Deleted", why, node, False, [f"kubernetes: pod {name} on node {node}: {why}"])
     return None
 
@@ -320,7 +321,7 @@ class KubernetesLauncher:
 
         c = self.config
         if c.api_server:
-            user = User(token_file=c.token_file) if c.token_file else None
+            user = User(token_file=c.token_file) if c.token_file else User()
             kube = KubeConfig.from_one(cluster=Cluster(server=c.api_server, certificate_auth=c.ca_file or None),
                                        user=user, namespace=c.namespace)
         else:
