@@ -153,11 +153,6 @@ class LaunchSettings(_Section):
     kubernetes: KubernetesLauncher.Config = Field(default_factory=KubernetesLauncher.Config,
                                                   description="The Kubernetes launcher (supervisor/launch/kubernetes.py).")
 
-    @model_validator(mode="after")
-    def _backend(self) -> "LaunchSettings":
-        if self.backend == "kubernetes" and not self.kubernetes.image:
-            raise ValueError("kubernetes.image: required when backend = \"kubernetes\"")
-        return self
 
 
 class DaemonSettings(_Section):

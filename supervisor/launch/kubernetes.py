@@ -62,7 +62,7 @@ class KubernetesConfig:
     """Where and how generations run on Kubernetes (settings: ``[launch.kubernetes]``)."""
 
     namespace: Annotated[str, doc("namespace of the trainer JobSets (the daemon's own, normally)")] = "default"
-    image: Annotated[str, doc("trainer image (e.g. titan-supervisor:cuda); required with backend = kubernetes")] = ""
+    image: Annotated[str, doc("trainer image (the Dockerfile's cpu or cuda target)")] = "titan-supervisor:cpu"
     api_server: Annotated[str, doc(
         "API server URL (https://host:6443); empty: in-cluster (service-account token, CA and "
         "KUBERNETES_SERVICE_HOST)")] = ""
@@ -85,6 +85,8 @@ class KubernetesConfig:
     log_tail_lines: Annotated[PositiveInt, doc("termination-message lines attached to a rank exit")] = 60
 
     def __post_init__(self) -> None:
+        if not self.image.strip():
+            raise ValueError("image: empty; name the trainer image (e.g. titan-supervisor:cuda)")
         for name in ("namespace", "service_account"):
             if not _DNS_LABEL.match(getattr(self, name)):
                 raise ValueError(f"{name} {getattr(self, name)!r} is not a Kubernetes name (lowercase DNS label)")
@@ -300,8 +302,6 @@ class KubernetesLauncher:
     Config = KubernetesConfig
 
     def __init__(self, config: KubernetesConfig, *, stop_grace_s: float = 10.0) -> None:
-        if not config.image:
-            raise ValueError("launch.kubernetes.image: required when launch.backend = \"kubernetes\"")
         self.config = config
         self._stop_grace_s = stop_grace_s
         self._client = None

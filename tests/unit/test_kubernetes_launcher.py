@@ -119,7 +119,7 @@ def test_oomkilled_container_is_an_oom_rank_exit(launcher, k8s, tmp_path):
 def test_evicted_or_node_lost_pod_is_a_killed_rank(launcher, k8s, tmp_path, how):
     gen = launcher().start(spec(tmp_path))
     [pod] = wait(lambda: [p for p in k8s.pods() if p["status"]["phase"] == "Running"], what="running pod")
-    wait(lambda: gen._synced.is_set(), what="watch")  # noqa: SLF001 - the test waits for the first LIST
+    wait(lambda: "phase Running" in gen.dump_stacks(), what="the watch to see the running pod")
     if how == "evict":
         k8s.evict(pod["metadata"]["name"])
     else:
@@ -154,7 +154,7 @@ def test_a_new_launcher_adopts_the_running_generation_by_labels(launcher, k8s, t
     assert again.adopt(other, 0, {}) is None  # same name, another run: not ours
     gen = again.adopt(spec(tmp_path, generation=3), 0, {0: 11, 1: 12})
     assert gen is not None and gen.rank_pids == {0: 11, 1: 12}
-    wait(lambda: gen.alive() and gen._synced.is_set(), what="adopted watch")  # noqa: SLF001
+    wait(lambda: gen.alive() and "phase Running" in gen.dump_stacks(), what="adopted watch")
     gen.stop(0)
     first.close()
     assert again.adopt(spec(tmp_path, generation=3), 0, {}) is None  # stopped: nothing to adopt
@@ -188,12 +188,17 @@ def test_the_jobset_keeps_the_deploy_manifests_labels_security_and_failure_polic
     assert pod["spec"]["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
-def test_settings_select_the_backend_and_refuse_a_kubernetes_backend_without_image(tmp_path):
+def test_settings_select_the_backend_and_refuse_bad_kubernetes_settings(tmp_path):
     from supervisor.settings import ConfigError, Settings
 
     cfg = tmp_path / "s.toml"
-    cfg.write_text('[launch]\nbackend = "kubernetes"\n')
-    with pytest.raises(ConfigError, match="kubernetes.image: required"):
+    cfg.write_text('[launch]\nbackend = "kubernetes"\n[launch.kubernetes]\nimage = "titan-supervisor:cuda"\n')
+    assert Settings.load(cfg).launch.backend == "kubernetes"
+    cfg.write_text('[launch]\nbackend = "kubernetes"\n[launch.kubernetes]\nimage = " "\n')
+    with pytest.raises(ConfigError, match="launch.kubernetes: image: empty"):
+        Settings.load(cfg)
+    cfg.write_text('[launch]\nbackend = "k8s"\n')
+    with pytest.raises(ConfigError, match="launch.backend"):
         Settings.load(cfg)
     cfg.write_text('[launch]\nbackend = "kubernetes"\n[launch.kubernetes]\nimage = "x"\nnamespace = "Bad_NS"\n')
     with pytest.raises(ConfigError, match="launch.kubernetes: namespace 'Bad_NS' is not a Kubernetes name"):
