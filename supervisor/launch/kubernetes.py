@@ -170,6 +170,7 @@ class KubeGeneration:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._synced = threading.Event()
+        self._watch_client = launcher.new_client()  # its own connection: closing it ends the watch
         self._thread = threading.Thread(target=self._watch, name=f"k8s-watch-{name}", daemon=True)
         self._thread.start()
 
@@ -187,7 +188,7 @@ class KubeGeneration:
     def _watch(self) -> None:
         from lightkube.resources.core_v1 import Pod
 
-        client = self._launcher.client()
+        client = self._watch_client
         while not self._closed.is_set():
             try:
                 listed = client.list(Pod, namespace=self.config.namespace, labels=self._labels())
@@ -214,7 +215,12 @@ class KubeGeneration:
                 self._deleted.add(name)
 
     def close(self) -> None:
+        """End the watch (closing its client breaks a blocked stream read); idempotent."""
         self._closed.set()
+        try:
+            self._watch_client.close()
+        except Exception:  # noqa: BLE001 - already closed or mid-read: the thread sees _closed
+            pass
 
     # -- what the daemon asks ---------------------------------------------------------------------
     def _ended(self) -> dict[str, PodEnd]:
@@ -308,13 +314,13 @@ class KubernetesLauncher:
         self._client_lock = threading.Lock()
 
     def client(self):
-        """The lightkube client, built on first use (the import costs ~0.3 s)."""
+        """The shared lightkube client for requests, built on first use (the import costs ~0.3 s)."""
         with self._client_lock:
             if self._client is None:
-                self._client = self._build_client()
+                self._client = self.new_client()
             return self._client
 
-    def _build_client(self):
+    def new_client(self):
         import httpx2
         from lightkube import Client, KubeConfig
         from lightkube.config.models import Cluster, User

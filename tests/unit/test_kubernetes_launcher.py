@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def test_a_rank_killed_inside_the_pod_is_one_rank_exit_with_torchruns_root_cause
     assert any("exit code 1" in line for line in exits[0].log_tail)
     assert gen.exited == 1 and not gen.alive()
     assert gen.poll() == []  # reported once
+    # the generation ended: its watch thread (and its connection to the API server) is gone
+    wait(lambda: not any(t.name == f"k8s-watch-{gen.name}" for t in threading.enumerate()), 5, "the watch to end")
     f = DeadRankDetector().observe_exit(exits[0].rank, exits[0].exitcode, 0.0, 5, host=exits[0].host)
     assert f[0].kind == DEAD_RANK and f[0].evidence["signal_name"] == "SIGKILL" and f[0].evidence["host"] == "node-a"
 
