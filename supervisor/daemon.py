@@ -80,7 +80,7 @@ class Supervisor:
         self.incidents = IncidentTracker(j, self.metrics)
         self.directives = DirectiveChannel(j, spool_path(self.workdir), max_acks=s.daemon.directive_acks_kept,
                                            poll_s=s.launch.directive_poll_s)
-        self.generations = Generations(LocalLauncher(self.workdir / "logs", s.launch.local), j, self.log, self.metrics,
+        self.generations = Generations(self._launcher(), j, self.log, self.metrics,
                                        spec=self._spec, stop_grace_s=s.launch.stop_grace_s, run_id=s.run.run_id,
                                        hooks=self)
         self.pager = Pager(s.page.webhook_url, j, self.metrics, self.log, context=self._page_context,
@@ -117,6 +117,15 @@ class Supervisor:
         if s.server.require_trainer_token:
             self.trainer_token = secrets.token_urlsafe(32)
             self._trainer_hashes = trainer_token_hashes(j, self.trainer_token)
+
+    def _launcher(self):
+        """The launcher `launch.backend` names (the Kubernetes client is imported only when used)."""
+        launch = self.settings.launch
+        if launch.backend == "kubernetes":
+            from supervisor.launch.kubernetes import KubernetesLauncher
+
+            return KubernetesLauncher(launch.kubernetes, stop_grace_s=launch.stop_grace_s)
+        return LocalLauncher(self.workdir / "logs", launch.local)
 
     # -- views of the owners' state, for the API, the CLI and tests ---------------------------------
     state = _delegate("status", "state")
@@ -485,7 +494,8 @@ class Supervisor:
                 if ex.exitcode != 0 and not gen.stopping:
                     for f in self.suite.observe_exit(ex.rank if ex.rank is not None else 0, ex.exitcode,
                                                      ex.wall_time, self.last_step, generation=gen.generation,
-                                                     log_lines=ex.log_tail):
+                                                     log_lines=ex.log_tail, host=ex.host,
+                                                     oom_killed=ex.oom_killed):
                         self.on_finding(f)
             if gen.exited is not None and self.gen is gen and not self.runner.busy:
                 self._on_generation_exit(gen)

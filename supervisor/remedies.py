@@ -180,9 +180,18 @@ class Remedies:
         return await self.restart(a, hang=True)
 
     async def exclude_node(self, a) -> dict:
-        """On a single node there is nowhere else to run: the exclusion is refused, a human is paged
-        with the node's name, and the run restarts where it is (the crash remedy)."""
-        node = a.params.get("node") or "this node"
+        """Cordon the node through the launcher when it can (Kubernetes), journal it, and restart
+        (the next generation is scheduled elsewhere). A launcher that cannot (one machine) refuses:
+        a human is paged with the node's name and the run restarts where it is."""
+        node = a.params.get("node")
+        cordon = getattr(self.generations.launcher, "exclude_node", None)
+        if node and cordon is not None:
+            done = await asyncio.to_thread(cordon, node)  # idempotent: a resumed action cordons again
+            excluded = sorted(set(self._journal.get_meta("excluded_nodes") or []) | {node})
+            self._journal.set_meta("excluded_nodes", excluded)
+            self._log.warning("node excluded (cordoned)", node=node, action_id=a.id)
+            return {"excluded": True, "node": node, "cordon": done, **await self.restart(a)}
+        node = node or "this node"
         self.pager.page(f"the policy would exclude node {node} after repeated failures there, but this run has "
                         "only one node: not excluded, restarting on it", action_id=a.id, node=node)
         return {"excluded": False, "node": node, "paged": True, **await self.restart(a)}

@@ -110,6 +110,8 @@ class RankExit:
     pid: int | None
     log_tail: list[str]
     wall_time: float
+    host: str | None = None  # the node it ran on, where the launcher knows it (kubernetes)
+    oom_killed: bool = False  # the kernel/kubelet says it was OOM-killed (kubernetes: OOMKilled)
 
 
 # torchrun's failure report: "exitcode  : -9 (pid: 1234)" and "failed (exitcode: -9) local_rank: 1 (pid: 1234)"

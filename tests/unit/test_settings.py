@@ -38,9 +38,11 @@ SAMPLES: dict[str, Any] = {
     "run.faults": "nan@5",  # KIND@STEP
     "server.host": "localhost",  # an IP address or localhost
     "preflight.device": "H100",
+    "launch.kubernetes.api_server": "https://k8s.example:6443",  # http(s)://host[:port]
 }
 # Fields that must name existing, valid files (covered by the server tests).
-NEEDS_FILES = {"server.token_file", "server.tls_cert_file", "server.tls_key_file"}
+NEEDS_FILES = {"server.token_file", "server.tls_cert_file", "server.tls_key_file",
+               "launch.kubernetes.token_file", "launch.kubernetes.ca_file"}
 
 
 @pytest.fixture(autouse=True)
