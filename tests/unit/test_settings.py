@@ -38,9 +38,11 @@ SAMPLES: dict[str, Any] = {
     "run.faults": "nan@5",  # KIND@STEP
     "server.host": "localhost",  # an IP address or localhost
     "preflight.device": "H100",
+    "grafana.url": "http://127.0.0.1:3000",  # an http(s) URL
 }
 # Fields that must name existing, valid files (covered by the server tests).
-NEEDS_FILES = {"server.token_file", "server.tls_cert_file", "server.tls_key_file"}
+NEEDS_FILES = {"server.token_file", "server.tls_cert_file", "server.tls_key_file",
+               "grafana.token_file"}  # covered by tests/unit/test_incident_annotations.py
 
 
 @pytest.fixture(autouse=True)
