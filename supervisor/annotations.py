@@ -125,7 +125,7 @@ class GrafanaAnnotator:
                 ok = False
                 self.failed += 1
                 if self.log is not None:
-                    self.log.warning("grafana annotation failed", event=ev.event, kind=ev.kind, error=repr(e)[:300])
+                    self.log.warning("grafana annotation failed", annotation=ev.event, kind=ev.kind, error=repr(e)[:300])
             if self.on_result is not None:
                 self.on_result(ev, ok)
 

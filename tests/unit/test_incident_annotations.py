@@ -129,3 +129,19 @@ def test_excluded_nodes_gauge_follows_exclude_node_outcomes():
     assert value() == 2
     m.set_excluded_nodes({"n3"})  # restored from the journal by a restarted daemon
     assert value() == 1
+
+
+def test_a_failed_annotation_is_logged_and_the_sender_lives_on(capsys):
+    """With the daemon's real structlog logger: a give-up is logged and the next event still goes."""
+    from supervisor import log
+
+    g = FakeGrafana(fail_first=2)
+    a = GrafanaAnnotator(GrafanaAnnotator.Config(url=g.url, attempts=2, backoff_initial_s=0.01),
+                         logger=log.get())
+    a.post("opened", run_id="r1", kind="hang", text="first: given up")
+    a.post("resolved", run_id="r1", kind="hang", text="second: sent")
+    assert _wait(lambda: a.sent == 1 and a.failed == 1), (a.sent, a.failed)
+    assert [b["text"].split(": ", 1)[1] for b in g.accepted] == ["second: sent"]
+    assert "grafana annotation failed" in capsys.readouterr().out
+    a.close()
+    g.close()
