@@ -16,10 +16,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeGrafana:
-    def __init__(self, fail_first: int = 0, always_fail: bool = False, delay_s: float = 0.0) -> None:
+    def __init__(self, fail_first: int = 0, always_fail: bool = False, delay_s: float = 0.0,
+                 first_delay_s: float = 0.0) -> None:
         self.requests: list[dict] = []
         self.accepted: list[dict] = []
         self.fail_first, self.always_fail, self.delay_s = fail_first, always_fail, delay_s
+        self.first_delay_s = first_delay_s  # the first request alone is held this long (a hung Grafana)
         outer = self
 
         class H(BaseHTTPRequestHandler):
@@ -29,7 +31,7 @@ class FakeGrafana:
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                time.sleep(outer.delay_s)
+                time.sleep(outer.first_delay_s if len(outer.requests) == 1 else outer.delay_s)
                 if outer.always_fail or len(outer.requests) <= outer.fail_first:
                     self.send_response(503)
                     self.end_headers()
