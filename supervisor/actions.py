@@ -10,13 +10,17 @@ outcome after (intent -> running -> done | failed). Light actions (record, skip 
 synchronously and never block a heavy one; heavy actions run as one asyncio task. A daemon killed
 mid-action finds the intent in the journal on restart and `resume`s it: every remedy is
 idempotent, so it completes exactly once.
+
+An optional `ActionListener` (e.g. `supervisor.annotations.IncidentAnnotations`) hears every
+action that ends, done or failed, with its outcome, after the journal has it; a listener that
+raises is logged and changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol
 
 from supervisor.detect.findings import Finding
 from supervisor.policy import (RECORD, RESTART_ACTIONS, ROLLBACK_ACTIONS, SKIP_UPDATE, STOP_PAGE, Decision,
@@ -39,6 +43,10 @@ class ActiveAction:
     finding: Finding | None = None
     decision: Decision | None = None
     directive_id: str | None = None
+
+
+class ActionListener(Protocol):
+    def action_finished(self, kind: str, action_id: int, ok: bool, outcome: dict) -> None: ...
 
 
 class DecisionLoop:
@@ -71,13 +79,14 @@ class ActionRunner:
 
     def __init__(self, loop: DecisionLoop, remedies, journal, metrics, log, *,
                  spawn: Callable[[Awaitable], asyncio.Task], context: Callable[[], dict],
-                 on_done: Callable[[ActiveAction], None]) -> None:
+                 on_done: Callable[[ActiveAction], None], listener: ActionListener | None = None) -> None:
         self.loop = loop
         self._remedies = remedies
         self._journal, self._metrics, self._log = journal, metrics, log
         self._spawn = spawn
         self._context = context  # {"generation": g, "from_step": s} stamped on every action
         self._on_done = on_done  # after a heavy or light action succeeded
+        self._listener = listener  # hears every action that ends (done or failed)
 
     @property
     def current(self) -> ActiveAction | None:
@@ -139,6 +148,7 @@ class ActionRunner:
             return self._fail(a, outcome)
         self._journal.action_done(a.id, outcome)
         self._metrics.observe_action(a.kind, "done")
+        self._tell(a, True, outcome)
         if on_ack is not None:
             on_ack(ack)
 
@@ -160,14 +170,24 @@ class ActionRunner:
 
     def _finish(self, a: ActiveAction, outcome: dict) -> None:
         self._journal.action_done(a.id, outcome)
-        self._metrics.observe_action(a.kind, "done")
+        self._metrics.observe_action(a.kind, "done", outcome)
         self._log.info("action done", id=a.id, kind=a.kind, outcome=outcome)
+        self._tell(a, True, outcome)
         self._on_done(a)
 
     def _fail(self, a: ActiveAction, outcome: dict) -> None:
         self._journal.action_failed(a.id, outcome)
         self._metrics.observe_action(a.kind, "failed")
         self._log.error("action failed", id=a.id, kind=a.kind, outcome=outcome)
+        self._tell(a, False, outcome)
+
+    def _tell(self, a: ActiveAction, ok: bool, outcome: dict) -> None:
+        if self._listener is None:
+            return
+        try:
+            self._listener.action_finished(a.kind, a.id, ok, outcome)
+        except Exception as e:  # noqa: BLE001 - a view failing never changes an action
+            self._log.warning("action listener failed", id=a.id, kind=a.kind, error=repr(e)[:300])
 
     async def resume(self, row: dict) -> None:
         """Finish an action a previous daemon journaled but did not complete (crash-only)."""

@@ -125,6 +125,35 @@ class GrafanaAnnotator:
                 ok = False
                 self.failed += 1
                 if self.log is not None:
-                    self.log.warning("grafana annotation failed", event=ev.event, kind=ev.kind, error=repr(e)[:300])
+                    self.log.warning("grafana annotation failed", annotation=ev.event, kind=ev.kind, error=repr(e)[:300])
             if self.on_result is not None:
                 self.on_result(ev, ok)
+
+
+class IncidentAnnotations:
+    """The daemon's listener on `IncidentTracker` and `ActionRunner`: opened, acted and resolved
+    become annotations. It remembers the open incident's kind so an action's annotation carries
+    it (`operator` when no incident is open); `record` decisions are not an act and are not posted."""
+
+    SILENT_ACTIONS = frozenset({"record"})
+
+    def __init__(self, annotator: GrafanaAnnotator, run_id: str) -> None:
+        self.annotator, self.run_id = annotator, run_id
+        self._open: tuple[int, str] | None = None
+
+    def incident_opened(self, incident_id: int, kind: str, step: int, at: float | None) -> None:
+        self._open = (incident_id, kind)
+        self.annotator.post("opened", run_id=self.run_id, kind=kind, text=f"{kind} at step {step}", at=at,
+                            incident_id=incident_id)
+
+    def incident_closed(self, incident_id: int, kind: str, resolution: str) -> None:
+        self._open = None
+        self.annotator.post("resolved", run_id=self.run_id, kind=kind, text=resolution[:500], incident_id=incident_id)
+
+    def action_finished(self, kind: str, action_id: int, ok: bool, outcome: dict) -> None:
+        if kind in self.SILENT_ACTIONS:
+            return
+        incident, incident_kind = self._open if self._open else (None, "operator")
+        summary = ", ".join(f"{k}={v}" for k, v in outcome.items() if isinstance(v, (int, float, str, bool)))
+        self.annotator.post("acted", run_id=self.run_id, kind=incident_kind, action=kind, incident_id=incident,
+                            text=f"action {action_id} {'done' if ok else 'FAILED'}: {summary}"[:500])

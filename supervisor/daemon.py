@@ -1,8 +1,8 @@
 """The supervisor daemon: wiring and the reconcile loop (docs/architecture.md).
 
 One data path: ``StepRecord -> detectors -> Finding -> policy -> Decision -> remedy -> journal +
-metrics``. The detectors and the policy are pure; side effects live in the parts wired here, each
-owning one concern: `Generations` (launch/stop/adopt), `DirectiveChannel` (send, acknowledge),
+metrics + annotations``. The detectors and the policy are pure; side effects live in the parts
+wired here, each owning one concern: `Generations` (launch/stop/adopt), `DirectiveChannel` (send, acknowledge),
 `ActionRunner` (one heavy action at a time), `Remedies` (action -> what to do), `CheckpointLedger`
 (quarantine, pins, retention), `RunStatus` (state transitions), `IncidentTracker`.
 
@@ -77,7 +77,10 @@ class Supervisor:
         self.decisions = DecisionLoop(Policy(s.policy_config()), History.from_dict(j.get_meta("policy_history") or {}))
         self.metrics.set_policy_budget(self.decisions.policy.config, self.decisions.history, time.time())
         self.status = RunStatus(j, self.metrics, self.log, total_steps=s.run.steps)
-        self.incidents = IncidentTracker(j, self.metrics)
+        j.on_write_error = self._journal_write_error
+        self.metrics.set_excluded_nodes(self._excluded_nodes())
+        self.annotator, annotations = self._annotations()  # None, None unless [grafana] url is set
+        self.incidents = IncidentTracker(j, self.metrics, listener=annotations, log=self.log)
         self.directives = DirectiveChannel(j, spool_path(self.workdir), max_acks=s.daemon.directive_acks_kept,
                                            poll_s=s.launch.directive_poll_s)
         self.generations = Generations(self._launcher(), j, self.log, self.metrics,
@@ -93,7 +96,7 @@ class Supervisor:
                                  poll_s=s.launch.directive_poll_s, stack_dump_chars=s.launch.stack_dump_chars)
         self.runner = ActionRunner(self.decisions, self.remedies, j, self.metrics, self.log, spawn=self.spawn,
                                    context=lambda: {"generation": self.generation, "from_step": self.last_step},
-                                   on_done=self._action_done)
+                                   on_done=self._action_done, listener=annotations)
         self.dead_letters = DeadLetters(self.workdir / "supervisor" / "dead-letter.jsonl", self.health)
         self.alerts = AlertReceiver(self.suite, self.on_finding, lambda: self.last_step, s.server.alerts,
                                     on_drop=lambda n: self.health.metrics_only("alert_dropped", n))
@@ -212,6 +215,8 @@ class Supervisor:
         for t in list(self._tasks):
             t.cancel()
         self._flush_steps()
+        if self.annotator is not None:  # send what is queued, but never wait long for Grafana
+            await asyncio.to_thread(self.annotator.close, self.settings.grafana.timeout_s)
         self.journal.close()
 
     def spawn(self, coro) -> asyncio.Task:
@@ -260,6 +265,28 @@ class Supervisor:
     def _optimizer_json(self) -> str:
         o = self.settings.optimizer.overrides()
         return json.dumps(o) if o else ""
+
+    def _annotations(self):
+        """The Grafana annotator and the incident/action listener posting to it (supervisor/annotations.py)."""
+        g = self.settings.grafana
+        if not g.url:
+            return None, None
+        from supervisor.annotations import GrafanaAnnotator, IncidentAnnotations
+
+        annotator = GrafanaAnnotator(GrafanaAnnotator.Config(
+            url=g.url, token=g.read_token(), dashboard_uid=g.dashboard_uid, timeout_s=g.timeout_s,
+            attempts=g.attempts, backoff_initial_s=g.backoff_initial_s, backoff_max_s=g.backoff_max_s,
+            queue_size=g.queue_size), logger=self.log)
+        return annotator, IncidentAnnotations(annotator, self.settings.run.run_id)
+
+    def _journal_write_error(self, error) -> None:
+        self.metrics.observe_journal_write_error()
+        self.log.error("journal write failed", error=repr(error)[:300])
+
+    def _excluded_nodes(self) -> set[str]:
+        return {str(a["outcome"]["node"]) for a in self.journal.actions(limit=10_000)
+                if a["kind"] == "exclude_node" and a["state"] == "done" and isinstance(a.get("outcome"), dict)
+                and a["outcome"].get("excluded") and a["outcome"].get("node")}
 
     def _page_context(self) -> dict:
         return {"run_id": self.settings.run.run_id, "state": self.state, "step": self.last_step,

@@ -192,6 +192,8 @@ class Journal:
         self.readonly = readonly
         self._clock = clock
         self._lock = threading.RLock()
+        #: called with the sqlite3.Error of every failed write transaction (the daemon counts them)
+        self.on_write_error: Callable[[sqlite3.Error], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -266,13 +268,18 @@ class Journal:
         with self._lock:
             if self.readonly:
                 raise JournalError("journal opened read-only")
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                if self.on_write_error is not None:
+                    self.on_write_error(e)
                 raise
-            self._conn.execute("COMMIT")
 
     def _q(self, sql: str, args: Iterable[Any] = ()) -> list[dict[str, Any]]:
         with self._lock:

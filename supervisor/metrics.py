@@ -124,6 +124,10 @@ SERIES: tuple[Series, ...] = (
            "HTTP requests answered, by route template and status code (4xx on /v1/telemetry = refused telemetry)."),
     Series("http_request_duration_seconds", "histogram", "seconds", ("route",),
            "HTTP handling latency by route template (ingest latency on /v1/telemetry)."),
+    Series("journal_write_errors_total", "counter", "", (),
+           "Journal (SQLite) write transactions that failed: disk full, I/O error, locked. Each is a lost record."),
+    Series("nodes_excluded", "gauge", "", (),
+           "Nodes the supervisor excluded from the run (drained, training goes on without them)."),
     Series("event_loop_lag_seconds", "gauge", "seconds", (),
            "How late the daemon's asyncio loop ran a 1 s timer (a blocked loop delays every decision)."),
     Series("supervisor_errors_total", "counter", "", ("kind",),
@@ -209,6 +213,8 @@ class Metrics:
         self.m["human_needed"].set(0)
         for kind in ERROR_KINDS:
             self.m["supervisor_errors_total"].labels(kind=kind)  # exported as 0 from the start
+        self.m["nodes_excluded"].set(0)
+        self._excluded: set[str] = set()
 
     def _build(self) -> None:
         ns, r = self.config.namespace, self.registry
@@ -311,11 +317,14 @@ class Metrics:
     def observe_decision(self, action: str, advisory: bool = False) -> None:
         self.m["decisions_total"].labels(action=action, advisory=str(bool(advisory)).lower()).inc()
 
-    def observe_action(self, kind: str, result: str) -> None:
-        """Count one finished action; ``result`` is done | failed | abandoned | sent."""
+    def observe_action(self, kind: str, result: str, outcome: dict | None = None) -> None:
+        """Count one finished action; ``result`` is done | failed | abandoned | sent. An
+        ``exclude_node`` done with ``outcome["excluded"]`` true adds its node to the excluded set."""
         self.m["actions_total"].labels(kind=kind, result=result).inc()
         if result != "done":
             return
+        if kind == "exclude_node" and outcome and outcome.get("excluded") and outcome.get("node"):
+            self.set_excluded_nodes(self._excluded | {str(outcome["node"])})
         if kind in RESTART_KINDS:
             self.m["restarts_total"].labels(cause=self.cause).inc()
         elif kind in ROLLBACK_KINDS:
@@ -350,6 +359,15 @@ class Metrics:
         b.labels(budget="rollbacks_region").set(config.max_rollbacks_per_region - len(near))
         recent = history.restarts_since(now - config.restart_window_seconds)
         b.labels(budget="restarts_window").set(config.max_restarts - len(recent))
+
+    def set_excluded_nodes(self, nodes) -> None:
+        """The nodes excluded from the run so far (the daemon restores them from the journal)."""
+        with self._lock:
+            self._excluded = set(nodes)
+            self.m["nodes_excluded"].set(len(self._excluded))
+
+    def observe_journal_write_error(self) -> None:
+        self.m["journal_write_errors_total"].inc()
 
     def set_up(self, up: bool) -> None:
         self.m["trainer_up"].set(1 if up else 0)

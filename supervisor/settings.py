@@ -236,6 +236,51 @@ class PageSettings(_Section):
     timeout_s: Seconds = Field(5.0, description="Timeout of one POST.")
 
 
+class GrafanaSettings(_Section):
+    """Incident annotations (supervisor/annotations.py): off while `url` is empty."""
+
+    url: str = Field("", description="Grafana base URL (http(s)://host:port, without /api); opened/acted/resolved "
+                                     "incident events are posted to it as annotations. Empty: off.")
+    token_file: Path | None = Field(None, description="File holding a Grafana service-account token (Editor role) "
+                                    "alone; never logged. None: no Authorization header.")
+    dashboard_uid: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                                      description="Attach the annotations to this dashboard (e.g. "
+                                      "titan-run-overview); None: organization-wide, matched by tags.")
+    timeout_s: Seconds = Field(5.0, description="Timeout of one POST to Grafana.")
+    attempts: PositiveInt = Field(5, description="POST attempts per annotation before it is given up (counted, logged).")
+    backoff_initial_s: Seconds = Field(0.5, description="First wait between attempts; doubles each time.")
+    backoff_max_s: Seconds = Field(30.0, description="Cap of the wait between attempts.")
+    queue_size: PositiveInt = Field(1000, description="Annotations waiting to be sent; a full queue drops new ones (counted).")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        if v and (urlsplit(v).scheme not in ("http", "https") or not urlsplit(v).hostname):
+            raise ValueError(f"must be an http(s):// URL with a host, got {v!r}")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _token(self) -> "GrafanaSettings":
+        if self.token_file is not None:
+            if not self.url:
+                raise ValueError("token_file is set but url is empty")
+            self.read_token()  # unreadable or empty: a config error at start, not at the first incident
+        return self
+
+    def read_token(self) -> str:
+        if self.token_file is None:
+            return ""
+        try:
+            token = self.token_file.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"token_file {self.token_file}: {e.strerror}") from None
+        if not token or any(c.isspace() for c in token):
+            raise ValueError(f"token_file {self.token_file} must hold one token alone")
+        return token
+
+
 class Settings(BaseSettings):
     """All daemon settings. ``Settings.load(path, **flags)`` is the only constructor to use."""
 
@@ -249,6 +294,7 @@ class Settings(BaseSettings):
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings, description="Catalog, retention, interval.")
     journal: Journal.Config = Field(default_factory=Journal.Config, description="The SQLite journal.")
     page: PageSettings = Field(default_factory=PageSettings, description="Paging a human.")
+    grafana: GrafanaSettings = Field(default_factory=GrafanaSettings, description="Incident annotations in Grafana.")
     optimizer: OptimizerSettings = Field(default_factory=OptimizerSettings, description="AdamW overrides of the preset.")
     preflight: PreflightSettings = Field(default_factory=PreflightSettings, description="Linting before every launch.")
     convergence: ConvergenceSettings = Field(default_factory=ConvergenceSettings, description="Reference curve.")

@@ -131,9 +131,8 @@ def fleet() -> db.Dashboard:
     d = d.with_row(db.Row("Restarts and nodes")) \
         .with_panel(ts("Restarts by cause", "none",
                        q(f"sum by (cause) (increase(titan_restarts_total{{{RUN}}}[1h]))", "{{cause}}"), w=8)) \
-        .with_panel(ts("Nodes excluded (actions)", "none",
-                       q(f'sum(increase(titan_actions_total{{{RUN}, kind="exclude_node", result="done"}}[1h]))',
-                         "excluded"), w=8)) \
+        .with_panel(ts("Nodes excluded", "none", q(f"titan_nodes_excluded{{{RUN}}}", "{{run_id}}"), w=8,
+                       desc="Nodes the supervisor drained from the run (titan_nodes_excluded).")) \
         .with_panel(ts("Node exporters up", "none", q('up{job="node-exporter"}', "{{instance}}"), w=8)) \
         .with_panel(ts("Checkpoint volume free", "percentunit",
                        q('node_filesystem_avail_bytes{mountpoint=~"/data.*|/checkpoints.*"} '
@@ -143,7 +142,7 @@ def fleet() -> db.Dashboard:
 
 def supervisor_health() -> db.Dashboard:
     d = base("titan-supervisor-health", "titan-supervisor / Supervisor health",
-             "The daemon itself: ingest rate and latency, loop lag, refused requests, dropped telemetry.")
+             "The daemon itself: ingest rate and latency, loop lag, refused requests, dropped telemetry, journal errors.")
     d = d.with_row(db.Row("Ingest")) \
         .with_panel(ts("Requests per second by route", "reqps", q(f"titan:http_requests:rate5m{{{RUN}}}", "{{route}}"))) \
         .with_panel(ts("p99 latency by route", "s",
@@ -157,7 +156,11 @@ def supervisor_health() -> db.Dashboard:
         .with_panel(ts("Scrape up", "none", q('up{job="titan-supervisor"}', "{{instance}}"), w=8)) \
         .with_panel(ts("Failed actions", "none",
                        q(f'sum by (kind) (increase(titan_actions_total{{{RUN}, result="failed"}}[1h]))', "{{kind}}"),
-                       w=8))
+                       w=8)) \
+        .with_panel(ts("Journal write errors", "none",
+                       q(f"increase(titan_journal_write_errors_total{{{RUN}}}[1h])", "{{instance}}"), w=24,
+                       desc="Failed SQLite write transactions (disk full, I/O error, locked): each is a lost "
+                            "journal record. Any is worth a look at the daemon's log and disk."))
     return d
 
 

@@ -5,70 +5,12 @@ run on this machine, so that server stands in for it."""
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from supervisor.annotations import GrafanaAnnotator
-
-
-class FakeGrafana:
-    def __init__(self, fail_first: int = 0, always_fail: bool = False, delay_s: float = 0.0) -> None:
-        self.requests: list[dict] = []
-        self.accepted: list[dict] = []
-        self.fail_first, self.always_fail, self.delay_s = fail_first, always_fail, delay_s
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):  # quiet
-                pass
-
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                time.sleep(outer.delay_s)
-                if outer.always_fail or len(outer.requests) <= outer.fail_first:
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                problems = outer.check(self.path, body)
-                code = 400 if problems else 200
-                reply = {"message": "; ".join(problems)} if problems else {"message": "Annotation added", "id": len(outer.accepted) + 1}
-                if not problems:
-                    outer.accepted.append(body)
-                data = json.dumps(reply).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @staticmethod
-    def check(path: str, body: dict) -> list[str]:
-        """Grafana's POST /api/annotations contract (docs: HTTP API, annotations)."""
-        p = []
-        if path != "/api/annotations":
-            p.append(f"path {path}")
-        if not isinstance(body.get("time"), int) or body["time"] < 10 ** 12:
-            p.append("time must be epoch milliseconds")
-        if not isinstance(body.get("tags"), list) or not all(isinstance(t, str) for t in body["tags"]):
-            p.append("tags must be a list of strings")
-        if not isinstance(body.get("text"), str) or not body["text"]:
-            p.append("text required")
-        if set(body) - {"time", "timeEnd", "tags", "text", "panelId", "dashboardUID", "dashboardId"}:
-            p.append(f"unknown fields {set(body)}")
-        return p
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+from tests.fake_grafana import FakeGrafana
 
 
 @pytest.fixture

@@ -39,10 +39,12 @@ SAMPLES: dict[str, Any] = {
     "server.host": "localhost",  # an IP address or localhost
     "preflight.device": "H100",
     "launch.kubernetes.api_server": "https://k8s.example:6443",  # http(s)://host[:port]
+    "grafana.url": "http://127.0.0.1:3000",  # an http(s) URL
 }
-# Fields that must name existing, valid files (covered by the server tests).
+# Fields that must name existing, valid files (covered by the server tests, the launcher tests and
+# tests/unit/test_incident_annotations.py).
 NEEDS_FILES = {"server.token_file", "server.tls_cert_file", "server.tls_key_file",
-               "launch.kubernetes.token_file", "launch.kubernetes.ca_file"}
+               "launch.kubernetes.token_file", "launch.kubernetes.ca_file", "grafana.token_file"}
 
 
 @pytest.fixture(autouse=True)
