@@ -53,7 +53,8 @@ class TelemetryClient:
         self._spool = None
         if config.rank == 0 and config.spool_path:
             Path(config.spool_path).parent.mkdir(parents=True, exist_ok=True)
-            self._spool = open(config.spool_path, "a", buffering=1)  # line-buffered: a SIGKILLed rank loses no line (page cache, no fsync)
+            # line-buffered: a SIGKILLed rank loses no line (the page cache keeps it; no fsync)
+            self._spool = open(config.spool_path, "a", buffering=1)
         self._thread: threading.Thread | None = None
         if config.url:
             parsed = urlparse(config.url)
