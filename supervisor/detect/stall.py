@@ -113,7 +113,11 @@ class StallDetector:
         if self._started_at is None:
             self._started_at = record.wall_time
         self._step_times.append(float(record.step_seconds))
-        self._progress(record.step, record.wall_time)
+        # A record is a finished step, even when its step number went back (a rollback rewound the
+        # run): newer than the last progress is progress. A late record of the trajectory before a
+        # rollback is older than the reset and must not become the step the trainer "stalled" at.
+        if self._progress_time is None or record.wall_time > self._progress_time:
+            self._mark_progress(record.step, record.wall_time)
         return []
 
     def observe_heartbeat(self, hb) -> list[Finding]:
@@ -137,9 +141,12 @@ class StallDetector:
 
     def _progress(self, step: int, wall_time: float) -> None:
         if self._progress_step is None or step > self._progress_step:
-            self._progress_step = step
-            self._progress_time = wall_time
-            self._hang_reported = False
+            self._mark_progress(step, wall_time)
+
+    def _mark_progress(self, step: int, wall_time: float) -> None:
+        self._progress_step = step
+        self._progress_time = wall_time
+        self._hang_reported = False
 
     # --- timing -----------------------------------------------------------------------------
     def step_timeout(self) -> float | None:
