@@ -383,6 +383,9 @@ class Policy:
             return Decision(STOP_PAGE, (
                 f"{what}; no valid checkpoint before step {onset} to roll back to: stopping "
                 f"with everything kept and paging a human"), RUNG_STOP)
+        # a cool for this spike applied to the trajectory the rollback throws away: undo it
+        cool = history.open_cool(onset)
+        base_scale = cool.scale_before if cool is not None else state.lr_scale
         margin = c.data_skip_margin_steps
         skip = (onset - target + margin) * state.batches_per_step
         span = f"steps {target + 1}-{onset} + {margin} margin"
@@ -392,8 +395,8 @@ class Policy:
             return Decision(ROLLBACK, (
                 f"{what}; rolling back to last-known-good step {target} and skipping {skip} "
                 f"batches ({span})"), RUNG_ROLLBACK, target_step=target, skip_batches=skip,
-                lr_scale=state.lr_scale)
-        new_scale = state.lr_scale * c.lr_scale_factor
+                lr_scale=base_scale)
+        new_scale = base_scale * c.lr_scale_factor
         earlier = max(near, key=lambda r: r.wall_time)
         if new_scale < c.min_lr_scale:
             return Decision(STOP_PAGE, (
@@ -464,9 +467,10 @@ class Policy:
             cause = ev.get("cause")
             onset = onset_of(f)
             if cause == "no_recovery":
+                seen = (f" (peak {_fmt(ev['peak'])}, median {_fmt(ev['median'])})"
+                        if "peak" in ev and "median" in ev else "")
                 return (f"loss spike at step {onset} did not recover within "
-                        f"{ev.get('recovery_steps', f.step - onset)} steps (peak "
-                        f"{_fmt(ev.get('peak'))}, median {_fmt(ev.get('median'))})")
+                        f"{ev.get('recovery_steps', f.step - onset)} steps{seen}")
             if cause == "cluster":
                 spikes = ev.get("spike_steps") or []
                 return (f"{len(spikes)} loss spikes within {ev.get('cluster_window_steps')} steps "
@@ -534,3 +538,42 @@ class Policy:
             return (f"smoothed loss {_fmt(ev.get('smoothed_loss'))} at step {f.step} is "
                     f"{gap_s} above the reference {_fmt(ev.get('reference_loss'))}")
         return f"{f.kind} at step {f.step}"
+
+
+def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
+    """The ladder with this run's numbers: each rung's trigger, what it does, its budget, and
+    what comes next if it does not help (`titan-supervisor policy --explain`). Pure text."""
+    p, ls = policy, loss_spike
+    band = f"median·(1 + {ls.recovery_tolerance:g})"
+    return "\n".join([
+        "Divergence ladder (loss and gradients); each rung says what happens if it does not help.",
+        f"rung 1 record      loss spike: robust z > {ls.z_threshold:g} and > {100 * ls.min_relative_jump:g}% above the "
+        f"median of the last {ls.window} losses. Watched; back under {band} -> recorded as recovered.",
+        f"rung 2 skip_update non-finite or blown-up gradient on one step whose update the trainer skipped: recorded "
+        f"(the guard already skipped it). {non_finite.max_consecutive} non-finite steps in a row -> rung 3.",
+        f"rung 2 cool_lr     the spike is still above {band} after {ls.patience_steps} steps (slow_recovery): LR "
+        f"scale x{p.cool_lr_factor:g} at once, no work thrown away; one cool per spike, never below "
+        f"{p.min_lr_scale:g}. Back in band -> rewarm_lr to the scale before the cool over {p.rewarm_steps} steps. "
+        f"Worse (mean of the last {ls.level_window} losses > {100 * ls.worsening_tolerance:g}% above the level at "
+        f"patience) or not back by onset + {ls.recovery_steps} steps -> rung 3.",
+        f"rung 3 rollback    at once for: a blow-up (loss >= {ls.severe_loss_ratio:g}x its median and grad norm >= "
+        f"{ls.severe_grad_ratio:g}x its median at the onset); a non-finite gradient whose update reached the weights; "
+        f"{ls.cluster_size} spikes within {ls.cluster_window_steps} steps; and the cases above. Back to the newest "
+        f"valid checkpoint >= {p.min_steps_before_onset} steps before the onset, skipping the data up to the onset "
+        f"+ {p.data_skip_margin_steps} steps; a cool for that spike is undone. Budget: "
+        f"{p.max_rollbacks_per_region} per {p.region_width_steps}-step region, {p.max_total_rollbacks} per run.",
+        f"rung 4 rollback_lr_down  another divergence within {p.region_width_steps} steps of a rollback: roll back and "
+        f"scale the LR by {p.lr_scale_factor:g} with a {p.lr_ramp_steps}-step re-warm (OPT).",
+        f"rung 5 stop_page   region or run budget spent, LR scale would fall below {p.min_lr_scale:g}, or nothing "
+        f"valid to roll back to: stop with everything kept and page a human.",
+        "",
+        "Process ladder (crashes, hangs, OOM):",
+        f"restart            dead rank / OOM / hang: from the newest valid checkpoint after a backoff of "
+        f"{p.backoff_base_seconds:g}s doubling to {p.backoff_max_seconds:g}s; {p.max_restarts} per "
+        f"{_secs(p.restart_window_seconds)}, then stop_page.",
+        f"next layout        OOM number {p.oom_layout_fallback_after or 'never (off)'} within the window: restart on "
+        f"the next [preflight] layout that passes preflight (journaled by name; none left -> same layout + page).",
+        f"exclude_node       crash number {p.exclude_node_after or 'never (off)'} on one host"
+        f"{', or a hardware alert naming it' if p.exclude_on_hardware else ''}: on one node, refused with a page "
+        f"naming the node and a restart there.",
+    ])

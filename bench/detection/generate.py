@@ -1,7 +1,7 @@
 """Generate the benchmark's curves: one real torchtitan CPU run per matrix entry (matrix.py).
 
 A long job (about 40 s per run on 2 shared cores, mostly start-up): run it in the background,
-one run at a time, niced. It is resumable: a run whose curve file exists is skipped, so an
+one run at a time (the CPU cap: one single-rank trainer). It is resumable: a run whose curve file exists is skipped, so an
 interrupted job picks up where it stopped. Each run is 1 rank (half the CPU of 2), unsupervised
 (no daemon: the spool is the record), checkpoints every 10 steps (the `checkpoint_saved`
 events give replay its rollback targets); only the spool is kept, gzip-compressed, as
@@ -46,7 +46,7 @@ def generate_one(run, scratch: Path) -> float:
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HOME=str(scratch / "hf"),
                PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     t0 = time.time()
-    proc = subprocess.run(["nice", "-n", "5", *command(run, dump)], env=env, cwd=ROOT,
+    proc = subprocess.run(command(run, dump), env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     spool = dump / "telemetry" / "spool.jsonl"
     if proc.returncode != 0 or not spool.is_file():
@@ -68,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     CURVES.mkdir(exist_ok=True)
     todo = [r for r in runs() if (a.split is None or r.split == a.split)
             and not (CURVES / f"{r.id}.jsonl.gz").is_file()]
-    # clean twins first, then the tuning half, so tuning can start before the test half is done
-    todo.sort(key=lambda r: (r.split != "tuning", r.kind != "clean"))
+    # clean twins first, then the two halves interleaved perturbation by perturbation, so an
+    # interrupted job leaves a balanced subset of both halves
+    order = {r.id: i for i, r in enumerate(runs())}
+    todo.sort(key=lambda r: (r.kind != "clean", r.id.split("-p")[-1][:2] if r.kind != "clean" else "",
+                             r.split != "tuning", order[r.id]))
     with tempfile.TemporaryDirectory(prefix="det-bench-") as scratch:
         for i, run in enumerate(todo[: a.max_runs]):
             secs = generate_one(run, Path(scratch))

@@ -18,13 +18,15 @@ STEPS = 140
 TUNING_SEEDS = (1, 2)
 TEST_SEEDS = (3, 4)
 
-# (model, base LR) configs; each is run at every seed
+# (model, base LR) configs; each is run at every seed of a half, except the 6-layer model,
+# which is ~3x slower on the shared CPU and runs at the first seed of each half only
 CONFIGS = (("tiny", 8e-4), ("tiny", 2e-3), ("deep6", 8e-4))
+FIRST_SEED_ONLY = {"deep6"}
 
 # (kind, fault spec with {onset}, perturbed steps) - the same list in both halves
 PERTURBATIONS = [
     *[("lr_spike", f"spike@{{onset}}:lr={m}:steps={n}", n)
-      for m, n in ((3, 1), (10, 1), (100, 1), (300, 1), (1000, 1), (10, 3), (100, 3), (30, 3), (1000, 3),
+      for m, n in ((3, 1), (10, 1), (30, 1), (100, 1), (300, 1), (1000, 1), (10, 3), (100, 3), (30, 3), (1000, 3),
                    (3, 10), (10, 10), (30, 10), (100, 10))],
     ("nan_skipped", "nan@{onset}", 1),
     ("nan_applied", "nan@{onset}:applied=1", 1),
@@ -61,7 +63,8 @@ def config_id(model: str, lr: float, seed: int) -> str:
 def runs() -> list[Run]:
     out: list[Run] = []
     for split, seeds in (("tuning", TUNING_SEEDS), ("test", TEST_SEEDS)):
-        combos = [(m, lr, s) for s in seeds for m, lr in CONFIGS]
+        combos = [(m, lr, s) for s in seeds for m, lr in CONFIGS
+                  if s == seeds[0] or m not in FIRST_SEED_ONLY]
         for m, lr, s in combos:
             cid = config_id(m, lr, s)
             out.append(Run(cid + "-clean", m, s, lr, split, "clean", "", None, None, cid + "-clean"))

@@ -26,7 +26,7 @@ class NonFiniteDetector:
     @dataclass
     class Config:
         max_consecutive: Annotated[NonNegativeInt, doc(
-            "consecutive non-finite steps that turn into a divergence (0 disables escalation)")] = 3
+            "consecutive non-finite steps that turn into a divergence (0 disables escalation)")] = 2
 
     def __init__(self, config: "NonFiniteDetector.Config | None" = None) -> None:
         self.config = config or NonFiniteDetector.Config()
