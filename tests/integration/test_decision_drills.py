@@ -26,8 +26,8 @@ def make_daemon(tmp_path):
         cfg = drill_config(tmp_path / f"run{len(made)}", free_port(), **run)
         for section, body in (extra or {}).items():
             cfg.setdefault(section, {}).update(body)
+        (tmp_path / f"d{len(made)}").mkdir()
         d = Daemon(tmp_path / f"d{len(made)}", cfg)
-        d.tmp.mkdir(parents=True, exist_ok=True)
         made.append(d)
         return d
 
