@@ -30,6 +30,9 @@ CURVES = HERE / "curves"
 ROOT = HERE.parents[1]
 
 
+PRIORITY = [5, 3, 9, 16, 13, 18, 23, 7, 14, 1, 11, 20, 24, 15, 21, 0, 2, 4, 6, 8, 10, 12, 17, 19, 22]
+
+
 def command(run, dump: Path) -> list[str]:
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
             "-m", "training.run", "--preset", run.model, "--dump_folder", str(dump),
@@ -68,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     CURVES.mkdir(exist_ok=True)
     todo = [r for r in runs() if (a.split is None or r.split == a.split)
             and not (CURVES / f"{r.id}.jsonl.gz").is_file()]
-    # clean twins first, then the two halves interleaved perturbation by perturbation, so an
-    # interrupted job leaves a balanced subset of both halves
+    # clean twins first, then the two halves interleaved perturbation by perturbation (in
+    # PRIORITY order: the most varied kinds first), so an interrupted job leaves a balanced
+    # subset of both halves
     order = {r.id: i for i, r in enumerate(runs())}
-    todo.sort(key=lambda r: (r.kind != "clean", r.id.split("-p")[-1][:2] if r.kind != "clean" else "",
+    todo.sort(key=lambda r: (r.kind != "clean", PRIORITY.index(int(r.id.split("-p")[-1][:2])) if r.kind != "clean" else 0,
                              r.split != "tuning", order[r.id]))
     with tempfile.TemporaryDirectory(prefix="det-bench-") as scratch:
         for i, run in enumerate(todo[: a.max_runs]):

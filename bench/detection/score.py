@@ -113,17 +113,36 @@ def table(tallies: dict[str, Tally]) -> str:
     return "\n".join(rows)
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+BEGIN, END = "<!-- bench:table -->", "<!-- /bench:table -->"
+
+
+def write_readme(text: str) -> None:
+    body = README.read_text()
+    if BEGIN not in body or END not in body:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to replace")
+    pre, rest = body.split(BEGIN, 1)
+    post = rest.split(END, 1)[1]
+    README.write_text(f"{pre}{BEGIN}\n{text}\n{END}{post}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=("tuning", "test", "all"), default="tuning")
     ap.add_argument("--events", action="store_true", help="print each event's label and the misses")
+    ap.add_argument("--write-readme", action="store_true",
+                    help="replace the table between the README's bench markers with this one")
     a = ap.parse_args(argv)
     selected = [r for r in runs() if a.split in ("all", r.split)
                 and (CURVES / f"{r.id}.jsonl.gz").is_file() and (CURVES / f"{r.twin}.jsonl.gz").is_file()]
     tallies, events = score(selected)
-    print(f"split {a.split}: {len(selected)} runs, {len(events)} events "
-          f"({sum(e['label'] == L.DIVERGED for e in events)} diverged)")
-    print(table(tallies))
+    counts = {lab: sum(e["label"] == lab for e in events) for lab in (L.DIVERGED, L.RECOVERED, L.NO_EFFECT)}
+    head = (f"split {a.split}: {len(selected)} runs ({sum(r.kind == 'clean' for r in selected)} clean), "
+            f"{len(events)} events: " + ", ".join(f"{n} {lab}" for lab, n in counts.items()))
+    text = head + "\n\n" + table(tallies)
+    print(text)
+    if a.write_readme:
+        write_readme(text)
     if a.events:
         for e in events:
             print(json.dumps(e))
