@@ -55,12 +55,16 @@ def tail_loss(records, n=15) -> float:
 
 
 def test_slow_recovering_spike_is_cooled_or_recorded_never_rolled_back(make_daemon):
-    clean = make_daemon(steps=120, nproc_per_node=1).start()
+    # base LR 2e-3: on the benchmark an LR x100 step there is a loss spike that takes ~30 steps
+    # to come back (at 8e-4 it only shows in the grad norm)
+    hot = {"optimizer": {"lr": 2e-3}}
+    clean = make_daemon(hot, steps=120, nproc_per_node=1).start()
     assert clean.wait_exit(300) == 0, clean.log_tail()
-    d = make_daemon(steps=120, nproc_per_node=1, faults="spike@50:lr=100:steps=1").start()
+    d = make_daemon(hot, steps=120, nproc_per_node=1, faults="spike@50:lr=100:steps=1").start()
     assert d.wait_exit(300) == 0, d.log_tail()
     decs = decisions(d)
-    assert [x for x in decs if x["kind"] == "loss_spike"], "the LR x100 step made no spike: the drill is vacuous"
+    seen = {x["kind"] for x in decs if x["step"] and 50 <= x["step"] <= 55}
+    assert seen & {"loss_spike", "grad_blowup"}, f"the LR x100 step went unseen: the drill is vacuous {decs}"
     assert not [x for x in decs if x["action"] in HEAVY], decs
     assert {x["action"] for x in decs} <= {"record", "skip_update", "cool_lr", "rewarm_lr"}
     records = spool(d.workdir)[0]
