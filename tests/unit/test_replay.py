@@ -103,7 +103,7 @@ def test_supervised_spool_with_rewind_detects_relapse_and_lowers_lr():
     # the relapse was judged against the baseline restored at step 95, not after a warm-up
     spikes = [f for f, _ in pairs if f.kind == LOSS_SPIKE]
     assert [f.step for f in spikes] == [101, 101]
-    assert spikes[1].evidence["window"] == 50
+    assert spikes[1].evidence["window"] == 20  # the full window: restored, not warming up
 
 
 def test_rewind_quarantines_checkpoints_of_the_abandoned_trajectory():
