@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
 
 from supervisor.detect.findings import Finding
-from supervisor.policy import (RECORD, RESTART_ACTIONS, ROLLBACK_ACTIONS, SKIP_UPDATE, STOP_PAGE, Decision,
-                               History, Policy, RunState)
+from supervisor.policy import (LR_ACTIONS, RECORD, RESTART_ACTIONS, ROLLBACK_ACTIONS, SKIP_UPDATE, STOP_PAGE,
+                               Decision, History, Policy, RunState)
 
-LIGHT_ACTIONS = frozenset({SKIP_UPDATE, RECORD})
+LIGHT_ACTIONS = frozenset({SKIP_UPDATE, RECORD}) | LR_ACTIONS
 #: operator actions that are one trainer directive each (acknowledged, never block a heavy action)
 DIRECTIVE_ACTIONS = frozenset({"lr", "skip_data", "checkpoint_now", "decay_now", "extend", "set_checkpoint_interval"})
 #: heavy actions that carry a policy Decision (rebuilt from the journal when resumed)
@@ -61,7 +61,10 @@ class DecisionLoop:
         """The policy's decision, or None while a heavy action owns the incident."""
         if self.in_flight is not None:
             return None
-        return self.policy.decide(finding, state, self.history)
+        d = self.policy.decide(finding, state, self.history)
+        if d.acts and d.action in LR_ACTIONS:  # light and synchronous: carried out as decided
+            self.history.record_lr(finding, d, state.lr_scale)
+        return d
 
     def started(self, action) -> None:
         if action.kind not in LIGHT_ACTIONS and action.kind not in DIRECTIVE_ACTIONS:

@@ -510,6 +510,7 @@ class ControlPlane:
             "open_incidents": incidents, "action": action, "policy_now": self._policy_now(action, incidents, proposals),
             "proposals": proposals, "pending_directives": sorted(sup.directives.pending),
             "trainer_pids": dict(sup.gen.rank_pids) if sup.gen else {},
+            "layout": sup.generations.layout_label,  # None: the preset's own parallelism
             "checkpoint_interval": sup.interval.current,
             "recommended_checkpoint_interval": sup.interval.view(),
             "updated_at": r.wall_time if r else None,

@@ -47,7 +47,7 @@ from supervisor.pager import Pager
 from supervisor.policy import History, Policy, RunState
 from supervisor.protocol import Heartbeat, StepRecord, TelemetryBatch, TelemetryReply
 from supervisor.remedies import Remedies
-from supervisor.run_plan import trainer_flags
+from supervisor.run_plan import LayoutFallback, trainer_flags
 from supervisor.run_state import AT_REST, RunStatus
 from supervisor.settings import ConfigError, Settings
 from supervisor.spool import SpoolError, read_spool, spool_path
@@ -93,7 +93,8 @@ class Supervisor:
                                  pager=self.pager, journal=j, status=self.status, suite=self.suite,
                                  metrics=self.metrics, log=self.log, step_times=self.step_times,
                                  ranks=s.run.nproc_per_node, directive_timeout_s=s.launch.directive_timeout_s,
-                                 poll_s=s.launch.directive_poll_s, stack_dump_chars=s.launch.stack_dump_chars)
+                                 poll_s=s.launch.directive_poll_s, stack_dump_chars=s.launch.stack_dump_chars,
+                                 layouts=LayoutFallback(s))
         self.runner = ActionRunner(self.decisions, self.remedies, j, self.metrics, self.log, spawn=self.spawn,
                                    context=lambda: {"generation": self.generation, "from_step": self.last_step},
                                    on_done=self._action_done, listener=annotations)
@@ -231,13 +232,14 @@ class Supervisor:
             self.log.error("task crashed", error=repr(task.exception()))
 
     # -- generation hooks (called by Generations) ----------------------------------------------------
-    def _spec(self, generation: int, *, load_step, skip_batches: int, lr_scale: float, ramp_steps: int = 0) -> LaunchSpec:
+    def _spec(self, generation: int, *, load_step, skip_batches: int, lr_scale: float, ramp_steps: int = 0,
+              layout_index: int | None = None) -> LaunchSpec:
         r = self.settings.run
         return LaunchSpec(generation=generation, nproc=r.nproc_per_node, preset=r.preset, workdir=self.workdir,
                           supervisor_url=self.url, run_id=r.run_id, load_step=load_step,
                           skip_batches=skip_batches, lr_scale=lr_scale, lr_ramp_steps=ramp_steps,
                           steps=self.status.total_steps, checkpoint_interval=self.interval.current,
-                          faults=r.faults, extra_args=trainer_flags(self.settings), python=r.python,
+                          faults=r.faults, extra_args=trainer_flags(self.settings, layout_index), python=r.python,
                           env=dict(r.env, **({TRAINER_TOKEN_ENV: self.trainer_token} if self.trainer_token else {})),
                           optimizer_json=self._optimizer_json())
 

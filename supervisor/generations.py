@@ -6,6 +6,10 @@ table is complete and the generation number only ever grows. The daemon supplies
 what else must happen at those moments (preflight before a launch, detector windows reset,
 directives of the old generation dropped); this class decides nothing about *when*.
 
+Layout: a generation runs on `layout_index` (an index into `[preflight] layouts`; None = the
+preset's own parallelism). `launch(layout_index=i)` switches to layout i for this and every later
+generation (the repeated-OOM fallback); the journal's generation row names it.
+
 Failure model: the ranks run in their own session and outlive a daemon crash. The torchrun pid
 and the rank pids are journaled as soon as they are known, so a restarted daemon `adopt`s the
 running generation instead of starting a second one.
@@ -35,13 +39,15 @@ class Generations:
                  run_id: str, hooks: GenerationHooks) -> None:
         self.launcher = launcher
         self._journal, self._log, self._metrics = journal, log, metrics
-        self._spec = spec  # (generation, load_step, skip_batches, lr_scale, ramp_steps) -> LaunchSpec
+        self._spec = spec  # (generation, load_step, skip_batches, lr_scale, ramp_steps, layout_index) -> LaunchSpec
         self._grace = stop_grace_s
         self._run_id = run_id
         self._hooks = hooks
         self.current: RunningGeneration | None = None
         self.id = -1  # the newest generation number (-1: none yet)
         self.first_start: float | None = journal.get_meta("first_start")
+        self.layout_index: int | None = journal.get_meta("layout_index")
+        self.layout_label: str | None = journal.get_meta("layout_label")
 
     def alive(self) -> bool:
         """A generation runs and its processes are there."""
@@ -49,11 +55,16 @@ class Generations:
         return g is not None and g.exited is None and g.alive()
 
     async def launch(self, *, load_step: int | None, skip_batches: int, lr_scale: float, ramp_steps: int = 0,
-                     reason: str) -> RunningGeneration:
+                     reason: str, layout_index: int | None = None, layout_label: str | None = None
+                     ) -> RunningGeneration:
         self._hooks.before_launch()
+        if layout_index is not None:
+            self.layout_index, self.layout_label = layout_index, layout_label
+            self._journal.set_meta("layout_index", layout_index)
+            self._journal.set_meta("layout_label", layout_label)
         self.id += 1
         spec = self._spec(self.id, load_step=load_step, skip_batches=skip_batches, lr_scale=lr_scale,
-                          ramp_steps=ramp_steps)
+                          ramp_steps=ramp_steps, layout_index=self.layout_index)
         self._hooks.on_launch(self.id, load_step, spec.nproc, lr_scale)
         self.current = gen = await asyncio.to_thread(self.launcher.start, spec)
         if self.first_start is None:
@@ -61,12 +72,13 @@ class Generations:
             self._journal.set_meta("first_start", self.first_start)
         self._journal.record_generation_start(generation=self.id, run_id=self._run_id, load_step=load_step or 0,
                                               skip_batches=skip_batches, lr_scale=lr_scale,
-                                              layout={"nproc_per_node": spec.nproc})
+                                              layout={"nproc_per_node": spec.nproc, "index": self.layout_index,
+                                                      "label": self.layout_label})
         self._journal.set_meta(f"generation_{self.id}", {"torchrun_pid": gen.pid, "rank_pids": {}})
         self._metrics.generation.set(self.id)
         self._metrics.set_up(True)
         self._log.info("generation started", generation=self.id, load_step=load_step, skip_batches=skip_batches,
-                       lr_scale=lr_scale, reason=reason, pid=gen.pid, command=" ".join(spec.command()))
+                       lr_scale=lr_scale, reason=reason, layout=self.layout_label, pid=gen.pid, command=" ".join(spec.command()))
         return gen
 
     async def stop(self, reason: str, *, grace_s: float | None = None) -> None:
@@ -91,7 +103,7 @@ class Generations:
         self.id = int(last["id"])
         meta = self._journal.get_meta(f"generation_{self.id}") or {}
         spec = self._spec(self.id, load_step=last.get("load_step"), skip_batches=last.get("skip_batches") or 0,
-                          lr_scale=lr_scale, ramp_steps=0)
+                          lr_scale=lr_scale, ramp_steps=0, layout_index=self.layout_index)
         gen = self.launcher.adopt(spec, int(meta.get("torchrun_pid", 0) or 0),
                                   {int(k): int(v) for k, v in (meta.get("rank_pids") or {}).items()})
         if gen is None:

@@ -65,6 +65,8 @@ TINY = {
     for s in (
         ModelShape("tiny", layers=2, hidden=64, ffn=256, heads=4, kv_heads=4, vocab=TINY_VOCAB, nominal_params=0),
         ModelShape("small", layers=4, hidden=128, ffn=512, heads=8, kv_heads=4, vocab=TINY_VOCAB, nominal_params=0),
+        # 6 layers (torchtitan debug-model depth) at the tiny width, so 2 shared CPU cores can afford it
+        ModelShape("deep6", layers=6, hidden=64, ffn=256, heads=4, kv_heads=4, vocab=TINY_VOCAB, nominal_params=0),
     )
 }
 
@@ -99,6 +101,8 @@ PRESET_TRAINING: dict[str, PresetTraining] = {
                            checkpoint_interval=10),
     "small": PresetTraining("small", lr=8e-4, warmup_steps=20, local_batch=4, seq_len=256, steps=200,
                             checkpoint_interval=20),
+    "deep6": PresetTraining("deep6", lr=8e-4, warmup_steps=10, local_batch=4, seq_len=256, steps=200,
+                             checkpoint_interval=20),
     **{t.model: t for t in (
         _llmjp_training("llmjp3-150m", 6e-4), _llmjp_training("llmjp3-440m", 5e-4),
         _llmjp_training("llmjp3-980m", 4e-4), _llmjp_training("llmjp3-1.8b", 3e-4),

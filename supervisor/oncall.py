@@ -536,6 +536,9 @@ def add_subcommands(sub) -> None:
             'titan-supervisor policy --mode advise --reason "hands-on tonight"', _policy, [conn])
     p.add_argument("--mode", choices=["auto", "advise", "off"],
                    help="auto: act; advise: propose, a human confirms; off: record only")
+    p.add_argument("--explain", nargs="?", const="", metavar="CONFIG",
+                   help="print the decision ladder (triggers, budgets, what comes next) with the thresholds of "
+                        "CONFIG's [detect]/[policy] tables (default: built-in); needs no daemon")
     g = p.add_argument_group("safety (with --mode)")
     g.add_argument("--reason", help="why (required with --mode)")
     g.add_argument("--dry-run", action="store_true", help="print what would change")
@@ -581,6 +584,18 @@ def add_subcommands(sub) -> None:
 
 
 def _policy(args) -> int:
+    if args.explain is not None:
+        from supervisor.policy import explain
+        from supervisor.settings import ConfigError, Settings
+
+        try:
+            settings = Settings.load(args.explain) if args.explain else Settings.load()
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return C.EXIT_USAGE
+        d = settings.detector_config()
+        print(explain(settings.policy_config(), d.loss_spike, d.non_finite))
+        return C.EXIT_OK
     c = _client(args)
     if args.mode is None:
         body = c.get("/v1/policy")

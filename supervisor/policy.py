@@ -7,7 +7,15 @@ to the next rung, ending with "stop, keep everything, page a human":
                           slow convergence (warnings a human should see, no action)
   rung 2  skip_update     a non-finite or blown-up gradient on one step (the trainer guards
                           itself; the decision records it)
-  rung 3  rollback        a spike that does not recover, a cluster, a NaN streak: back to the
+          cool_lr         a spike still out of band after `patience_steps` (slow_recovery):
+                          scale the LR down by `cool_lr_factor` at once and watch; rewarm_lr
+                          brings it back over `rewarm_steps` when the spike recovers. Light:
+                          no work is thrown away. At most one cool per spike (the detector
+                          says slow_recovery once); never below `min_lr_scale`
+  rung 3  rollback        a blow-up of loss and grad norm (severe), a non-finite update that
+                          reached the weights (poisoned_update), a spike that keeps getting
+                          worse after the cool or does not recover in `recovery_steps`, a
+                          cluster, a NaN streak: back to the
                           newest valid checkpoint strictly before the onset, skipping the
                           data window that led into it (PaLM)
           restart         crash / OOM: restart from the newest valid checkpoint with
@@ -33,7 +41,8 @@ from supervisor.config_types import Fraction, NonNegativeInt, PositiveInt, Secon
 
 from supervisor.detect.findings import (DEAD_RANK, DIVERGENCE, GRAD_BLOWUP, HANG, HARDWARE,
                                         LOSS_SPIKE, MISSING_HEARTBEAT, NON_FINITE, OOM,
-                                        SLOW_CONVERGENCE, SPIKE_RECOVERED, STRAGGLER, Finding)
+                                        SLOW_CONVERGENCE, SLOW_RECOVERY, SPIKE_RECOVERED, STRAGGLER,
+                                        Finding)
 
 # --- actions and rungs --------------------------------------------------------------------
 NONE = "none"
@@ -45,8 +54,11 @@ RESTART = "restart"
 KILL_RESTART_HANG = "kill_restart_hang"
 STOP_PAGE = "stop_page"
 EXCLUDE_NODE = "exclude_node"
-ACTIONS: tuple[str, ...] = (NONE, RECORD, SKIP_UPDATE, ROLLBACK, ROLLBACK_LR_DOWN, RESTART,
-                            KILL_RESTART_HANG, STOP_PAGE, EXCLUDE_NODE)
+COOL_LR = "cool_lr"
+REWARM_LR = "rewarm_lr"
+ACTIONS: tuple[str, ...] = (NONE, RECORD, SKIP_UPDATE, COOL_LR, REWARM_LR, ROLLBACK, ROLLBACK_LR_DOWN,
+                            RESTART, KILL_RESTART_HANG, STOP_PAGE, EXCLUDE_NODE)
+LR_ACTIONS = frozenset({COOL_LR, REWARM_LR})
 ROLLBACK_ACTIONS = frozenset({ROLLBACK, ROLLBACK_LR_DOWN})
 RESTART_ACTIONS = frozenset({RESTART, KILL_RESTART_HANG, EXCLUDE_NODE})
 
@@ -125,12 +137,31 @@ class RestartEntry:
     rank: int | None = None
 
 
+@dataclass(frozen=True)
+class CoolEntry:
+    """An LR cool (or its rewarm) for the spike with onset `onset_step`."""
+
+    onset_step: int
+    wall_time: float
+    scale_before: float
+    scale_after: float
+    action: str = COOL_LR
+
+
 @dataclass
 class History:
     """The carried-out actions that budgets count; rebuilt by the daemon from its journal."""
 
     rollbacks: list[RollbackEntry] = field(default_factory=list)
     restarts: list[RestartEntry] = field(default_factory=list)
+    cools: list[CoolEntry] = field(default_factory=list)
+
+    def open_cool(self, onset_step: int) -> CoolEntry | None:
+        """The cool for this spike's onset that no rewarm has undone yet."""
+        for c in reversed(self.cools):
+            if c.onset_step == onset_step:
+                return c if c.action == COOL_LR else None
+        return None
 
     def rollbacks_near(self, onset_step: int, width: int) -> list[RollbackEntry]:
         """Earlier rollbacks whose onset lies within `width` steps of `onset_step`."""
@@ -154,14 +185,24 @@ class History:
                 wall_time=finding.wall_time, kind=finding.kind, step=finding.step,
                 host=finding.evidence.get("host"), rank=finding.rank))
 
+    def record_lr(self, finding: Finding, decision: Decision, scale_before: float) -> None:
+        """Add a carried-out cool_lr / rewarm_lr (light: recorded when decided)."""
+        if decision.advisory or decision.action not in LR_ACTIONS or decision.lr_scale is None:
+            return
+        self.cools.append(CoolEntry(onset_step=onset_of(finding), wall_time=finding.wall_time,
+                                    scale_before=scale_before, scale_after=float(decision.lr_scale),
+                                    action=decision.action))
+
     def to_dict(self) -> dict:
         return {"rollbacks": [asdict(r) for r in self.rollbacks],
-                "restarts": [asdict(r) for r in self.restarts]}
+                "restarts": [asdict(r) for r in self.restarts],
+                "cools": [asdict(c) for c in self.cools]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "History":
         return cls(rollbacks=[RollbackEntry(**r) for r in d.get("rollbacks", [])],
-                   restarts=[RestartEntry(**r) for r in d.get("restarts", [])])
+                   restarts=[RestartEntry(**r) for r in d.get("restarts", [])],
+                   cools=[CoolEntry(**c) for c in d.get("cools", [])])
 
 
 def onset_of(finding: Finding) -> int:
@@ -214,6 +255,10 @@ class Policy:
             "the n-th crash on one host within the window excludes that host (0 = never)")] = 0
         exclude_on_hardware: Annotated[bool, doc(
             "a hardware finding naming a host excludes it (else it is recorded)")] = False
+        cool_lr_factor: Annotated[Fraction, doc(
+            "a spike slow to recover (slow_recovery) multiplies the LR scale by this at once ...")] = 0.5
+        rewarm_steps: Annotated[NonNegativeInt, doc(
+            "... and once it is back in band the scale returns to its value before the cool over this many steps")] = 50
         fresh_restart_max_step: Annotated[NonNegativeInt, doc(
             "with no valid checkpoint, restart from scratch only below this step; else stop")] = 1000
 
@@ -260,10 +305,9 @@ class Policy:
                 f"{_fmt(ev.get('median'))} (z={_fmt(ev.get('z'))}); watching for recovery "
                 f"within {ev.get('recovery_steps', '?')} steps"), RUNG_RECORD)
         if k == SPIKE_RECOVERED:
-            return Decision(RECORD, (
-                f"loss spike at step {ev.get('onset_step')} recovered after "
-                f"{ev.get('steps_to_recover')} steps (peak {_fmt(ev.get('peak'))}); no action"),
-                RUNG_RECORD)
+            return self._recovered(f, state, history)
+        if k == SLOW_RECOVERY:
+            return self._cool(f, state, history)
         if k in (NON_FINITE, GRAD_BLOWUP):
             return self._skip_update(f, state)
         if k == DIVERGENCE:
@@ -275,6 +319,38 @@ class Policy:
         if k in (STRAGGLER, HARDWARE, MISSING_HEARTBEAT, SLOW_CONVERGENCE):
             return Decision(RECORD, f"{self._describe(f)}; recorded for a human", RUNG_RECORD)
         return Decision(NONE, f"no rule for finding kind {k!r}", RUNG_NONE)
+
+    def _recovered(self, f: Finding, state: RunState, history: History) -> Decision:
+        ev = f.evidence
+        what = (f"loss spike at step {ev.get('onset_step')} recovered after "
+                f"{ev.get('steps_to_recover')} steps (peak {_fmt(ev.get('peak'))}, now "
+                f"{_fmt(ev.get('loss'))} <= band of median {_fmt(ev.get('median'))})")
+        cool = history.open_cool(onset_of(f))
+        if cool is None or not state.trainer_alive:
+            return Decision(RECORD, f"{what}; no action", RUNG_RECORD)
+        return Decision(REWARM_LR, (
+            f"{what}; the LR was cooled to {cool.scale_after:g} for it: re-warming back to "
+            f"{cool.scale_before:g} over {self.config.rewarm_steps} steps"), RUNG_SKIP,
+            lr_scale=cool.scale_before, ramp_steps=self.config.rewarm_steps)
+
+    def _cool(self, f: Finding, state: RunState, history: History) -> Decision:
+        c, ev = self.config, f.evidence
+        what = (f"loss spike at step {ev.get('onset_step')} still out of band after "
+                f"{ev.get('patience_steps')} steps (level {_fmt(ev.get('level'))} > band "
+                f"{_fmt(ev.get('band'))}, median {_fmt(ev.get('median'))})")
+        nxt = (f"if the level rises more than {_fmt(100 * ev.get('worsening_tolerance', 0))}% above "
+               f"{_fmt(ev.get('level'))}, or it is not back by step "
+               f"{onset_of(f) + int(ev.get('recovery_steps', 0))}, the policy rolls back")
+        new_scale = state.lr_scale * c.cool_lr_factor
+        if not state.trainer_alive:
+            return Decision(RECORD, f"{what}; the trainer is not running; {nxt}", RUNG_RECORD)
+        if new_scale < c.min_lr_scale:
+            return Decision(RECORD, (
+                f"{what}; cooling would push the LR scale to {new_scale:g} (< {c.min_lr_scale:g}): "
+                f"watching only; {nxt}"), RUNG_RECORD)
+        return Decision(COOL_LR, (
+            f"{what}; cooling the LR scale {state.lr_scale:g} -> {new_scale:g} at once and "
+            f"watching, work kept; {nxt}"), RUNG_SKIP, lr_scale=new_scale, ramp_steps=0)
 
     def _skip_update(self, f: Finding, state: RunState) -> Decision:
         what = self._describe(f)
@@ -307,6 +383,9 @@ class Policy:
             return Decision(STOP_PAGE, (
                 f"{what}; no valid checkpoint before step {onset} to roll back to: stopping "
                 f"with everything kept and paging a human"), RUNG_STOP)
+        # a cool for this spike applied to the trajectory the rollback throws away: undo it
+        cool = history.open_cool(onset)
+        base_scale = cool.scale_before if cool is not None else state.lr_scale
         margin = c.data_skip_margin_steps
         skip = (onset - target + margin) * state.batches_per_step
         span = f"steps {target + 1}-{onset} + {margin} margin"
@@ -316,8 +395,8 @@ class Policy:
             return Decision(ROLLBACK, (
                 f"{what}; rolling back to last-known-good step {target} and skipping {skip} "
                 f"batches ({span})"), RUNG_ROLLBACK, target_step=target, skip_batches=skip,
-                lr_scale=state.lr_scale)
-        new_scale = state.lr_scale * c.lr_scale_factor
+                lr_scale=base_scale)
+        new_scale = base_scale * c.lr_scale_factor
         earlier = max(near, key=lambda r: r.wall_time)
         if new_scale < c.min_lr_scale:
             return Decision(STOP_PAGE, (
@@ -388,12 +467,29 @@ class Policy:
             cause = ev.get("cause")
             onset = onset_of(f)
             if cause == "no_recovery":
+                seen = (f" (peak {_fmt(ev['peak'])}, median {_fmt(ev['median'])})"
+                        if "peak" in ev and "median" in ev else "")
                 return (f"loss spike at step {onset} did not recover within "
-                        f"{ev.get('recovery_steps', f.step - onset)} steps")
+                        f"{ev.get('recovery_steps', f.step - onset)} steps{seen}")
             if cause == "cluster":
                 spikes = ev.get("spike_steps") or []
                 return (f"{len(spikes)} loss spikes within {ev.get('cluster_window_steps')} steps "
                         f"(steps {', '.join(str(s) for s in spikes)})")
+            if cause == "severe":
+                return (f"blow-up at step {onset}: loss {_fmt(ev.get('loss'))} is "
+                        f"{_fmt(ev.get('loss_ratio'))}x its median {_fmt(ev.get('median'))} "
+                        f"(>= {_fmt(ev.get('severe_loss_ratio'))}x) and grad norm "
+                        f"{_fmt(ev.get('grad_norm'))} is {_fmt(ev.get('grad_ratio'))}x its median "
+                        f"(>= {_fmt(ev.get('severe_grad_ratio'))}x)")
+            if cause == "poisoned_update":
+                return (f"non-finite gradient at step {onset} reached the weights (update applied, "
+                        f"grad norm {ev.get('grad_norm')}): every later step computes on poisoned "
+                        f"weights")
+            if cause == "worsening":
+                return (f"loss spike at step {onset} is getting worse: level "
+                        f"{_fmt(ev.get('level'))} is above {_fmt(ev.get('level_at_patience'))} "
+                        f"(its level at patience) by more than "
+                        f"{_fmt(100 * ev.get('worsening_tolerance', 0))}%")
             if cause == "non_finite_streak":
                 return (f"non-finite {'/'.join(ev.get('fields', []))} for {ev.get('consecutive')} "
                         f"consecutive steps from step {onset}")
@@ -442,3 +538,42 @@ class Policy:
             return (f"smoothed loss {_fmt(ev.get('smoothed_loss'))} at step {f.step} is "
                     f"{gap_s} above the reference {_fmt(ev.get('reference_loss'))}")
         return f"{f.kind} at step {f.step}"
+
+
+def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
+    """The ladder with this run's numbers: each rung's trigger, what it does, its budget, and
+    what comes next if it does not help (`titan-supervisor policy --explain`). Pure text."""
+    p, ls = policy, loss_spike
+    band = f"median·(1 + {ls.recovery_tolerance:g})"
+    return "\n".join([
+        "Divergence ladder (loss and gradients); each rung says what happens if it does not help.",
+        f"rung 1 record      loss spike: robust z > {ls.z_threshold:g} and > {100 * ls.min_relative_jump:g}% above the "
+        f"median of the last {ls.window} losses. Watched; back under {band} -> recorded as recovered.",
+        f"rung 2 skip_update non-finite or blown-up gradient on one step whose update the trainer skipped: recorded "
+        f"(the guard already skipped it). {non_finite.max_consecutive} non-finite steps in a row -> rung 3.",
+        f"rung 2 cool_lr     the spike is still above {band} after {ls.patience_steps} steps (slow_recovery): LR "
+        f"scale x{p.cool_lr_factor:g} at once, no work thrown away; one cool per spike, never below "
+        f"{p.min_lr_scale:g}. Back in band -> rewarm_lr to the scale before the cool over {p.rewarm_steps} steps. "
+        f"Worse (mean of the last {ls.level_window} losses > {100 * ls.worsening_tolerance:g}% above the level at "
+        f"patience) or not back by onset + {ls.recovery_steps} steps -> rung 3.",
+        f"rung 3 rollback    at once for: a blow-up (loss >= {ls.severe_loss_ratio:g}x its median and grad norm >= "
+        f"{ls.severe_grad_ratio:g}x its median at the onset); a non-finite gradient whose update reached the weights; "
+        f"{ls.cluster_size} spikes within {ls.cluster_window_steps} steps; and the cases above. Back to the newest "
+        f"valid checkpoint >= {p.min_steps_before_onset} steps before the onset, skipping the data up to the onset "
+        f"+ {p.data_skip_margin_steps} steps; a cool for that spike is undone. Budget: "
+        f"{p.max_rollbacks_per_region} per {p.region_width_steps}-step region, {p.max_total_rollbacks} per run.",
+        f"rung 4 rollback_lr_down  another divergence within {p.region_width_steps} steps of a rollback: roll back and "
+        f"scale the LR by {p.lr_scale_factor:g} with a {p.lr_ramp_steps}-step re-warm (OPT).",
+        f"rung 5 stop_page   region or run budget spent, LR scale would fall below {p.min_lr_scale:g}, or nothing "
+        f"valid to roll back to: stop with everything kept and page a human.",
+        "",
+        "Process ladder (crashes, hangs, OOM):",
+        f"restart            dead rank / OOM / hang: from the newest valid checkpoint after a backoff of "
+        f"{p.backoff_base_seconds:g}s doubling to {p.backoff_max_seconds:g}s; {p.max_restarts} per "
+        f"{_secs(p.restart_window_seconds)}, then stop_page.",
+        f"next layout        OOM number {p.oom_layout_fallback_after or 'never (off)'} within the window: restart on "
+        f"the next [preflight] layout that passes preflight (journaled by name; none left -> same layout + page).",
+        f"exclude_node       crash number {p.exclude_node_after or 'never (off)'} on one host"
+        f"{', or a hardware alert naming it' if p.exclude_on_hardware else ''}: on one node, refused with a page "
+        f"naming the node and a restart there.",
+    ])

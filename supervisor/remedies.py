@@ -21,8 +21,8 @@ import asyncio
 import statistics
 import time
 
-from supervisor.policy import (EXCLUDE_NODE, KILL_RESTART_HANG, RECORD, RESTART, ROLLBACK, ROLLBACK_LR_DOWN,
-                               SKIP_UPDATE, STOP_PAGE)
+from supervisor.policy import (COOL_LR, EXCLUDE_NODE, KILL_RESTART_HANG, RECORD, RESTART, REWARM_LR, ROLLBACK,
+                               ROLLBACK_LR_DOWN, SKIP_UPDATE, STOP_PAGE)
 
 PAUSE, RESUME = "pause", "resume"  # operator actions (supervisor/control.py)
 
@@ -35,7 +35,7 @@ def lost_gpu_hours(steps: int, step_seconds: float, ranks: int) -> float:
 class Remedies:
     def __init__(self, *, generations, ledger, directives, pager, journal, status, suite, metrics, log,
                  step_times: list[float], ranks: int, directive_timeout_s: float, poll_s: float = 0.05,
-                 stack_dump_chars: int = 20_000) -> None:
+                 stack_dump_chars: int = 20_000, layouts=None) -> None:
         self.generations, self.ledger, self.directives, self.pager = generations, ledger, directives, pager
         self._journal, self.status, self._suite, self._metrics, self._log = journal, status, suite, metrics, log
         self._step_times = step_times  # the daemon's window of recent step seconds (read only)
@@ -43,6 +43,7 @@ class Remedies:
         self.directive_timeout_s = directive_timeout_s
         self._poll_s = poll_s
         self._stack_dump_chars = stack_dump_chars
+        self._layouts = layouts  # run_plan.LayoutFallback (None: no [preflight] layouts to fall back to)
         #: heavy actions: action kind -> remedy (each an idempotent coroutine)
         self.table = {
             ROLLBACK: self.rollback, ROLLBACK_LR_DOWN: self.rollback,
@@ -51,7 +52,8 @@ class Remedies:
             PAUSE: self.pause, RESUME: self.resume_run,
         }
         #: light actions: synchronous, never wait
-        self.light_table = {RECORD: self.record, SKIP_UPDATE: self.skip_update}
+        self.light_table = {RECORD: self.record, SKIP_UPDATE: self.skip_update,
+                            COOL_LR: self.set_lr_scale, REWARM_LR: self.set_lr_scale}
 
     # -- dispatch ------------------------------------------------------------------------------
     async def carry_out(self, a) -> dict:
@@ -97,6 +99,16 @@ class Remedies:
             return {"note": "no trainer running; nothing to skip"}
         d = self._send(a, kind="skip_updates", n=1, reason=f"action {a.id}")
         return {"directive": d.id, "note": "the next update will be skipped"}
+
+    def set_lr_scale(self, a) -> dict:
+        """cool_lr / rewarm_lr: one `set_lr_scale` directive (applied by every rank at the next
+        step boundary); the run's LR scale is the decision's from now on."""
+        if not self.generations.alive():
+            return {"note": "no trainer running; LR scale unchanged"}
+        scale, ramp = float(a.params["lr_scale"]), int(a.params.get("ramp_steps", 0))
+        d = self._send(a, kind="set_lr_scale", scale=scale, ramp_steps=ramp, reason=f"{a.kind} (action {a.id})")
+        before, self.status.lr_scale = self.status.lr_scale, scale
+        return {"directive": d.id, "lr_scale_before": before, "lr_scale": scale, "ramp_steps": ramp}
 
     # -- heavy ---------------------------------------------------------------------------------
     async def rollback(self, a) -> dict:
@@ -172,9 +184,24 @@ class Remedies:
         lost = self._count_lost(int(p.get("from_step", self.status.last_step)) - (load or 0))
         if load is not None:
             self.ledger.quarantine_newer_than(load, a.id)
+        layout = self._next_layout(a) if p.get("next_layout") else None
+        if p.get("next_layout"):
+            out["layout"] = layout[1] if layout else "unchanged: no next preflight-valid layout (paged)"
         await self.generations.launch(load_step=load, skip_batches=0, lr_scale=self.status.lr_scale,
-                                      reason=f"{a.kind} (action {a.id})")
+                                      reason=f"{a.kind} (action {a.id})",
+                                      layout_index=None if layout is None else layout[0],
+                                      layout_label=None if layout is None else layout[1])
         return out | {"load_step": load, "generation": self.generations.id, "backoff_s": backoff, "lost_steps": lost}
+
+    def _next_layout(self, a) -> tuple[int, str] | None:
+        """The next preflight-valid layout, or None (paged: the restart stays on the current one,
+        and the outcome says so instead of claiming a layout change that did not happen)."""
+        nxt = self._layouts.next(self.generations.layout_index) if self._layouts is not None else None
+        if nxt is None:
+            self.pager.page("repeated OOM: the policy asked for the next safer layout, but no later "
+                            "[preflight] layout passes preflight: restarting on the current one",
+                            action_id=a.id)
+        return nxt
 
     async def kill_restart_hang(self, a) -> dict:
         return await self.restart(a, hang=True)

@@ -51,7 +51,7 @@ from pydantic import ValidationError
 from supervisor.actions import DecisionLoop
 from supervisor.detect.findings import Finding
 from supervisor.detect.suite import DetectorSuite
-from supervisor.policy import AUTO, RESTART_ACTIONS, ROLLBACK_ACTIONS, STOP_PAGE, Decision, Policy, RunState
+from supervisor.policy import AUTO, LR_ACTIONS, RESTART_ACTIONS, ROLLBACK_ACTIONS, STOP_PAGE, Decision, Policy, RunState
 from supervisor.protocol import CheckpointSaved, StepRecord, TrainerStarted
 
 
@@ -191,7 +191,9 @@ class _Simulation:
         self.pairs.append((f, d))
         if not d.acts:
             return
-        if d.action == STOP_PAGE:
+        if d.action in LR_ACTIONS:
+            self.lr_scale = d.lr_scale  # light: a directive, applied at the next step boundary
+        elif d.action == STOP_PAGE:
             self.stopped = True
         elif d.action in ROLLBACK_ACTIONS or d.action in RESTART_ACTIONS:
             target = d.target_step or 0

@@ -4,9 +4,12 @@ Spec: comma-separated ``KIND@STEP[:key=value...]``; keys ``rank`` (default 0), `
 (generation it fires in, default 0, ``*`` for any) and per-kind parameters:
 
   spike@30:lr=1000:steps=3   multiply the LR by ``lr`` for ``steps`` steps (a real instability)
-  nan@50                     put NaN into one gradient after backward
+  nan@50                     put NaN into one gradient after backward (the guard skips it)
+  nan@50:applied=1           ... and let the update through: the weights are poisoned
   badbatch@40                replace that step's batch with random tokens (a bad-data spike
-                             that recovers by itself)
+                             that recovers by itself); ``frac`` of the rows, for ``steps`` steps
+  drift@60:lr=30:steps=40    raise the LR geometrically to ``lr``x over ``steps`` steps and
+                             hold it there (a slow drift, not a one-step blow-up)
   hang@70:rank=1:mode=sleep  sleep forever at the step boundary (mode=stop: SIGSTOP itself)
   crash@90:rank=1            SIGKILL this rank
   slow@10:rank=1:seconds=0.2 sleep that long every step from STEP on (a straggler)
@@ -25,8 +28,9 @@ from dataclasses import dataclass, field
 
 KINDS = {
     "spike": {"lr": float, "steps": int},
-    "nan": {},
-    "badbatch": {},
+    "nan": {"applied": int},
+    "badbatch": {"frac": float, "steps": int},
+    "drift": {"lr": float, "steps": int},
     "hang": {"mode": str},
     "crash": {},
     "slow": {"seconds": float},
@@ -99,6 +103,10 @@ class FaultPlan:
         self._spike_until = -1
         self._spike_factor = 1.0
         self._slow_seconds = 0.0
+        self._drift: tuple[int, float, int] | None = None  # (from step, factor, ramp steps)
+        self._bad_until = -1
+        self._bad_frac = 1.0
+        self._nan_applied = False
 
     def _due(self, kind: str, step: int) -> list[Fault]:
         out = []
@@ -123,6 +131,8 @@ class FaultPlan:
             else:
                 while True:
                     time.sleep(3600)
+        for f in self._due("drift", step):
+            self._drift = (step, float(f.params.get("lr", 30.0)), max(1, int(f.params.get("steps", 40))))
         for f in self._due("slow", step):
             self._slow_seconds = float(f.params.get("seconds", 0.2))
         if self._slow_seconds:
@@ -133,15 +143,35 @@ class FaultPlan:
     def clear_transient(self) -> None:
         """A rollback rewinds the steps: an LR spike in progress does not replay."""
         self._spike_until = -1
+        self._drift = None
+        self._bad_until = -1
 
     def lr_factor(self, step: int) -> float:
-        return self._spike_factor if self._spike_from <= step <= self._spike_until else 1.0
+        factor = self._spike_factor if self._spike_from <= step <= self._spike_until else 1.0
+        if self._drift is not None and step >= self._drift[0]:
+            start, peak, ramp = self._drift
+            factor *= peak ** (min(step - start, ramp) / ramp)
+        return factor
+
+    def badbatch_fraction(self, step: int) -> float:
+        """Fraction of this step's batch rows to corrupt (0.0: none)."""
+        for f in self._due("badbatch", step):
+            self._bad_until = step + max(1, int(f.params.get("steps", 1))) - 1
+            self._bad_frac = min(1.0, max(0.0, float(f.params.get("frac", 1.0))))
+        return self._bad_frac if step <= self._bad_until else 0.0
 
     def badbatch_now(self, step: int) -> bool:
-        return bool(self._due("badbatch", step))
+        return self.badbatch_fraction(step) > 0.0
 
     def nan_now(self, step: int) -> bool:
-        return bool(self._due("nan", step))
+        due = self._due("nan", step)
+        self._nan_applied = any(int(f.params.get("applied", 0)) for f in due)
+        return bool(due)
+
+    def nan_update_applied(self) -> bool:
+        """The NaN injected this step is to reach the weights (the guard is bypassed once)."""
+        applied, self._nan_applied = self._nan_applied, False
+        return applied
 
     @property
     def active(self) -> bool:

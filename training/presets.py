@@ -94,6 +94,7 @@ def _preset(name: str):
 
 tiny = _preset("tiny")  # 2 layers, dim 64 (~150K params): 100 CPU steps in well under a minute
 small = _preset("small")
+deep6 = _preset("deep6")  # 6 layers, dim 64: the detection benchmark's deeper model
 llmjp3_150m = _preset("llmjp3-150m")
 llmjp3_440m = _preset("llmjp3-440m")
 llmjp3_980m = _preset("llmjp3-980m")

@@ -266,13 +266,14 @@ class SupervisedTrainer(Trainer):
         pd = self.parallel_dims
         norm = dist_utils.clip_grad_norm_(params, float("inf"), foreach=True,
                                           pp_mesh=pd.get_optional_mesh("pp"), ep_enabled=pd.ep_enabled)
-        self._after_grad_norm(float(norm.item()))
+        self._after_grad_norm(float(norm.item()), guard=not self.faults.nan_update_applied())
 
-    def _after_grad_norm(self, norm: float) -> None:
-        """Decide, identically on every rank (the norm is already reduced), whether to skip."""
+    def _after_grad_norm(self, norm: float, guard: bool = True) -> None:
+        """Decide, identically on every rank (the norm is already reduced), whether to skip.
+        ``guard=False`` (drills only: ``nan@N:applied=1``) lets a non-finite update through."""
         self._grad_norm = norm
         bound = self.config.supervision.skip_grad_norm_above
-        if not math.isfinite(norm):
+        if not math.isfinite(norm) and guard:
             self._skip_reason = "non_finite_grad_norm"
         elif bound > 0 and norm > bound:
             self._skip_reason = f"grad_norm_above_{bound:g}"
@@ -285,11 +286,16 @@ class SupervisedTrainer(Trainer):
     def _raw_batches(self):
         for input_dict, labels in super().batch_generator(self.dataloader):
             self.batches_consumed += 1
-            if self.faults.active and self.faults.badbatch_now(self.step):
+            frac = self.faults.badbatch_fraction(self.step) if self.faults.active else 0.0
+            if frac > 0.0:
                 vocab = self.config.model_spec.model.vocab_size
                 gen = torch.Generator().manual_seed(self.step)
-                input_dict = dict(input_dict, input=torch.randint(0, vocab, input_dict["input"].shape, generator=gen))
-                labels = torch.randint(0, vocab, labels.shape, generator=gen)
+                rows = max(1, round(frac * labels.shape[0]))
+                tokens = input_dict["input"].clone()
+                tokens[:rows] = torch.randint(0, vocab, tokens[:rows].shape, generator=gen)
+                labels = labels.clone()
+                labels[:rows] = torch.randint(0, vocab, labels[:rows].shape, generator=gen)
+                input_dict = dict(input_dict, input=tokens)
             yield input_dict, labels
 
     # --- train state that rides in every checkpoint ----------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 NON_FINITE = "non_finite"
 LOSS_SPIKE = "loss_spike"
 SPIKE_RECOVERED = "spike_recovered"
+SLOW_RECOVERY = "slow_recovery"
 GRAD_BLOWUP = "grad_blowup"
 DIVERGENCE = "divergence"
 HANG = "hang"
@@ -27,7 +28,7 @@ HARDWARE = "hardware"
 SLOW_CONVERGENCE = "slow_convergence"
 
 KINDS: frozenset[str] = frozenset(
-    {NON_FINITE, LOSS_SPIKE, SPIKE_RECOVERED, GRAD_BLOWUP, DIVERGENCE, HANG, MISSING_HEARTBEAT,
+    {NON_FINITE, LOSS_SPIKE, SPIKE_RECOVERED, SLOW_RECOVERY, GRAD_BLOWUP, DIVERGENCE, HANG, MISSING_HEARTBEAT,
      DEAD_RANK, OOM, STRAGGLER, HARDWARE, SLOW_CONVERGENCE}
 )
 

@@ -2,9 +2,12 @@
 
 A NaN/Inf loss or pre-clip grad norm means the update of that step is garbage. The trainer
 guards itself (it skips such updates); this detector makes the event visible (critical
-`non_finite`, one per step) and escalates a streak: `max_consecutive` non-finite steps in
-a row are no longer "one bad step" but a `divergence` whose onset is the first of them,
-raised once per streak. Failure model: a streak broken by dropped records is judged only
+`non_finite`, one per step) and escalates:
+- a non-finite gradient whose update was *applied* (`update_skipped` false) has poisoned the
+  weights: every later step computes on NaN weights and no skip can undo it, so it is a
+  `divergence` at once (cause "poisoned_update", onset = that step);
+- `max_consecutive` non-finite steps in a row are no longer "one bad step" but a
+  `divergence` whose onset is the first of them, raised once per streak. Failure model: a streak broken by dropped records is judged only
 on the records that arrive (missing steps neither extend nor break it).
 """
 
@@ -23,7 +26,7 @@ class NonFiniteDetector:
     @dataclass
     class Config:
         max_consecutive: Annotated[NonNegativeInt, doc(
-            "consecutive non-finite steps that turn into a divergence (0 disables escalation)")] = 3
+            "consecutive non-finite steps that turn into a divergence (0 disables escalation)")] = 2
 
     def __init__(self, config: "NonFiniteDetector.Config | None" = None) -> None:
         self.config = config or NonFiniteDetector.Config()
@@ -52,7 +55,15 @@ class NonFiniteDetector:
             }),
         )]
         limit = self.config.max_consecutive
-        if limit and self._streak >= limit and not self._escalated:
+        poisoned = not math.isfinite(record.grad_norm) and not record.update_skipped
+        if poisoned and not self._escalated:
+            self._escalated = True
+            out.append(Finding(
+                kind=DIVERGENCE, step=record.step, severity=CRITICAL, wall_time=record.wall_time,
+                evidence=json_safe({"cause": "poisoned_update", "onset_step": record.step,
+                                    "grad_norm": record.grad_norm, "loss": record.loss,
+                                    "update_skipped": False})))
+        elif limit and self._streak >= limit and not self._escalated:
             self._escalated = True
             out.append(Finding(
                 kind=DIVERGENCE, step=record.step, severity=CRITICAL, wall_time=record.wall_time,

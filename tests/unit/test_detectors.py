@@ -12,7 +12,8 @@ import pytest
 from supervisor.detect.dead_rank import DeadRankDetector, signal_of
 from supervisor.detect.findings import (DEAD_RANK, DIVERGENCE, GRAD_BLOWUP, HANG, HARDWARE,
                                         LOSS_SPIKE, MISSING_HEARTBEAT, NON_FINITE, OOM,
-                                        SLOW_CONVERGENCE, SPIKE_RECOVERED, STRAGGLER, Finding)
+                                        SLOW_CONVERGENCE, SLOW_RECOVERY, SPIKE_RECOVERED, STRAGGLER,
+                                        Finding)
 from supervisor.detect.grad_blowup import GradBlowupDetector
 from supervisor.detect.loss_spike import LossSpikeDetector
 from supervisor.detect.non_finite import NonFiniteDetector
@@ -119,32 +120,62 @@ def test_small_bump_is_not_a_spike():
     assert kinds(feed(LossSpikeDetector(), losses)) == [(LOSS_SPIKE, 300), (SPIKE_RECOVERED, 301)]
 
 
-def test_spike_that_does_not_recover_is_divergence_after_k_steps():
-    losses = clean_loss(n=320)
-    for i in range(299, 320):
+def test_spike_that_stays_out_is_slow_recovery_then_divergence_at_the_deadline():
+    losses = clean_loss(n=360)
+    for i in range(299, 360):
         losses[i] *= 1.8
     found = feed(LossSpikeDetector(), losses)
-    assert kinds(found) == [(LOSS_SPIKE, 300), (DIVERGENCE, 305)]
-    div = found[1]
+    assert kinds(found) == [(LOSS_SPIKE, 300), (SLOW_RECOVERY, 305), (DIVERGENCE, 340)]
+    slow, div = found[1], found[2]
+    assert slow.severity == "warning" and slow.evidence["level"] > slow.evidence["band"]
     assert div.severity == "critical"
     assert div.evidence["cause"] == "no_recovery" and div.evidence["onset_step"] == 300
 
 
-def test_recovery_steps_is_configurable():
+def test_patience_and_recovery_steps_are_configurable():
     losses = clean_loss(n=320)
     for i in range(299, 320):
         losses[i] *= 1.8
-    det = LossSpikeDetector(LossSpikeDetector.Config(recovery_steps=8))
-    assert kinds(feed(det, losses)) == [(LOSS_SPIKE, 300), (DIVERGENCE, 308)]
+    det = LossSpikeDetector(LossSpikeDetector.Config(patience_steps=3, recovery_steps=8))
+    assert kinds(feed(det, losses)) == [(LOSS_SPIKE, 300), (SLOW_RECOVERY, 303), (DIVERGENCE, 308)]
 
 
-def test_late_recovery_after_k_steps_is_still_divergence():
+def test_recovery_after_patience_is_slow_recovery_then_recovered_not_divergence():
     losses = clean_loss(n=320)
     for i in range(299, 306):  # steps 300..306 high, 307 back
         losses[i] *= 1.8
     found = feed(LossSpikeDetector(), losses)
-    assert (DIVERGENCE, 305) in kinds(found)
-    assert SPIKE_RECOVERED not in [k for k, _ in kinds(found)]
+    assert kinds(found) == [(LOSS_SPIKE, 300), (SLOW_RECOVERY, 305), (SPIKE_RECOVERED, 307)]
+
+
+def test_spike_that_keeps_getting_worse_after_patience_is_divergence():
+    losses = clean_loss(n=340)
+    for i in range(299, 340):
+        losses[i] *= 1.8 if i < 309 else 2.4  # from step 310 the level climbs
+    found = feed(LossSpikeDetector(), losses)
+    div = [f for f in found if f.kind == DIVERGENCE]
+    assert [(f.step, f.evidence["cause"]) for f in div] == [(310, "worsening")]
+    assert div[0].evidence["level"] > div[0].evidence["level_at_patience"] * 1.05
+
+
+def test_blow_up_of_loss_and_grad_norm_is_divergence_at_once():
+    losses, grads = clean_loss(n=300), clean_grad(n=300)
+    det = LossSpikeDetector()
+    for i, (loss, g) in enumerate(zip(losses, grads), 1):
+        assert det.observe(rec(i, loss, g)) == []
+    found = det.observe(rec(301, losses[-1] * 3.0, grads[-1] * 50))
+    assert kinds(found) == [(LOSS_SPIKE, 301), (DIVERGENCE, 301)]
+    assert found[1].evidence["cause"] == "severe" and found[1].evidence["grad_ratio"] >= 20
+
+
+def test_loss_spike_alone_or_grad_blowup_alone_is_not_severe():
+    losses, grads = clean_loss(n=300), clean_grad(n=300)
+    for loss_x, grad_x in ((3.0, 1.0), (1.3, 50.0)):
+        det = LossSpikeDetector()
+        for i, (loss, g) in enumerate(zip(losses, grads), 1):
+            det.observe(rec(i, loss, g))
+        found = det.observe(rec(301, losses[-1] * loss_x, grads[-1] * grad_x))
+        assert DIVERGENCE not in [k for k, _ in kinds(found)], (loss_x, grad_x)
 
 
 def test_cluster_of_recovering_spikes_is_divergence_with_first_onset():
@@ -193,7 +224,10 @@ def test_skipped_records_count_toward_the_recovery_deadline():
     assert kinds(det.observe(rec(301, 5.0))) == [(LOSS_SPIKE, 301)]
     for step in range(302, 306):
         assert det.observe(rec(step, 5.0, skipped=True)) == []
-    assert kinds(det.observe(rec(306, 5.0, skipped=True))) == [(DIVERGENCE, 306)]
+    assert kinds(det.observe(rec(306, 5.0, skipped=True))) == [(SLOW_RECOVERY, 306)]
+    for step in range(307, 341):
+        assert det.observe(rec(step, 5.0, skipped=True)) == []
+    assert kinds(det.observe(rec(341, 5.0, skipped=True))) == [(DIVERGENCE, 341)]
 
 
 def test_rewind_restores_the_baseline_at_the_checkpoint():
@@ -225,11 +259,28 @@ def test_nan_streak_escalates_once_to_divergence():
     found = []
     for step in range(10, 16):
         found += det.observe(rec(step, float("nan")))
-    assert kinds(found).count((DIVERGENCE, 12)) == 1
+    assert kinds(found).count((DIVERGENCE, 11)) == 1
     assert [f.kind for f in found].count(DIVERGENCE) == 1
     div = next(f for f in found if f.kind == DIVERGENCE)
-    assert div.evidence == {"cause": "non_finite_streak", "onset_step": 10, "consecutive": 3,
+    assert div.evidence == {"cause": "non_finite_streak", "onset_step": 10, "consecutive": 2,
                             "fields": ["loss"]}
+
+
+def test_non_finite_update_that_reached_the_weights_is_divergence_at_once():
+    det = NonFiniteDetector()
+    assert det.observe(rec(59, 3.2)) == []
+    found = det.observe(rec(60, 3.2, grad=float("nan"), skipped=False))
+    assert kinds(found) == [(NON_FINITE, 60), (DIVERGENCE, 60)]
+    assert found[1].evidence["cause"] == "poisoned_update" and found[1].evidence["onset_step"] == 60
+    # the NaN losses that follow (updates skipped by the guard) do not raise it again
+    later = [f for s in range(61, 66) for f in det.observe(rec(s, float("nan"), grad=float("nan"), skipped=True))]
+    assert DIVERGENCE not in [f.kind for f in later]
+
+
+def test_non_finite_gradient_the_guard_skipped_is_not_a_divergence():
+    det = NonFiniteDetector()
+    found = det.observe(rec(60, 3.2, grad=float("nan"), skipped=True)) + det.observe(rec(61, 3.1))
+    assert [f.kind for f in found] == [NON_FINITE]
 
 
 # --- grad blowup -----------------------------------------------------------------------------
@@ -485,7 +536,7 @@ def test_suite_reports_one_divergence_per_incident_with_the_earliest_onset():
         found += suite.observe_record(rec(step, float("nan")))
     divs = [f for f in found if f.kind == DIVERGENCE]
     assert len(divs) == 1
-    assert divs[0].step == 204 and divs[0].evidence["onset_step"] == 201
+    assert divs[0].step == 203 and divs[0].evidence["onset_step"] == 201
 
 
 def test_suite_rewind_catches_an_immediate_relapse():
