@@ -113,13 +113,15 @@ class StallDetector:
         if self._started_at is None:
             self._started_at = record.wall_time
         self._step_times.append(float(record.step_seconds))
+        if self._started_at is not None and record.wall_time < self._started_at:
+            # From before this watch began: a late record of the trajectory a rollback abandoned, or
+            # the spool replayed at re-adoption. Not progress of this watch (its step would become the
+            # point the trainer "stalled" at, timed from a moment before the daemon was watching).
+            return []
         # A record is a finished step, even when its step number went back (a rollback rewound the
-        # run): newer than the last progress is progress. A record older than the (re)start of this
-        # watch — a late one from the trajectory before a rollback, or one replayed from the spool —
-        # counts as of the (re)start: no step can be overdue against a time before watching began.
-        when = record.wall_time if self._started_at is None else max(record.wall_time, self._started_at)
-        if self._progress_time is None or when > self._progress_time:
-            self._mark_progress(record.step, when)
+        # run): newer than the last progress is progress.
+        if self._progress_time is None or record.wall_time > self._progress_time:
+            self._mark_progress(record.step, record.wall_time)
         return []
 
     def observe_heartbeat(self, hb) -> list[Finding]:
