@@ -97,7 +97,7 @@ def test_severe_blow_up_is_rolled_back_within_three_steps(make_daemon):
     assert max(r["step"] for r in spool(d.workdir)[0]) == 80
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=False, reason=(  # a race: it passes sometimes (XPASS), so not strict
     "the injected OOM is classified dead_rank, not oom: the launcher (supervisor/launch/local.py) reads the "
     "rank's log tail when it sees the exit, before torchrun has written the OutOfMemoryError traceback "
     "(seen 2026-12-01: exits -9 and 1 with oom_log_line null). The next-layout restart itself is covered by "
