@@ -123,8 +123,13 @@ class Supervisor:
             self._trainer_hashes = trainer_token_hashes(j, self.trainer_token)
 
     def _launcher(self):
-        """The launcher `launch.backend` names (the Kubernetes client is imported only when used)."""
+        """The launcher `launch.backend` names (the Kubernetes client is imported only when used), or
+        torchft replica groups when `fault_tolerance.mode` says so."""
         launch = self.settings.launch
+        if self.settings.fault_tolerance.mode == "torchft":
+            from supervisor.launch.torchft import TorchftLauncher
+
+            return TorchftLauncher(self.settings.fault_tolerance, self.workdir / "logs", launch.local)
         if launch.backend == "kubernetes":
             from supervisor.launch.kubernetes import KubernetesLauncher
 

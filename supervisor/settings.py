@@ -35,6 +35,7 @@ from supervisor.detect.suite import DetectorSuite
 from supervisor.journal import Journal
 from supervisor.launch.kubernetes import KubernetesLauncher
 from supervisor.launch.local import LocalLauncher
+from supervisor.launch.torchft import TorchftLauncher
 from supervisor.model_table import PRESET_TRAINING
 from supervisor.policy import Policy
 from supervisor.preflight import Layout, Preflight
@@ -290,6 +291,9 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="torchtitan overrides of the preset.")
     server: ServerSettings = Field(default_factory=ServerSettings, description="HTTP server and authentication.")
     launch: LaunchSettings = Field(default_factory=LaunchSettings, description="Starting and stopping generations.")
+    fault_tolerance: TorchftLauncher.Config = Field(
+        default_factory=TorchftLauncher.Config,
+        description="torchft replica groups (supervisor/launch/torchft.py): mode off, or torchft with a Lighthouse.")
     daemon: DaemonSettings = Field(default_factory=DaemonSettings, description="The daemon's own bookkeeping.")
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings, description="Catalog, retention, interval.")
     journal: Journal.Config = Field(default_factory=Journal.Config, description="The SQLite journal.")
@@ -325,6 +329,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
+        if self.fault_tolerance.mode == "torchft" and self.launch.backend != "local":
+            raise ValueError(f"fault_tolerance.mode = \"torchft\" runs replica groups with the local launcher; "
+                             f"launch.backend is {self.launch.backend!r}")
         if not self.server.loopback and self.server.token_file is None:
             raise ValueError(f"server.host {self.server.host} is not loopback: set server.token_file "
                              "(bearer tokens) before exposing the supervisor beyond this machine")

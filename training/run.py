@@ -77,6 +77,7 @@ def resolve_load_step(folder: Path, load_step: int) -> tuple[int, list[str]]:
 
 
 def validate(config) -> None:
+    from training import ft
     from training.faults import parse_faults
 
     sup = config.supervision
@@ -92,6 +93,10 @@ def validate(config) -> None:
         parse_faults(sup.faults)
     except ValueError as e:
         raise StartError(f"--supervision.faults: {e}") from None
+    try:
+        ft.validate(config.fault_tolerance)
+    except ValueError as e:
+        raise StartError(str(e)) from None
     load_step = config.checkpoint.load_step
     if load_step < -1:
         raise StartError(f"--checkpoint.load_step must be -1 (newest) or a step number, got {load_step}")
