@@ -29,7 +29,9 @@ from typing import Annotated
 
 import psutil
 
-from supervisor.config_types import PositiveInt, Seconds, doc
+from pydantic import Field
+
+from supervisor.config_types import NonNegativeInt, PositiveInt, Seconds, doc
 
 BINARY = "torchft_lighthouse"
 
@@ -44,7 +46,8 @@ class LighthouseConfig:
 
     address: Annotated[str, doc(
         "http://host:port of a Lighthouse someone else runs; empty: the daemon runs its own on 127.0.0.1")] = ""
-    port: Annotated[int, doc("port of the Lighthouse the daemon runs (0: a free one, chosen at start)")] = 0
+    port: Annotated[NonNegativeInt, Field(le=65535), doc(
+        "port of the Lighthouse the daemon runs (0: a free one, chosen at start)")] = 0
     min_replicas: Annotated[PositiveInt, doc(
         "fewest replica groups that form a quorum (1: a lone surviving group keeps training)")] = 1
     heartbeat_timeout_ms: Annotated[PositiveInt, doc(
