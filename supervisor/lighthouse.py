@@ -16,6 +16,7 @@ daemon crash; `adopt` re-attaches to it by pid only when that pid still runs the
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -124,6 +125,7 @@ class Lighthouse:
                                           stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid, self.port = self._proc.pid, port
         self.starts += 1
+        self._state_path.write_text(json.dumps({"pid": self.pid, "port": port}))
         deadline = time.monotonic() + self.config.start_timeout_s
         while not _listening(port):
             if self._proc.poll() is not None:
@@ -150,6 +152,24 @@ class Lighthouse:
             return False
         self.start()
         return True
+
+    @property
+    def _state_path(self) -> Path:
+        return self.log_path.with_suffix(".json")
+
+    def readopt(self) -> bool:
+        """After a daemon restart: re-attach to the Lighthouse the last daemon started (its pid and
+        port are kept next to its log). If it is gone, the next `start` uses the same port, so the
+        groups still running and a relaunched group never talk to two different Lighthouses."""
+        if self.external or self.alive():
+            return self.alive()
+        try:
+            state = json.loads(self._state_path.read_text())
+            pid, port = int(state["pid"]), int(state["port"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        self.port = port
+        return self.adopt(pid, port)
 
     def adopt(self, pid: int, port: int) -> bool:
         """Re-attach to a Lighthouse an earlier daemon started, if ``pid`` still runs the binary."""
@@ -179,6 +199,7 @@ class Lighthouse:
     def _is_lighthouse(pid: int) -> bool:
         try:
             p = psutil.Process(pid)
-            return p.status() != psutil.STATUS_ZOMBIE and any(BINARY in part for part in p.cmdline()[:1])
+            # The binary is a Python entry-point script: [python, .../torchft_lighthouse, ...].
+            return p.status() != psutil.STATUS_ZOMBIE and any(BINARY in part for part in p.cmdline()[:2])
         except psutil.Error:
             return False

@@ -251,7 +251,8 @@ class TorchftLauncher:
 
     def adopt(self, spec: LaunchSpec, pid: int, rank_pids: dict[int, int]) -> ReplicaGroups | None:
         """Re-attach after a daemon restart: group 0 by its torchrun pid, the others by their
-        noted rank pids' parent torchrun. Groups not found are left for the reconcile loop."""
+        noted rank pids' parent torchrun, and the Lighthouse by the pid and port it left on disk."""
+        self.lighthouse.readopt()
         first = self._local(0).adopt(group_spec(spec, 0, self.config, ""), pid,
                                      {r: p for r, p in rank_pids.items() if r < spec.nproc})
         if first is None:

@@ -113,3 +113,21 @@ def test_torchft_mode_needs_the_local_backend(tmp_path):
     s = Settings.load(None, run={"workdir": str(tmp_path)}, fault_tolerance={"mode": "torchft", "groups": 2})
     assert s.fault_tolerance.mode == "torchft" and s.fault_tolerance.lighthouse.heartbeat_timeout_ms == 5000
     assert Settings.defaults().fault_tolerance.mode == "off"
+
+
+def test_a_restarted_daemon_readopts_the_lighthouse_or_reuses_its_port(tmp_path):
+    first = Lighthouse(LighthouseConfig(), tmp_path / "lighthouse.log")
+    addr = first.start()
+    try:
+        again = Lighthouse(LighthouseConfig(), tmp_path / "lighthouse.log")  # a new daemon process
+        assert again.readopt() and again.pid == first.pid and again.address == addr
+        os.kill(first.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while first.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        third = Lighthouse(LighthouseConfig(), tmp_path / "lighthouse.log")
+        assert not third.readopt()
+        assert third.start() == addr and third.pid != first.pid  # the same port: groups keep their address
+        third.stop()
+    finally:
+        first.stop()
