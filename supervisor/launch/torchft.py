@@ -57,6 +57,11 @@ class FaultToleranceConfig:
     exclude_window_s: Annotated[Seconds, doc("the window of exclude_after")] = 600.0
     lighthouse: LighthouseConfig = field(default_factory=LighthouseConfig)
 
+    def __post_init__(self) -> None:
+        for name, n in (("min_replica_size", self.min_replica_size), ("lighthouse.min_replicas", self.lighthouse.min_replicas)):
+            if n > self.groups:
+                raise ValueError(f"{name} = {n} is more than groups = {self.groups}: no step could ever commit")
+
 
 def group_workdir(workdir: Path, group: int) -> Path:
     return Path(workdir) if group == 0 else Path(workdir) / f"replica-{group}"

@@ -113,6 +113,8 @@ def test_torchft_mode_needs_the_local_backend(tmp_path):
     s = Settings.load(None, run={"workdir": str(tmp_path)}, fault_tolerance={"mode": "torchft", "groups": 2})
     assert s.fault_tolerance.mode == "torchft" and s.fault_tolerance.lighthouse.heartbeat_timeout_ms == 5000
     assert Settings.defaults().fault_tolerance.mode == "off"
+    with pytest.raises(ConfigError, match="more than groups"):
+        Settings.load(None, run={"workdir": str(tmp_path)}, fault_tolerance={"groups": 2, "min_replica_size": 3})
 
 
 def test_a_restarted_daemon_readopts_the_lighthouse_or_reuses_its_port(tmp_path):
