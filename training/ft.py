@@ -41,6 +41,11 @@ if TYPE_CHECKING:
     from training.trainer import SupervisedTrainer
 
 
+# Directives that change the parameters or the LR of the group that applies them: only group 0
+# talks to the daemon, so in torchft mode they are refused (the groups would diverge).
+GROUP_LOCAL_DIRECTIVES = frozenset({"set_lr_scale", "skip_updates", "rollback", "decay_now", "extend"})
+
+
 @dataclass(kw_only=True, slots=True)
 class ReplicaConfig:
     """``--fault_tolerance.*``: the names torchtitan's own FT section uses, where they mean the same."""

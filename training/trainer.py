@@ -596,6 +596,9 @@ class SupervisedTrainer(Trainer):
                      "step": self.step, "ok": ok, "detail": detail})
 
     def _execute(self, d: Directive) -> str:
+        if self.config.fault_tolerance.enable and d.kind in ft.GROUP_LOCAL_DIRECTIVES:
+            raise ValueError(f"{d.kind} is refused in torchft mode: it would reach replica group 0 only and the "
+                             "groups' parameters would diverge (a refused rollback falls back to a cold restart)")
         if d.kind == "set_lr_scale":
             if d.scale is None:
                 raise ValueError("set_lr_scale needs scale")

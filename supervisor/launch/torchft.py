@@ -34,6 +34,7 @@ from typing import Annotated, Literal
 
 import psutil
 
+from supervisor import dcp
 from supervisor.config_types import PositiveInt, Seconds, doc
 from supervisor.launch.local import Generation, LaunchSpec, LocalLauncher, RankExit
 from supervisor.lighthouse import Lighthouse, LighthouseConfig
@@ -80,6 +81,24 @@ def group_spec(spec: LaunchSpec, group: int, config: FaultToleranceConfig, light
                                supervisor_url=spec.supervisor_url if group == 0 else "",
                                extra_args=list(spec.extra_args) + flags,
                                env=dict(spec.env, TORCHFT_LIGHTHOUSE=lighthouse))
+
+
+def set_aside_newer(workdir: Path, step: int) -> list[str]:
+    """Move a group's checkpoints newer than ``step`` to ``<workdir>/quarantine/`` (never deleted).
+
+    A start from checkpoint C (a cold rollback) loads step C in group 0 (its folder is the catalog's,
+    already set aside by the ledger); the other groups then load their newest checkpoint at or before
+    C and heal from group 0. Were a newer one left in place, group 0 would heal *from it* and the
+    rollback would be undone."""
+    moved = []
+    qdir = Path(workdir) / "quarantine"
+    for s, path in dcp.step_folders(Path(workdir) / "checkpoint"):
+        if s > step:
+            qdir.mkdir(parents=True, exist_ok=True)
+            dest = qdir / f"{path.name}.rollback-{int(time.time() * 1000)}"
+            path.rename(dest)
+            moved.append(str(dest))
+    return moved
 
 
 class GroupExcluded(RuntimeError):
@@ -202,7 +221,9 @@ class ReplicaGroups:
         old = self.groups[group]
         old.stopping = True
         old.stop(0.0)
-        self.groups[group] = self._launcher.start_group(self.spec, group)
+        # Its own newest checkpoint, then a heal from a live peer: not the generation's start step.
+        respec = dataclasses.replace(self.spec, load_step=None, skip_batches=0)
+        self.groups[group] = self._launcher.start_group(respec, group)
         self.restarts[group] += 1
         self.exited = None
         return {"replica_group": group, "restarts": self.restarts[group], "pid": self.groups[group].pid,
@@ -249,6 +270,9 @@ class TorchftLauncher:
         address = self.lighthouse.start()  # idempotent; starts it again if it died
         gspec = group_spec(spec, group, self.config, address)
         gspec.workdir.mkdir(parents=True, exist_ok=True)
+        if group > 0 and spec.load_step is not None:
+            set_aside_newer(gspec.workdir, spec.load_step)
+            gspec = dataclasses.replace(gspec, load_step=None)  # its newest at or before, then a heal
         return self._local(group).start(gspec)
 
     def start(self, spec: LaunchSpec) -> ReplicaGroups:

@@ -133,3 +133,18 @@ def test_a_restarted_daemon_readopts_the_lighthouse_or_reuses_its_port(tmp_path)
         third.stop()
     finally:
         first.stop()
+
+
+def test_a_start_from_step_c_sets_newer_checkpoints_of_other_groups_aside(tmp_path):
+    """A cold rollback to C: group g > 0 must not keep a newer checkpoint (group 0 would heal from it)."""
+    from supervisor.launch.torchft import set_aside_newer
+
+    ckpt = tmp_path / "replica-1" / "checkpoint"
+    for step in (10, 20, 30):
+        (ckpt / f"step-{step}").mkdir(parents=True)
+        (ckpt / f"step-{step}" / "shard").write_bytes(b"x" * step)
+    moved = set_aside_newer(tmp_path / "replica-1", 20)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-10", "step-20"]
+    assert len(moved) == 1 and Path(moved[0]).name.startswith("step-30.rollback-")
+    assert (Path(moved[0]) / "shard").read_bytes() == b"x" * 30  # moved, not deleted
+    assert set_aside_newer(tmp_path / "replica-1", 20) == []  # idempotent

@@ -40,3 +40,22 @@ def test_each_group_reads_its_own_shard():
     cfg = ft.sharded_dataloader_config(ft.ReplicaConfig(enable=True, group_size=3, replica_id=2), loader)
     assert isinstance(cfg, ft.ShardedTextDataLoader.Config)
     assert (cfg.groups, cfg.group, cfg.dataset_path, cfg.dataset) == (3, 2, "/data/x", "c4_test")
+
+
+@pytest.mark.parametrize("kind", sorted(ft.GROUP_LOCAL_DIRECTIVES))
+def test_directives_that_would_split_the_groups_are_refused_in_torchft_mode(kind):
+    """Only replica group 0 hears the daemon: a directive changing its parameters or LR alone would
+    make the groups diverge, so the trainer refuses it (the daemon falls back to a cold restart for
+    a rollback). The guard runs before any trainer state is touched: a bare object is enough."""
+    from types import SimpleNamespace
+
+    from supervisor.protocol import Directive
+    from training.trainer import SupervisedTrainer
+
+    me = SimpleNamespace(config=SimpleNamespace(fault_tolerance=ft.ReplicaConfig(enable=True, group_size=2)))
+    d = Directive(id="a1", kind=kind, scale=0.5, n=1, step=0, steps=10)
+    with pytest.raises(ValueError, match="refused in torchft mode"):
+        SupervisedTrainer._execute(me, d)
+    me.config.fault_tolerance.enable = False  # off: the same directive goes on to its handler
+    with pytest.raises(AttributeError):
+        SupervisedTrainer._execute(me, d)
