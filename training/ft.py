@@ -126,10 +126,6 @@ class ReplicaSync:
             self.uncommitted += 1
         return ok
 
-    @property
-    def participants(self) -> int:
-        return self.manager.num_participants()
-
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)
 

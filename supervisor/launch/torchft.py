@@ -116,6 +116,7 @@ class ReplicaGroups:
         self.failures: dict[int, list[float]] = {g: [] for g in range(len(groups))}
         self.restarts: dict[int, int] = {g: 0 for g in range(len(groups))}
         self.excluded: dict[int, str] = {}
+        self.lighthouse_restarts = 0
         self.exited: int | None = None
         self._stopping = False
         self._exit_expected = False
@@ -168,6 +169,8 @@ class ReplicaGroups:
     def poll(self) -> list[RankExit]:
         """New rank exits (global ranks). The generation exits only when every group has."""
         out: list[RankExit] = []
+        if self.exited is None and not self._stopping and self._launcher.lighthouse.ensure():
+            self.lighthouse_restarts += 1  # it died: same port, so the groups find it again
         for g, gen in enumerate(self.groups):
             self._discover_ranks(gen)
             for ex in gen.poll():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.launch.local import LaunchSpec
-from supervisor.launch.torchft import FaultToleranceConfig, GroupExcluded, TorchftLauncher, group_spec, group_workdir
+from supervisor.launch.torchft import FaultToleranceConfig, GroupExcluded, TorchftLauncher, group_spec
 from supervisor.lighthouse import Lighthouse, LighthouseConfig, LighthouseError
 from supervisor.settings import ConfigError, Settings
 
@@ -148,3 +148,24 @@ def test_a_start_from_step_c_sets_newer_checkpoints_of_other_groups_aside(tmp_pa
     assert len(moved) == 1 and Path(moved[0]).name.startswith("step-30.rollback-")
     assert (Path(moved[0]) / "shard").read_bytes() == b"x" * 30  # moved, not deleted
     assert set_aside_newer(tmp_path / "replica-1", 20) == []  # idempotent
+
+
+@pytest.mark.skipif(shutil.which("sleep") is None, reason="needs sleep")
+def test_a_dead_lighthouse_is_started_again_on_its_port_while_groups_run(tmp_path):
+    launcher = TorchftLauncher(FaultToleranceConfig(mode="torchft", groups=2), tmp_path / "logs")
+    sleeper = tmp_path / "sleeper"
+    sleeper.write_text("#!/bin/sh\nexec sleep 30\n")
+    sleeper.chmod(0o755)
+    gen = launcher.start(_spec(tmp_path, python=str(sleeper)))
+    try:
+        addr, pid = launcher.lighthouse.address, launcher.lighthouse.pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while gen.lighthouse_restarts == 0 and time.monotonic() < deadline:
+            assert gen.poll() == []  # the groups are untouched
+            time.sleep(0.05)
+        assert gen.lighthouse_restarts == 1 and launcher.lighthouse.address == addr
+        assert launcher.lighthouse.pid != pid and launcher.lighthouse.alive()
+    finally:
+        gen.stop(0.5)
+        launcher.close()
