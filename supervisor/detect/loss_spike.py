@@ -14,6 +14,13 @@ Life of a spike (measured on bench/detection, see the README's decision section)
   its median *and* the pre-clip grad norm at least `severe_grad_ratio` x the median norm, it
   is a blow-up, not a spike: `divergence` at once (cause "severe"). On the benchmark's curves
   a blow-up of both is never back in band within 40 steps; a spike of the loss alone often is.
+- if at the onset the grad norm had been rising: the median of the last `drift_window`
+  healthy grad norms at least `drift_grad_ratio` x the median of the `drift_window` before
+  them, the spike is the end of a drift, not a one-off: whatever has been growing the
+  updates (an LR ramp, a data shift) is still acting and the spike does not go away by
+  itself -> `divergence` at once (cause "drift"). Training shrinks the grad norm, so a clean
+  run never rises like that (tuning half: at most 1.15x on clean runs, at most 0.98x at the
+  onset of every benign spike; 1.6x at a held x100 LR drift that never came back in band).
 - back under median·(1 + `recovery_tolerance`) at any time -> `spike_recovered` (info).
 - not back after `patience_steps` -> `slow_recovery` (warning, once per spike): the policy
   cools the LR and watches. An LR x100 spike of 1-3 steps on these models routinely takes
@@ -43,7 +50,7 @@ from dataclasses import dataclass, field
 
 from supervisor.detect.findings import (CRITICAL, DIVERGENCE, INFO, LOSS_SPIKE, SLOW_RECOVERY,
                                         SPIKE_RECOVERED, WARNING, Finding, json_safe)
-from supervisor.detect.robust import RollingWindow
+from supervisor.detect.robust import RollingWindow, median
 from supervisor.config_types import NonNegativeFloat, PositiveFloat, PositiveInt, doc
 
 
@@ -73,6 +80,11 @@ class LossSpikeDetector:
             "a spike whose loss is at least this multiple of the median ...")] = 1.5
         severe_grad_ratio: Annotated[PositiveFloat, doc(
             "... while the grad norm is at least this multiple of its median is a divergence at once")] = 20.0
+        drift_window: Annotated[PositiveInt, doc(
+            "grad norms per half of the drift test (at most half of `window`, which holds both halves)")] = 10
+        drift_grad_ratio: Annotated[PositiveFloat, doc(
+            "a spike whose recent grad-norm median is at least this multiple of the one before it ends "
+            "a drift: a divergence at once")] = 1.3
         patience_steps: Annotated[PositiveInt, doc(
             "steps after the onset without recovery before `slow_recovery` (the LR is cooled)")] = 5
         level_window: Annotated[PositiveInt, doc(
@@ -150,6 +162,15 @@ class LossSpikeDetector:
         med = self._grads.stats()[0]
         return grad_norm / med if med > 0 else None
 
+    def _drift_ratio(self) -> float | None:
+        """Median of the last `drift_window` grad norms over the median of the ones before them."""
+        w = min(self.config.drift_window, self.config.window // 2)
+        grads = self._grads.values()
+        if w < 1 or len(grads) < 2 * w:
+            return None
+        before, recent = median(grads[-2 * w:-w]), median(grads[-w:])
+        return recent / before if before > 0 else None
+
     def _open_spike(self, record, med, scale, z, rel) -> list[Finding]:
         c = self.config
         step, loss, t = record.step, record.loss, record.wall_time
@@ -168,6 +189,15 @@ class LossSpikeDetector:
                           "loss_ratio": round(loss / med, 3), "severe_loss_ratio": c.severe_loss_ratio,
                           "grad_norm": record.grad_norm, "grad_ratio": round(grad_ratio, 3),
                           "severe_grad_ratio": c.severe_grad_ratio}))
+            self.restart_baseline()
+            return out
+        drift = self._drift_ratio()
+        if drift is not None and drift >= c.drift_grad_ratio:
+            out.append(Finding(
+                kind=DIVERGENCE, step=step, severity=CRITICAL, wall_time=t,
+                evidence={"cause": "drift", "onset_step": step, "loss": loss, "median": med,
+                          "loss_ratio": round(loss / med, 3), "grad_drift_ratio": round(drift, 3),
+                          "drift_grad_ratio": c.drift_grad_ratio, "drift_window": c.drift_window}))
             self.restart_baseline()
             return out
         self._onsets = [s for s in self._onsets if step - s < c.cluster_window_steps] + [step]

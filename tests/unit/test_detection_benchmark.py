@@ -28,17 +28,11 @@ def tallies():
     return score(AVAILABLE)[0]
 
 
-#: A ratchet, not a pass: the one diverged event the detectors miss today (tuning half: an LR
-#: drift to x100 held after the blow-up; the spike is cooled and "recovers" to the detector's
-#: band, 10 % above its clean twin). The issue asks for none; fixing it must remove it here.
-KNOWN_MISSES = {"tiny-lr0.002-s2-p24-drift"}
-
-
 def test_every_diverged_event_is_acted_on(tallies):
     t = tallies[PROJECT]
     assert t.diverged > 0, "the committed set has no diverged event: the gate would be vacuous"
-    assert set(t.misses) <= KNOWN_MISSES, f"newly missed diverged events: {set(t.misses) - KNOWN_MISSES}"
-    assert set(t.misses) == KNOWN_MISSES & {r.id for r in AVAILABLE}, "a known miss is caught now: shrink KNOWN_MISSES"
+    assert t.misses == [], f"diverged events not acted on: {t.misses}"
+    assert t.caught == t.diverged
 
 
 def test_no_alarm_on_clean_runs(tallies):

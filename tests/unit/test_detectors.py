@@ -178,6 +178,24 @@ def test_loss_spike_alone_or_grad_blowup_alone_is_not_severe():
         assert DIVERGENCE not in [k for k, _ in kinds(found)], (loss_x, grad_x)
 
 
+def test_spike_at_the_end_of_a_rising_grad_norm_is_a_drift_divergence_at_once():
+    """A held LR drift (bench tuning half): the grad norm climbs for ~10 steps, then the loss
+    blows up by far less than the severe bar. The same spike after a flat grad norm is only
+    watched, so the test fails if the drift rule stops firing or fires on any spike."""
+    losses, grads = clean_loss(n=300), clean_grad(n=300)
+    ramp = [1.0 + 0.08 * k for k in range(1, 11)]  # x1.08 .. x1.8 over the last 10 steps
+    for flat, want in ((True, []), (False, ["drift"])):
+        det = LossSpikeDetector()
+        for i, (loss, g) in enumerate(zip(losses, grads), 1):
+            x = 1.0 if flat or i <= 290 else ramp[i - 291]
+            assert det.observe(rec(i, loss, g * x)) == []
+        found = det.observe(rec(301, losses[-1] * 2.0, grads[-1] * 5))
+        assert [f.evidence["cause"] for f in found if f.kind == DIVERGENCE] == want
+        if want:
+            ev = found[-1].evidence
+            assert ev["grad_drift_ratio"] >= ev["drift_grad_ratio"] == 1.3 and ev["onset_step"] == 301
+
+
 def test_cluster_of_recovering_spikes_is_divergence_with_first_onset():
     losses = clean_loss()
     for s in (300, 315, 330):
