@@ -30,18 +30,16 @@ def tallies():
 
 #: A ratchet, not a pass: the diverged events the detectors miss on the committed curves (the
 #: issue asks for none; any other miss fails, and catching one of these must remove it here).
-#: One class: after a long or large spike the loss comes back under the detector's band, the
-#: median of the last 20 pre-spike losses x 1.10, which lags a still-falling curve, so the spike
-#: is called recovered while the run stays 9-15 % above its clean twin and re-converges to just
-#: over the label's 5 % by its 40-step deadline.
+#: Both are in the test half; the tuning half has none since the landing rule (loss_spike.py).
+#: After a long or large spike the run comes back near its curve and then stays 9-15 % above
+#: its clean twin, which the detector cannot tell 40 steps out from a slow full recovery.
 KNOWN_MISSES = {
-    # tuning half: 6-layer model, 10 steps of 100 % corrupt batches (flat 2.2x plateau, back
-    # under the band 1 step after it ends: 2.96 vs a lagging median of 3.16; 5.1 % at the end)
-    "deep6-lr0.0008-s1-p22-bad_batch",
-    # test half, seen once at the final scoring (not tuned on): the same 10-step corrupt window
-    # on the tiny model, and an LR x300 one-step blow-up of the 6-layer model whose grad norm
-    # stayed under the severe bar (loss 3.3x, back under the band after 27 steps; 15 % at the end)
+    # the tiny model's 10 steps of 100 % corrupt batches: it drops back in one step and lands
+    # *on* its pre-spike trend (1.03x), so the landing rule rightly passes it; it falls behind
+    # its twin only afterwards (9.4 % above at the end)
     "tiny-lr0.0008-s3-p22-bad_batch",
+    # an LR x300 one-step blow-up of the 6-layer model whose grad norm stayed under the severe
+    # bar (loss 3.3x): a gradual decay under the band after 27 steps; 15 % above at the end
     "deep6-lr0.0008-s3-p04-lr_spike",
 }
 
