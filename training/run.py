@@ -210,7 +210,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported exactly as the interpreter would, then exit 1
+        # torch.distributed's excepthook tags each line `[rankN]: ` (the launcher finds the rank's
+        # error by it). Exiting here, not through interpreter finalization, matters on this path
+        # too: a rank that died of an exception (an OOM) while its peers were blocked in a
+        # collective sat in finalization for ~8 s under load, long enough for the hang detector to
+        # kill it before its death was seen (the OOM drill, 2026-12-01).
+        sys.excepthook(*sys.exc_info())
+        code = 1
     # Everything is flushed and closed by now (spool, telemetry, checkpoints, process group).
     # Skip interpreter finalization: a C++ worker thread torn down by static destructors there
     # once aborted a finished rank with "terminate called without an active exception".
