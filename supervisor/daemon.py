@@ -162,7 +162,7 @@ class Supervisor:
             if last.get("state") == "running" and self.generations.adopt(last, self.status.lr_scale):
                 adopted = True
                 self.suite.reset_generation(self.generation, time.time(), resume_step=None,
-                                            world_size=self.settings.run.nproc_per_node)
+                                            world_size=getattr(self.gen, "world_size", self.settings.run.nproc_per_node))
                 self._catch_up_from_spool()
                 self.status.set("running")
         prior = self.journal.get_meta("state")
@@ -499,6 +499,8 @@ class Supervisor:
 
     def _action_done(self, a) -> None:
         self.journal.set_meta("policy_history", self.decisions.history.to_dict())
+        if a.kind == "exclude_node":
+            self.metrics.set_excluded_nodes(self._excluded_nodes() | self.nodes.excluded)
         self.metrics.set_policy_budget(self.decisions.policy.config, self.decisions.history, time.time())
         if not self.status.at_rest:
             self.incidents.close_when_training_resumes(f"{a.kind} done (action {a.id})")

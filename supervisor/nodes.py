@@ -146,12 +146,13 @@ class NodeRegistry:
             v = self._nodes.get(agent_id)
             return None if v is None else v.stacks.get(stacks_id)
 
-    def running(self, generation: int) -> list[NodeView]:
-        """Live agents that report running ``generation`` (how a restarted daemon re-adopts it)."""
+    def reporting(self, generation: int, *, running_only: bool = False) -> list[NodeView]:
+        """Live agents that report ``generation`` (running, or ended while the daemon was away):
+        how a restarted daemon re-adopts it."""
         now = self._clock()
         with self._lock:
             return [v for _, v in sorted(self._nodes.items()) if not self.lost(v, now)
-                    and v.report.generation == generation and v.report.state == "running"]
+                    and v.report.generation == generation and (v.report.state == "running" or not running_only)]
 
     # -- exclusion ----------------------------------------------------------------------------------
     @property

@@ -28,6 +28,7 @@ process trees; `owns` only checks a heartbeat's pid against what the agents repo
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ from supervisor.nodes import NodeRegistry, NodeView
 from supervisor.protocol import NodeOrder
 
 KILLED = 137
+# A rank that died because a peer on another node vanished (gloo's view of a lost node): its
+# exit is held until the lost node is known, so the finding names the node that died.
+PEER_LOSS = re.compile(r"Connection (reset|closed) by peer|Broken pipe|recvBytes|connectFullMesh|"
+                       r"Socket Timeout|rendezvous.*(closed|timed out)", re.IGNORECASE)
 
 
 class LaunchError(RuntimeError):
@@ -143,6 +148,7 @@ class AgentGeneration:
         self._done: dict[str, int] = {}  # agent -> torchrun exit code
         self._faulty: set[str] = set()
         self._fault_stop = False
+        self._held: list[tuple[float, str, RankExit]] = []  # (since, agent, exit): a peer's loss suspected
         self._dumps = 0
 
     @property
@@ -155,7 +161,8 @@ class AgentGeneration:
 
     @property
     def world_size(self) -> int:
-        return max(1, len(self.members)) * self.spec.nproc
+        nodes = len(self.members) or len(self._launcher.config.nodes) or 1  # adopting: the expected nodes
+        return nodes * self.spec.nproc
 
     def note_rank_pid(self, rank: int, pid: int) -> None:
         self.rank_pids.setdefault(rank, pid)
@@ -177,7 +184,7 @@ class AgentGeneration:
         """Adopted and no agent has reported the generation yet (still within `lost_after_s`)."""
         if self._adopted_at is None:
             return False
-        running = self._reg.running(self.generation)
+        running = self._reg.reporting(self.generation)
         if running:
             if not self.members:
                 self.members = [_Member(v.agent_id, v.node, v.report.node_rank or 0) for v in running]
@@ -200,10 +207,14 @@ class AgentGeneration:
             for ex in self._reg.take_exits(m.agent_id, self.generation):
                 if self._fault_stop and m.agent_id not in self._faulty:
                     continue  # stopped by us because another node faulted: not a finding
+                rex = RankExit(ex.rank, ex.exitcode, ex.pid, list(ex.log_tail), ex.wall_time, host=m.node,
+                               oom_killed=ex.classification == "oom")
+                if ex.exitcode != 0 and len(self.members) > 1 and PEER_LOSS.search("\n".join(ex.log_tail[-30:])):
+                    self._held.append((time.monotonic(), m.agent_id, rex))
+                    continue
                 if ex.exitcode != 0:
                     self._faulty.add(m.agent_id)
-                out.append(RankExit(ex.rank, ex.exitcode, ex.pid, list(ex.log_tail), ex.wall_time, host=m.node,
-                                    oom_killed=ex.classification == "oom"))
+                out.append(rex)
             if m.agent_id in self._lost or m.agent_id in self._done:
                 continue
             if v is None or self._reg.lost(v):
@@ -217,14 +228,34 @@ class AgentGeneration:
             elif v.report.generation != self.generation or v.report.state in ("exited", "failed", "stopped"):
                 self._done[m.agent_id] = v.report.exit_code if v.report.exit_code is not None else (
                     0 if v.report.state == "exited" else KILLED)
+        out += self._release_held()
         if self._faulty and not self._fault_stop and not self.stopping:
             self._fault_stop = True  # a fault on one node stops all of them
             for m in self.members:
                 if m.agent_id not in self._faulty:
                     self._reg.set_order(m.agent_id, NodeOrder(generation=-1, stop_grace_s=self._launcher.stop_grace_s))
         if len(self._done) + len(self._lost) >= len(self.members):
+            out += [rex for _, _, rex in self._held]  # nothing is left to wait for
+            self._faulty |= {agent for _, agent, _ in self._held}
+            self._held = []
             codes = [self._done[a] for a in sorted(self._done) if a in self._faulty or not self._fault_stop]
             self.exited = next((c for c in codes if c != 0), KILLED if self._lost else 0)
+        return out
+
+    def _release_held(self) -> list[RankExit]:
+        """Held peer-loss exits: after a node was found lost (they come second), or once a node
+        would have been found lost by now (then they are the fault)."""
+        wait = self._launcher.config.lost_after_s + 2 * self._launcher.config.report_interval_s
+        now = time.monotonic()
+        keep, out = [], []
+        for since, agent, rex in self._held:
+            if self._lost or now - since > wait:
+                if not self._lost:
+                    self._faulty.add(agent)
+                out.append(rex)
+            else:
+                keep.append((since, agent, rex))
+        self._held = keep
         return out
 
     def _first_rank(self, m: _Member, v: NodeView | None) -> int:
@@ -368,7 +399,7 @@ class AgentLauncher:
     def adopt(self, spec: LaunchSpec, pid: int, rank_pids: dict[int, int]) -> AgentGeneration:
         """The journal's running generation: whichever agents report it (they report within
         `lost_after_s` of the daemon's start; until then it counts as running)."""
-        running = self.registry.running(spec.generation)
+        running = self.registry.reporting(spec.generation)
         members = [_Member(v.agent_id, v.node, v.report.node_rank or 0) for v in running]
         gen = AgentGeneration(self, spec, members, adopted=not members)
         for r, p in rank_pids.items():
