@@ -10,8 +10,8 @@ Failure model:
 - The daemon is down or slow: the agent keeps its ranks running and keeps trying; rank exits
   it could not deliver are kept (bounded, oldest dropped) and sent with the next report that
   gets through. A restarted daemon re-adopts what the agents report running.
-- A stop blocks for up to its grace: it runs in a thread, so reports keep flowing (the daemon
-  would otherwise take a stopping node for a lost one).
+- A stop blocks for up to its grace, a stack dump for up to py-spy's timeout: both run in a
+  thread, so reports keep flowing (the daemon would otherwise take a busy node for a lost one).
 - The agent itself is stopped or dies: its ranks keep training (they run in their own session;
   systemd's ``KillMode=process``), and the next agent process adopts them from its state file
   (`NodeRun.adopt`: the torchrun pid and its start time, so a reused pid is never adopted). If
@@ -162,7 +162,7 @@ class Agent:
         if reply is None:
             return
         self._pending_exits = self._pending_exits[len(body["exits"]):]  # delivered
-        if body.get("stacks_id"):
+        if body.get("stacks_id") and self._stacks is not None and self._stacks[0] == body["stacks_id"]:
             self._stacks = None
         self.interval = min(float(reply.get("report_interval_s") or self.interval), self.config.max_interval_s)
         self.apply(reply.get("order"))
@@ -176,7 +176,8 @@ class Agent:
         o = NodeOrder.model_validate(order)
         if o.stacks_id and o.stacks_id not in self._stacks_done:
             self._stacks_done.add(o.stacks_id)
-            self._stacks = (o.stacks_id, self.run.dump_stacks() if self.run is not None else "(no ranks running)")
+            # py-spy on a stopped rank can take its whole timeout: dump in a thread, keep reporting
+            threading.Thread(target=self._dump, args=(o.stacks_id, self.run), daemon=True, name="agent-stacks").start()
         if self._stopper is not None and self._stopper.is_alive():
             return  # a stop is under way: act on the order once it is done
         run = self.run
@@ -195,6 +196,13 @@ class Agent:
             self.run.start()
             self._log("generation started", generation=o.generation, node_rank=o.node_rank, nnodes=o.nnodes,
                       torchrun_pid=self.run.torchrun_pid, failed=self.run.failed)
+
+    def _dump(self, stacks_id: str, run: NodeRun | None) -> None:
+        try:
+            text = run.dump_stacks() if run is not None else "(no ranks running)"
+        except Exception as e:  # noqa: BLE001 - the daemon must get an answer either way
+            text = f"(stack dump failed: {e!r})"
+        self._stacks = (stacks_id, text)
 
     def _stop_async(self, run: NodeRun, grace_s: float) -> None:
         run.stopping = True

@@ -30,6 +30,7 @@ from supervisor.agent.health import KERNEL_PATTERNS
 _OOM = re.compile(r"out of memory|OutOfMemoryError|oom-kill|Killed process", re.IGNORECASE)
 _HARDWARE = re.compile("|".join(f"(?:{rx})" for _, rx in KERNEL_PATTERNS), re.IGNORECASE)
 ROOT = str(Path(__file__).resolve().parents[2])
+_STACK_START = re.compile(r"^(Thread 0x[0-9a-f]+|Current thread 0x[0-9a-f]+|Stack \(most recent call first\))")
 
 
 def classify(exitcode: int, log_tail: list[str]) -> tuple[str, str | None]:
@@ -197,5 +198,8 @@ class NodeRun:
         text = self.gen.dump_stacks()
         if "faulthandler dump sent" in text:
             time.sleep(0.5)  # let faulthandler write
-            text += "\n" + "\n".join(self.gen.log_tail(120))
+            tail = self.gen.log_tail(200)
+            first = next((i for i, line in enumerate(tail) if _STACK_START.search(line)), None)
+            text += "\n" + ("\n".join(tail[first:]) if first is not None else "(no faulthandler output yet: a "
+                                                                                 "stopped rank writes it when resumed)")
         return text

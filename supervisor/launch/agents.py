@@ -67,6 +67,9 @@ class AgentsConfig:
         "every agent must report the generation running within this, or the start fails")] = 60.0
     stop_wait_s: Annotated[Seconds, doc("after the stop grace, wait at most this for every node to stop")] = 30.0
     stack_dump_timeout_s: Annotated[Seconds, doc("wait at most this for every node's stack dump")] = 30.0
+    stack_dump_chars_per_node: Annotated[PositiveInt, doc(
+        "characters kept of each node's dump (the end); nodes with a stopped rank come last, so they "
+        "survive the action's own cap (launch.stack_dump_chars)")] = 8000
     lost_after_s: Annotated[Seconds, doc(
         "a node with no report for this long is lost: a dead node")] = 10.0
     report_interval_s: Annotated[Seconds, doc("how often agents report (told to them in every reply)")] = 1.0
@@ -296,9 +299,15 @@ class AgentGeneration:
                 elif self._reg.get(m.agent_id) is None or self._reg.lost(self._reg.get(m.agent_id)):
                     got[m.agent_id] = "(node lost: no stacks)"
             time.sleep(self._launcher.config.poll_s)
+        cap = self._launcher.config.stack_dump_chars_per_node
+
+        def stopped_rank(m: _Member) -> bool:
+            v = self._reg.get(m.agent_id)
+            return v is not None and any(r.state == "stopped" for r in v.report.ranks)
+
         return "\n".join(f"=== node {m.node} (agent {m.agent_id}) ===\n"
-                         + got.get(m.agent_id, f"(no dump within {self._launcher.config.stack_dump_timeout_s:g}s)")
-                         for m in self.members)
+                         + got.get(m.agent_id, f"(no dump within {self._launcher.config.stack_dump_timeout_s:g}s)")[-cap:]
+                         for m in sorted(self.members, key=stopped_rank))
 
 
 class AgentLauncher:

@@ -76,7 +76,7 @@ def _wait_action(d, kind: str, states: tuple[str, ...], timeout: float = 300.0) 
     while time.time() < deadline:
         try:
             j = Journal.open(path, readonly=True)
-        except JournalError:
+        except (JournalError, FileNotFoundError):  # the daemon is still creating it
             time.sleep(0.02)
             continue
         try:
@@ -162,6 +162,9 @@ def test_spike_hang_and_xid_on_two_nodes_the_bad_node_is_excluded_and_the_run_fi
     assert st["generation"] == 0  # hot: no restart
     # 2. a hang: node-b's rank SIGSTOPped -> named, stacks from every node's agent, killed, restarted
     victim = int(st["trainer_pids"]["1"])
+    # which node runs rank 1 is the rendezvous' choice: ask the agents' view
+    hung_node = next(n["node"] for n in d.get("/v1/nodes")["nodes"] if "1" in (n.get("ranks") or {}))
+    other_node = "node-a" if hung_node == "node-b" else "node-b"
     os.kill(victim, signal.SIGSTOP)
     try:
         hang = _wait_action(d, "kill_restart_hang", ("done",))
@@ -170,7 +173,10 @@ def test_spike_hang_and_xid_on_two_nodes_the_bad_node_is_excluded_and_the_run_fi
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert "=== node node-a" in hang["outcome"]["stacks"] and "=== node node-b" in hang["outcome"]["stacks"]
+    # every node's agent answered; the node with the stopped rank comes last (kept by the action's cap)
+    stacks = hang["outcome"]["stacks"]
+    assert stacks.index(f"=== node {hung_node}") > stacks.index(f"=== node {other_node}") >= 0
+    assert "Current thread" in stacks  # the blocked peer's faulthandler dump came back through its agent
     _wait_running(d, 45, ["node-a", "node-b"])
     # 3. node-b's kernel log reports an Xid (twice) and an ECC error -> node-b drained, run on node-a
     with open(b.kernel_log, "a") as f:

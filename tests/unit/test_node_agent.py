@@ -97,6 +97,7 @@ class Agents:
         self.reg, self.names = reg, list(names)
         self.fail, self.silent = set(fail), set(silent)
         self.exits: dict[str, list] = {}
+        self.ranks: dict[str, list] = {}
         self.argv: dict[str, list[str]] = {}
         self._stop = threading.Event()
         for n in self.names:
@@ -115,7 +116,9 @@ class Agents:
             gen, state = v.report.generation, "stopped"
         body = {"run_id": "r", "agent_id": name, "node": name, "address": "127.0.0.1", "wall_time": time.time(),
                 "generation": gen, "state": state, "exit_code": 1 if state == "failed" else None,
-                "exits": self.exits.pop(name, []), **kw}
+                "exits": self.exits.pop(name, []), "ranks": self.ranks.get(name, []), **kw}
+        if order is not None and order.stacks_id:
+            body["stacks_id"], body["stacks"] = order.stacks_id, f"Thread 0x1 of {name}\n" + "x" * 20_000 + name
         self.reg.ingest(NodeReport.model_validate(body))
 
     def _loop(self):
@@ -223,6 +226,20 @@ def test_an_excluded_node_runs_nothing_and_the_next_start_goes_without_it(tmp_pa
         assert gen.nodes == ("n1",)
         assert reg.ingest(NodeReport.model_validate({
             "run_id": "r", "agent_id": "n2", "node": "n2", "wall_time": time.time()})).order.generation == -1
+    finally:
+        agents.close()
+
+
+def test_stacks_come_from_every_node_capped_with_the_stopped_rank_last(tmp_path, reg):
+    agents = Agents(reg, ["n1", "n2"])
+    try:
+        gen = launcher(reg, stack_dump_chars_per_node=100).start(spec(tmp_path))
+        agents.ranks["n1"] = [{"rank": 0, "pid": 11, "state": "stopped"}]  # SIGSTOPped, as /proc says
+        agents.ranks["n2"] = [{"rank": 1, "pid": 12, "state": "sleeping"}]
+        time.sleep(0.1)
+        text = gen.dump_stacks()
+        assert text.index("=== node n2") < text.index("=== node n1")  # the stopped one last
+        assert text.endswith("x" * 98 + "n1") and len(text) < 400  # each node's end, capped
     finally:
         agents.close()
 
