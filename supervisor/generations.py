@@ -80,7 +80,8 @@ class Generations:
         self._metrics.generation.set(self.id)
         self._metrics.set_up(True)
         self._log.info("generation started", generation=self.id, load_step=load_step, skip_batches=skip_batches,
-                       lr_scale=lr_scale, reason=reason, layout=self.layout_label, pid=gen.pid, command=" ".join(spec.command()))
+                       lr_scale=lr_scale, reason=reason, layout=self.layout_label, pid=gen.pid,
+                       command=getattr(gen, "command", "") or " ".join(spec.command()))
         return gen
 
     async def stop(self, reason: str, *, grace_s: float | None = None) -> None:

@@ -159,6 +159,12 @@ class AgentGeneration:
         return self.spec.generation
 
     @property
+    def command(self) -> str:
+        """Node rank 0's torchrun command (what the journal's log line shows)."""
+        v = self._reg.get(self.members[0].agent_id) if self.members else None
+        return " ".join(v.order.argv) if v is not None and v.order is not None and v.order.argv else ""
+
+    @property
     def nodes(self) -> tuple[str, ...]:
         return tuple(m.node for m in self.members)
 
@@ -328,11 +334,17 @@ class AgentLauncher:
         c = self.config
         wait = c.rejoin_wait_s if self._started_once else c.register_timeout_s
         deadline = time.monotonic() + wait
+        seen, settled_at = 0, time.monotonic()
         while True:
             live = self.registry.live()
             names = {v.node for v in live}
+            if len(live) != seen:
+                seen, settled_at = len(live), time.monotonic()
             expected = [n for n in c.nodes if n not in self.registry.excluded]
-            if (expected and set(expected) <= names) or (not expected and len(live) >= c.min_nodes):
+            if expected and set(expected) <= names:
+                break
+            # no expected list: whoever reports, once no new node has appeared for rejoin_wait_s
+            if not c.nodes and len(live) >= c.min_nodes and time.monotonic() - settled_at >= c.rejoin_wait_s:
                 break
             if time.monotonic() >= deadline:
                 break
