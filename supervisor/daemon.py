@@ -40,7 +40,7 @@ from supervisor.generations import Generations, PreflightFailed
 from supervisor.health import Health, LoopLagGuard
 from supervisor.incidents import IncidentTracker
 from supervisor.journal import Journal
-from supervisor.launch.agents import AgentLauncher
+from supervisor.launch.agents import AgentLauncher, LaunchError
 from supervisor.launch.local import LaunchSpec, LocalLauncher
 from supervisor.nodes import NodeRegistry
 from supervisor.ledger import CheckpointLedger
@@ -186,6 +186,9 @@ class Supervisor:
                                           reason=reason)
         except PreflightFailed:
             pass  # state "failed", paged (before_launch); the service exits non-zero
+        except LaunchError:
+            self.status.set("failed")  # paged (launch_failed); the service exits non-zero
+            self.status.finished.set()
 
     async def _finish_unfinished(self, rows: list[dict]) -> None:
         for row in rows:
@@ -266,6 +269,12 @@ class Supervisor:
         self.suite.reset_generation(generation, time.time(), resume_step=load_step, world_size=nproc)
         self.status.lr_scale = lr_scale
         self.status.set("starting")
+
+    def launch_failed(self, generation: int, error: Exception) -> None:
+        """The launcher could not start a generation (node agents: too few nodes, a node failed to
+        start or confirm): a human must know; the remedy that asked fails and says why."""
+        self.log.error("generation could not start", generation=generation, error=str(error)[:1000])
+        self.pager.page(f"generation {generation} could not start: {error}")
 
     def on_stop(self) -> None:
         self.suite.end_generation()  # exits from here on are ours, not findings

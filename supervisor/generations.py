@@ -65,7 +65,13 @@ class Generations:
         self.id += 1
         spec = self._spec(self.id, load_step=load_step, skip_batches=skip_batches, lr_scale=lr_scale,
                           ramp_steps=ramp_steps, layout_index=self.layout_index)
-        self.current = gen = await asyncio.to_thread(self.launcher.start, spec)
+        try:
+            self.current = gen = await asyncio.to_thread(self.launcher.start, spec)
+        except Exception as e:  # noqa: BLE001 - told to the hooks (a page), then raised as before
+            failed = getattr(self._hooks, "launch_failed", None)
+            if failed is not None:
+                failed(self.id, e)
+            raise
         # after the start: a launcher over node agents knows the world size only once it has chosen nodes
         self._hooks.on_launch(self.id, load_step, getattr(gen, "world_size", spec.nproc), lr_scale)
         if self.first_start is None:

@@ -298,3 +298,25 @@ def test_layout_fallback_reaches_every_node_through_the_agent_launcher(tmp_path)
     finally:
         agents.close()
         sup.journal.close()
+
+
+def test_a_start_without_enough_nodes_fails_the_run_and_pages(tmp_path):
+    """No agent reports within register_timeout_s: the initial start fails with a page naming why
+    (state failed), instead of the daemon crashing or waiting forever."""
+    import asyncio
+
+    from supervisor.daemon import Supervisor
+    from supervisor.settings import Settings
+
+    s = Settings.load(run={"workdir": str(tmp_path / "run"), "run_id": "r", "nproc_per_node": 1},
+                      server={"port": 0}, preflight={"enabled": False},
+                      launch={"backend": "agents", "agents": {"nodes": ["n1", "n2"], "min_nodes": 2,
+                                                              "register_timeout_s": 0.2, "poll_s": 0.01}})
+    sup = Supervisor(s)
+    try:
+        asyncio.run(sup.launch(None, reason="initial start"))
+        assert sup.state == "failed" and sup.gen is None
+        page = sup.journal.get_meta("last_page")
+        assert "generation 0 could not start" in str(page) and "min_nodes" in str(page)
+    finally:
+        sup.journal.close()
