@@ -33,6 +33,7 @@ from supervisor.checkpoints import Catalog
 from supervisor.config_types import PositiveInt, Seconds
 from supervisor.detect.suite import DetectorSuite
 from supervisor.journal import Journal
+from supervisor.launch.agents import AgentLauncher
 from supervisor.launch.kubernetes import KubernetesLauncher
 from supervisor.launch.local import LocalLauncher
 from supervisor.launch.torchft import TorchftLauncher
@@ -167,11 +168,14 @@ class LaunchSettings(_Section):
     directive_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False, description="A hot directive not acknowledged in this falls back to a cold restart.")
     directive_poll_s: Seconds = Field(0.05, description="How often a waiting action checks for the trainer's acknowledgement or exit.")
     stack_dump_chars: PositiveInt = Field(20_000, description="Characters of a hang's stack dump kept in the action outcome.")
-    backend: Literal["local", "kubernetes"] = Field(
-        "local", description="Where generations run: local (torchrun on this machine) or kubernetes (one JobSet per generation).")
+    backend: Literal["local", "kubernetes", "agents"] = Field(
+        "local", description="Where generations run: local (torchrun on this machine), kubernetes (one JobSet per "
+                             "generation) or agents (one `titan-supervisor agent` per node).")
     local: LocalLauncher.Config = Field(default_factory=LocalLauncher.Config, description="The single-machine launcher.")
     kubernetes: KubernetesLauncher.Config = Field(default_factory=KubernetesLauncher.Config,
                                                   description="The Kubernetes launcher (supervisor/launch/kubernetes.py).")
+    agents: AgentLauncher.Config = Field(default_factory=AgentLauncher.Config,
+                                         description="Generations on node agents (supervisor/launch/agents.py).")
 
 
 
