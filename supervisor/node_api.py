@@ -77,6 +77,9 @@ def node_routes(r: APIRouter, cp: ControlPlane, cred_dep) -> None:
             return Refusal(403, f"token {name!r} may only report as agent {name!r}, not {rep.agent_id!r}").response()
         if rep.run_id != sup.settings.run.run_id:
             return Refusal(409, f"this supervisor runs {sup.settings.run.run_id!r}, not {rep.run_id!r}").response()
+        claim = sup.nodes.claim_refusal(rep)
+        if claim is not None:
+            return Refusal(409, claim).response()
         return JSONResponse(sup.nodes.ingest(rep).model_dump(mode="json"))
 
     @r.get("/nodes", tags=["read"], summary="Node agents: state, ranks, health, exclusions")

@@ -77,6 +77,25 @@ class NodeRegistry:
         self.reports = 0
 
     # -- the hot path -------------------------------------------------------------------------------
+    def claim_refusal(self, report: NodeReport) -> str | None:
+        """Why this report may not speak for its node, or None.
+
+        An agent's token binds its agent id, not the node name it reports; without this check a
+        stolen agent token could report kernel errors under another node's name and get that node
+        excluded. A node is claimed by the agent that reported it while that agent is live
+        (heard within `lost_after_s`); an agent keeps its node while it is live. A lost claim can be
+        taken over (a replaced machine, a re-installed agent)."""
+        now = self._clock()
+        with self._lock:
+            mine = self._nodes.get(report.agent_id)
+            if mine is not None and mine.node != report.node and not self.lost(mine, now):
+                return (f"agent {report.agent_id!r} reports node {mine.node!r}; it may not switch to "
+                        f"{report.node!r} while that claim is live (silent for {self.config.lost_after_s:g} s frees it)")
+            for v in self._nodes.values():
+                if v.node == report.node and v.agent_id != report.agent_id and not self.lost(v, now):
+                    return f"node {report.node!r} is reported by live agent {v.agent_id!r}"
+        return None
+
     def ingest(self, report: NodeReport) -> NodeReply:
         now = self._clock()
         new = False

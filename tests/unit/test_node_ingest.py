@@ -129,3 +129,25 @@ def test_nodes_commands_are_refused_without_agents(tmp_path):
         assert r.status_code == 409 and "launch.backend = local" in r.text
     finally:
         sup.journal.close()
+
+
+def test_an_agent_token_cannot_speak_for_another_live_node(setup):
+    """A stolen agent token binds its agent id, not the node name: reporting kernel errors under a
+    live peer's node name (to get that node excluded) is refused and records nothing."""
+    sup, client, tok = setup
+    assert post(client, tok["a"], report("node-a")).status_code == 200
+    assert post(client, tok["b"], report("node-b")).status_code == 200
+    line = "NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, GPU has fallen off the bus."
+    r = post(client, tok["b"], report("node-b", node="node-a", health={"kernel": [{"pattern": "xid", "line": line}]}))
+    assert r.status_code == 409 and "node-b" in r.text, r.text
+    assert sup.journal.findings() == []
+    assert sup.nodes.get("node-a").node == "node-a" and sup.nodes.get("node-b").node == "node-b"
+
+
+def test_a_lost_claim_can_be_taken_over(setup):
+    """A replaced machine: once the old agent is silent for lost_after_s its node may be reported
+    by another agent (the claim is only held while its agent is live)."""
+    sup, client, tok = setup
+    assert post(client, tok["a"], report("node-a")).status_code == 200
+    sup.nodes.get("node-a").last_seen -= sup.nodes.config.lost_after_s + 1
+    assert post(client, tok["b"], report("node-b", node="node-a")).status_code == 200
