@@ -18,8 +18,10 @@ to the next rung, ending with "stop, keep everything, page a human":
                           cluster, a NaN streak: back to the
                           newest valid checkpoint strictly before the onset, skipping the
                           data window that led into it (PaLM)
-          restart         crash / OOM: restart from the newest valid checkpoint with
-                          exponential backoff; kill_restart_hang for a hang (same budget)
+          restart         crash / OOM: restart from the newest valid checkpoint, at once after
+                          a healthy stretch, with exponential backoff only inside a crash loop
+                          (failures within `crash_loop_window_seconds` of the last restart);
+                          kill_restart_hang for a hang (same budget)
   rung 4  rollback_lr_down  divergence again in the same region: roll back and scale the LR
                           down with a re-warm (OPT); repeated OOM -> next safer layout;
                           repeated crashes on one host -> exclude_node (opt-in)
@@ -135,6 +137,7 @@ class RestartEntry:
     step: int
     host: str | None = None
     rank: int | None = None
+    backoff_seconds: float = 0.0  # the wait this restart was decided with (0 for older journals)
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,20 @@ class History:
     def restarts_since(self, wall_time: float) -> list[RestartEntry]:
         return [r for r in self.restarts if r.wall_time >= wall_time]
 
+    def crash_loop_length(self, wall_time: float, window_seconds: float) -> int:
+        """How many restarts in a row each failed within `window_seconds` of the one before.
+
+        Counted back from a failure at `wall_time`: the newest restart is part of the loop if
+        this failure came within the window after that restart was due to start (its decision
+        time plus its backoff); the one before it if the newest restart's failure came within
+        the window after it; and so on. 0 means the last restart (if any) had a healthy stretch."""
+        n, t = 0, wall_time
+        for r in sorted(self.restarts, key=lambda r: r.wall_time, reverse=True):
+            if r.wall_time > t or t - (r.wall_time + r.backoff_seconds) > window_seconds:
+                break
+            n, t = n + 1, r.wall_time
+        return n
+
     def record(self, finding: Finding, decision: Decision) -> None:
         """Add `decision` if it was carried out and counts against a budget."""
         if decision.advisory:
@@ -183,7 +200,8 @@ class History:
         elif decision.action in RESTART_ACTIONS:
             self.restarts.append(RestartEntry(
                 wall_time=finding.wall_time, kind=finding.kind, step=finding.step,
-                host=finding.evidence.get("host"), rank=finding.rank))
+                host=finding.evidence.get("host"), rank=finding.rank,
+                backoff_seconds=float(decision.backoff_seconds or 0.0)))
 
     def record_lr(self, finding: Finding, decision: Decision, scale_before: float) -> None:
         """Add a carried-out cool_lr / rewarm_lr (light: recorded when decided)."""
@@ -247,8 +265,13 @@ class Policy:
         restart_window_seconds: Annotated[Seconds, doc(
             "the window max_restarts and the OOM/host counters look back over")] = 3600.0
         backoff_base_seconds: Annotated[SecondsOrZero, doc(
-            "restart backoff = min(base * 2**(restarts in the window), max)")] = 10.0
+            "a crash loop's restart backoff = min(base * 2**(loop length - 1), max); the first "
+            "restart after a healthy stretch is immediate")] = 10.0
         backoff_max_seconds: Annotated[SecondsOrZero, doc("the restart backoff's upper bound")] = 600.0
+        crash_loop_window_seconds: Annotated[Seconds, doc(
+            "a failure within this many seconds after the previous restart was due to start "
+            "(its decision + its backoff) continues a crash loop; later ones start afresh, "
+            "with no backoff. Cover the job's start-up time plus a few steps")] = 120.0
         oom_layout_fallback_after: Annotated[NonNegativeInt, doc(
             "the n-th OOM within the restart window restarts on the next safer layout (0 = never)")] = 2
         exclude_node_after: Annotated[NonNegativeInt, doc(
@@ -433,9 +456,11 @@ class Policy:
                 f"{what}; no valid checkpoint to restart from at step {state.current_step}: "
                 f"stopping with everything kept and paging a human"), RUNG_STOP)
         where = where or f"from checkpoint step {target}"
-        backoff = min(c.backoff_base_seconds * 2 ** len(recent), c.backoff_max_seconds)
-        tail = (f"{where} after {backoff:g}s backoff (restart {len(recent) + 1} of "
-                f"{c.max_restarts} per {window})")
+        loop = history.crash_loop_length(f.wall_time, c.crash_loop_window_seconds)
+        backoff = min(c.backoff_base_seconds * 2 ** (loop - 1), c.backoff_max_seconds) if loop else 0.0
+        wait = (f"at once (no failure within {_secs(c.crash_loop_window_seconds)} of the last restart)"
+                if not loop else f"after {backoff:g}s backoff (crash loop of {loop + 1})")
+        tail = f"{where} {wait} (restart {len(recent) + 1} of {c.max_restarts} per {window})"
         common = dict(target_step=target, lr_scale=state.lr_scale, backoff_seconds=backoff)
         host = f.evidence.get("host")
         if f.kind == HARDWARE:
@@ -568,8 +593,9 @@ def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
         f"valid to roll back to: stop with everything kept and page a human.",
         "",
         "Process ladder (crashes, hangs, OOM):",
-        f"restart            dead rank / OOM / hang: from the newest valid checkpoint after a backoff of "
-        f"{p.backoff_base_seconds:g}s doubling to {p.backoff_max_seconds:g}s; {p.max_restarts} per "
+        f"restart            dead rank / OOM / hang: from the newest valid checkpoint, at once after a healthy "
+        f"stretch; in a crash loop (a failure within {_secs(p.crash_loop_window_seconds)} of the last restart) "
+        f"after a backoff of {p.backoff_base_seconds:g}s doubling to {p.backoff_max_seconds:g}s; {p.max_restarts} per "
         f"{_secs(p.restart_window_seconds)}, then stop_page.",
         f"next layout        OOM number {p.oom_layout_fallback_after or 'never (off)'} within the window: restart on "
         f"the next [preflight] layout that passes preflight (journaled by name; none left -> same layout + page).",
