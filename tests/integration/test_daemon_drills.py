@@ -206,6 +206,14 @@ def test_sigstop_hang_is_detected_names_the_rank_and_restarts(make_daemon):
         assert a["state"] == "done" and a["outcome"]["generation"] == 1
     finally:
         j.close()
+    # Every rank's stack is in the hang's action outcome, the SIGSTOPped one included (py-spy
+    # --nonblocking: faulthandler cannot run in a stopped process), each inside the training loop.
+    dumps = a["outcome"]["stacks"].split("--- rank ")[1:]
+    by_rank = {int(x.split()[0]): x for x in dumps}
+    assert set(by_rank) == {0, 1}, a["outcome"]["stacks"][:2000]
+    assert f"1 pid {victim} (stopped, py-spy --nonblocking)" in by_rank[1], by_rank[1][:2000]
+    for rank, text in by_rank.items():
+        assert "train_step" in text, (rank, text[:3000])
     assert max(r["step"] for r in spool(d.workdir)[0]) == 100
 
 
