@@ -177,7 +177,12 @@ class SupervisedTrainer(Trainer):
         sup = config.supervision
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.faults = FaultPlan(sup.faults, self.rank, sup.generation)
+        # Under plain torchrun (no supervisor) its restart count is the generation of the faults.
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        self.faults = FaultPlan(sup.faults, self.rank, sup.generation + restarts,
+                                state_dir=Path(config.dump_folder) / "faults",
+                                batches_per_step=self.gradient_accumulation_steps
+                                * getattr(self, "num_pipeline_parallel_microbatches", 1))
 
         ls = config.lr_scheduler
         total = ls.total_steps or config.training.steps
@@ -254,7 +259,7 @@ class SupervisedTrainer(Trainer):
 
     def _on_gradients(self) -> None:
         params = [p for m in self.model_parts for p in m.parameters()]
-        if self.faults.nan_now(self.step):
+        if self.faults.nan_now(self.batches_consumed):
             for p in params:
                 if p.grad is not None:
                     getattr(p.grad, "_local_tensor", p.grad).view(-1)[0] = float("nan")
@@ -286,10 +291,10 @@ class SupervisedTrainer(Trainer):
     def _raw_batches(self):
         for input_dict, labels in super().batch_generator(self.dataloader):
             self.batches_consumed += 1
-            frac = self.faults.badbatch_fraction(self.step) if self.faults.active else 0.0
+            frac = self.faults.badbatch_fraction(self.batches_consumed) if self.faults.active else 0.0
             if frac > 0.0:
                 vocab = self.config.model_spec.model.vocab_size
-                gen = torch.Generator().manual_seed(self.step)
+                gen = torch.Generator().manual_seed(self.batches_consumed)
                 rows = max(1, round(frac * labels.shape[0]))
                 tokens = input_dict["input"].clone()
                 tokens[:rows] = torch.randint(0, vocab, tokens[:rows].shape, generator=gen)
