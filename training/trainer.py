@@ -335,6 +335,7 @@ class SupervisedTrainer(Trainer):
         self._set_phase("finishing")
         if self.checkpointer.enable and self._last_saved_step != self.step:
             self._maybe_save(force=True)
+        self.checkpointer.maybe_wait_for_saving()  # an async save must be on disk before "finished"
         self._event({"kind": "finished", "step": self.step, "reason": self._stop_reason or "completed"})
         logger.info(f"Training finished at step {self.step} ({self._stop_reason or 'completed'})")
 
@@ -425,6 +426,11 @@ class SupervisedTrainer(Trainer):
         begin = time.perf_counter()
         self.checkpointer.save_now(self.step)
         self._last_saved_step = self.step
+        # `seconds` is how long training was blocked: the whole save when synchronous; with
+        # --checkpoint.async_mode the staging copy (and any wait for the previous save) only,
+        # while the files are written in the background. The daemon's catalog judges the files
+        # themselves (valid once .metadata and every shard are complete); the interval advisor
+        # takes this stall as the save cost C.
         self._event({"kind": "checkpoint_saved", "step": self.step, "seconds": time.perf_counter() - begin})
 
     def _checkpoint_dir(self, step: int) -> Path:
@@ -519,6 +525,7 @@ class SupervisedTrainer(Trainer):
         if d.id in self._applied:
             self._ack(d.id, d.kind, ok=True, detail="already applied")
             return
+        begin = time.perf_counter()
         try:
             detail = self._execute(d)
             ok = True
@@ -526,11 +533,14 @@ class SupervisedTrainer(Trainer):
             ok, detail = False, str(e)
             logger.error(f"directive {d.kind} ({d.id}) refused: {detail}")
         self._applied.add(d.id)
-        self._ack(d.id, d.kind, ok=ok, detail=detail)
+        self._ack(d.id, d.kind, ok=ok, detail=detail, seconds=time.perf_counter() - begin)
 
-    def _ack(self, did: str, kind: str, ok: bool, detail: str) -> None:
-        self._event({"kind": "directive_applied", "directive_id": did, "directive": kind,
-                     "step": self.step, "ok": ok, "detail": detail})
+    def _ack(self, did: str, kind: str, ok: bool, detail: str, seconds: float | None = None) -> None:
+        ev = {"kind": "directive_applied", "directive_id": did, "directive": kind,
+              "step": self.step, "ok": ok, "detail": detail}
+        if seconds is not None:
+            ev["seconds"] = round(seconds, 6)  # e.g. a hot rollback's load + drain (bench/goodput.py)
+        self._event(ev)
 
     def _execute(self, d: Directive) -> str:
         if d.kind == "set_lr_scale":
@@ -579,6 +589,7 @@ class SupervisedTrainer(Trainer):
             raise ValueError("rollback needs step")
         if d.step > self.step:
             raise ValueError(f"rollback target step {d.step} is ahead of the current step {self.step}")
+        self.checkpointer.maybe_wait_for_saving()  # the target may be the async save in flight
         path = self._checkpoint_dir(d.step)
         # Rank 0 judges, every rank obeys: a verdict that differed between ranks would hang them.
         reason = self._from_rank0(lambda: dcp.check_folder(path).reason)
