@@ -198,6 +198,19 @@ def test_a_restart_after_a_healthy_stretch_is_immediate():
     assert wide.decide(crash(), state(), h).backoff_seconds == 10
 
 
+def test_a_restart_that_trained_a_healthy_stretch_ends_the_loop_however_soon():
+    """Independent faults 40 s apart are not a crash loop when the restarted job trained
+    `crash_loop_healthy_steps` past its checkpoint; a failure right after resuming is."""
+    h = History(restarts=[RestartEntry(T0 - 40, DEAD_RANK, 61, backoff_seconds=0.0, resume_step=50)])
+    healthy = P.decide(crash(step=90), state(), h)
+    assert (healthy.action, healthy.backoff_seconds) == (RESTART, 0)
+    assert "healthy stretch" in healthy.reason
+    stuck = P.decide(crash(step=55), state(), h)  # 5 steps past step 50: not healthy yet
+    assert stuck.backoff_seconds == 10 and "crash loop of 2" in stuck.reason
+    lenient = Policy(Policy.Config(crash_loop_healthy_steps=50))
+    assert lenient.decide(crash(step=90), state(), h).backoff_seconds == 10
+
+
 def test_backoff_is_capped_and_old_restarts_age_out():
     policy = Policy(Policy.Config(max_restarts=20, backoff_max_seconds=100))
     h = History(restarts=[RestartEntry(T0 - 10 * i, DEAD_RANK, 10) for i in range(1, 8)])
@@ -213,10 +226,10 @@ def test_crash_loop_length_and_restart_history_round_trip():
     h.record(crash(), d)
     d2 = P.decide(crash(wall=T0 + 30), state(), h)
     h.record(crash(wall=T0 + 30), d2)
-    assert [r.backoff_seconds for r in h.restarts] == [0, 10]
+    assert [(r.backoff_seconds, r.resume_step) for r in h.restarts] == [(0, 150), (10, 150)]
     back = History.from_dict(h.to_dict())
-    assert back.crash_loop_length(T0 + 60, 120) == 2
-    assert back.crash_loop_length(T0 + 30 + 10 + 121, 120) == 0
+    assert back.crash_loop_length(T0 + 60, 155, 120, 10) == 2
+    assert back.crash_loop_length(T0 + 30 + 10 + 121, 155, 120, 10) == 0
     # a journal written before backoff_seconds existed still loads
     legacy = {"restarts": [{"wall_time": T0, "kind": DEAD_RANK, "step": 5, "host": None, "rank": None}]}
     assert History.from_dict(legacy).restarts[0].backoff_seconds == 0.0
