@@ -23,7 +23,8 @@ Heartbeats: each rank beats about once a second; a rank silent for `heartbeat_ti
 gets one `missing_heartbeat` finding per silence. If `world_size` is given to `reset`, a
 rank never heard from within `startup_timeout` is missing too. A rank whose heartbeat
 thread falls silent while the step stream is stalled too (no step for `heartbeat_timeout`
-since that rank's last beat) and another rank still beats is hung *now* (basis "heartbeat"):
+since that rank's last beat) and another rank still beats, none of the beating ones in a slow
+phase and the silent one not `finishing`, is hung *now* (basis "heartbeat"):
 the heartbeat thread runs beside the training loop, so its silence means the whole process
 is stopped or gone, and waiting out the learned step timeout only adds latency. When the
 step stream stalls, the `hang` names a suspect rank (`rank`): the lowest silent rank if any (its
@@ -77,6 +78,8 @@ class StallDetector:
             "... and the minimum hang timeout while any rank reports one")] = 600.0
         step_phase: Annotated[str, doc(
             "the phase of a rank inside the training step (others outside it are suspects)")] = "train_step"
+        exit_phase: Annotated[str, doc(
+            "the phase a rank reports before it exits normally (its silence after it is no hang)")] = "finishing"
 
         def __post_init__(self) -> None:
             if self.floor_seconds > self.ceiling_seconds:
@@ -256,8 +259,14 @@ class StallDetector:
                 },
             ))
         hang = self._hang_deadline()
-        beating = [r for r, b in self._beats.items() if now - b.wall_time < self.config.heartbeat_timeout]
-        frozen = sorted(r for r, d in self._silent_rank_deadlines().items() if now >= d)
+        c = self.config
+        beating = [r for r, b in self._beats.items() if now - b.wall_time < c.heartbeat_timeout]
+        # Not while a live rank is in a slow phase (loading, saving, finishing: it may wait on
+        # the silent one legitimately), nor for a rank whose last word was that it is exiting.
+        pausing = any(self._beats[r].phase in c.slow_phases for r in beating)
+        frozen = [] if pausing else sorted(
+            r for r, d in self._silent_rank_deadlines().items()
+            if now >= d and self._beats[r].phase != c.exit_phase)
         if frozen and beating and (hang is None or now < hang[0]):
             hang = (now, "heartbeat", self.config.heartbeat_timeout)
             silent = frozen + [r for r in silent if r not in frozen]

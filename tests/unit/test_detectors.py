@@ -448,6 +448,18 @@ def test_silent_heartbeat_is_a_hang_only_while_steps_stall_and_a_peer_beats():
     assert quiet.tick(T0 + 89.9) == []
     (h2,) = quiet.tick(T0 + 90)
     assert h2.evidence["basis"] == "steps"
+    # the end of a run: rank 1 said "finishing" and exited while rank 0 finishes (slow phase)
+    done = stall_after_records(1.0, n=20, heartbeat_timeout=3.0)
+    done.observe_heartbeat(hb(1, 20, T0 + 80, phase="finishing"))
+    for t in range(80, 89):
+        done.observe_heartbeat(hb(0, 20, T0 + t, phase="finishing"))
+        assert [f.kind for f in done.tick(T0 + t + 0.5)] in ([], [MISSING_HEARTBEAT])
+    # a live rank saving while the silent one's last phase was train_step: the save's allowance
+    saving = stall_after_records(1.0, n=20, heartbeat_timeout=3.0, slow_phase_timeout=60.0)
+    saving.observe_heartbeat(hb(1, 20, T0 + 80, phase="train_step"))
+    for t in range(80, 89):
+        saving.observe_heartbeat(hb(0, 20, T0 + t, phase="checkpoint"))
+        assert HANG not in [f.kind for f in saving.tick(T0 + t + 0.5)]
 
 
 def test_expected_rank_that_never_beats_is_missing_after_startup():
