@@ -194,8 +194,8 @@ class CheckpointSettings(_Section):
     async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = Field(
         "disabled", description="torchtitan's checkpoint.async_mode, passed to the trainer: 'async' writes the "
         "checkpoint from a background thread after a short staging copy, so training stalls for the copy only "
-        "(bench/checkpoint_stall.py); 'async_with_pinned_mem' stages into pinned memory (GPU only: the trainer refuses
-        it without one). A checkpoint "
+        "(bench/checkpoint_stall.py); 'async_with_pinned_mem' stages into pinned memory (GPU only: the trainer refuses "
+        "it without one). A checkpoint "
         "being written is not valid until its .metadata and every shard are complete; the interval advisor's "
         "save cost is the measured stall.")
 
