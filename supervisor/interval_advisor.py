@@ -1,7 +1,8 @@
 """Adaptive checkpoint interval: when to change how often the trainer saves.
 
 The formula is pure (`supervisor.checkpoint_interval`); this part gathers its inputs — the
-measured save cost (median of the journal's recent saves), the MTBF observed in the journal's
+measured save cost (median of the journal's recent saves: the trainer's `checkpoint_saved.seconds`,
+i.e. the training stall — with `[checkpoints] async_mode` the staging copy, not the background write), the MTBF observed in the journal's
 failure incidents (a configured prior until the first failure) and the median step time — exports
 the recommendation, and says when the live trainer's interval should change (``checkpoints.adaptive``,
 with `checkpoints.interval_hysteresis` (±20%) so the estimate's noise does not churn the trainer).

@@ -19,8 +19,11 @@ to the next rung, ending with "stop, keep everything, page a human":
                           cluster, a NaN streak: back to the
                           newest valid checkpoint strictly before the onset, skipping the
                           data window that led into it (PaLM)
-          restart         crash / OOM: restart from the newest valid checkpoint with
-                          exponential backoff; kill_restart_hang for a hang (same budget)
+          restart         crash / OOM: restart from the newest valid checkpoint, at once after
+                          a healthy stretch, with exponential backoff only inside a crash loop
+                          (failures within `crash_loop_window_seconds` of the last restart
+                          and fewer than `crash_loop_healthy_steps` steps past its checkpoint);
+                          kill_restart_hang for a hang (same budget)
   rung 4  rollback_lr_down  divergence again in the same region: roll back and scale the LR
                           down with a re-warm (OPT); repeated OOM -> next safer layout;
                           repeated crashes on one host -> exclude_node (opt-in)
@@ -136,6 +139,8 @@ class RestartEntry:
     step: int
     host: str | None = None
     rank: int | None = None
+    backoff_seconds: float = 0.0  # the wait this restart was decided with (0 for older journals)
+    resume_step: int | None = None  # the checkpoint step it restarted from (None for older journals)
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,24 @@ class History:
     def restarts_since(self, wall_time: float) -> list[RestartEntry]:
         return [r for r in self.restarts if r.wall_time >= wall_time]
 
+    def crash_loop_length(self, wall_time: float, step: int, window_seconds: float,
+                          healthy_steps: int) -> int:
+        """How many restarts in a row each failed soon after the one before, without getting healthy.
+
+        Counted back from a failure at (`wall_time`, `step`): the newest restart is part of the loop
+        if this failure came within `window_seconds` after that restart was due to start (its
+        decision time plus its backoff) *and* the run got fewer than `healthy_steps` steps past the
+        checkpoint it resumed from; the one before it if the newest restart's own failure did the
+        same; and so on. 0 means the last restart (if any) had a healthy stretch."""
+        n, t, s = 0, wall_time, step
+        for r in sorted(self.restarts, key=lambda r: r.wall_time, reverse=True):
+            soon = r.wall_time <= t and t - (r.wall_time + r.backoff_seconds) <= window_seconds
+            progressed = r.resume_step is not None and s - r.resume_step >= healthy_steps
+            if not soon or progressed:
+                break
+            n, t, s = n + 1, r.wall_time, r.step
+        return n
+
     def record(self, finding: Finding, decision: Decision) -> None:
         """Add `decision` if it was carried out and counts against a budget."""
         if decision.advisory:
@@ -184,7 +207,8 @@ class History:
         elif decision.action in RESTART_ACTIONS:
             self.restarts.append(RestartEntry(
                 wall_time=finding.wall_time, kind=finding.kind, step=finding.step,
-                host=finding.evidence.get("host"), rank=finding.rank))
+                host=finding.evidence.get("host"), rank=finding.rank,
+                backoff_seconds=float(decision.backoff_seconds or 0.0), resume_step=decision.target_step))
 
     def record_lr(self, finding: Finding, decision: Decision, scale_before: float) -> None:
         """Add a carried-out cool_lr / rewarm_lr (light: recorded when decided)."""
@@ -248,8 +272,15 @@ class Policy:
         restart_window_seconds: Annotated[Seconds, doc(
             "the window max_restarts and the OOM/host counters look back over")] = 3600.0
         backoff_base_seconds: Annotated[SecondsOrZero, doc(
-            "restart backoff = min(base * 2**(restarts in the window), max)")] = 10.0
+            "a crash loop's restart backoff = min(base * 2**(loop length - 1), max); the first "
+            "restart after a healthy stretch is immediate")] = 10.0
         backoff_max_seconds: Annotated[SecondsOrZero, doc("the restart backoff's upper bound")] = 600.0
+        crash_loop_window_seconds: Annotated[Seconds, doc(
+            "a failure within this many seconds after the previous restart was due to start "
+            "(its decision + its backoff) continues a crash loop ...")] = 120.0
+        crash_loop_healthy_steps: Annotated[NonNegativeInt, doc(
+            "... unless the run got this many steps past the checkpoint that restart resumed from "
+            "(a healthy stretch): then the restart is immediate, with no backoff")] = 10
         oom_layout_fallback_after: Annotated[NonNegativeInt, doc(
             "the n-th OOM within the restart window restarts on the next safer layout (0 = never)")] = 2
         exclude_node_after: Annotated[NonNegativeInt, doc(
@@ -434,9 +465,12 @@ class Policy:
                 f"{what}; no valid checkpoint to restart from at step {state.current_step}: "
                 f"stopping with everything kept and paging a human"), RUNG_STOP)
         where = where or f"from checkpoint step {target}"
-        backoff = min(c.backoff_base_seconds * 2 ** len(recent), c.backoff_max_seconds)
-        tail = (f"{where} after {backoff:g}s backoff (restart {len(recent) + 1} of "
-                f"{c.max_restarts} per {window})")
+        loop = history.crash_loop_length(f.wall_time, f.step, c.crash_loop_window_seconds,
+                                         c.crash_loop_healthy_steps)
+        backoff = min(c.backoff_base_seconds * 2 ** (loop - 1), c.backoff_max_seconds) if loop else 0.0
+        wait = ("at once (the last restart, if any, had a healthy stretch)" if not loop
+                else f"after {backoff:g}s backoff (crash loop of {loop + 1})")
+        tail = f"{where} {wait} (restart {len(recent) + 1} of {c.max_restarts} per {window})"
         common = dict(target_step=target, lr_scale=state.lr_scale, backoff_seconds=backoff)
         host = f.evidence.get("host")
         if f.kind == HARDWARE:
@@ -585,8 +619,10 @@ def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
         f"valid to roll back to: stop with everything kept and page a human.",
         "",
         "Process ladder (crashes, hangs, OOM):",
-        f"restart            dead rank / OOM / hang: from the newest valid checkpoint after a backoff of "
-        f"{p.backoff_base_seconds:g}s doubling to {p.backoff_max_seconds:g}s; {p.max_restarts} per "
+        f"restart            dead rank / OOM / hang: from the newest valid checkpoint, at once after a healthy "
+        f"stretch; in a crash loop (a failure within {_secs(p.crash_loop_window_seconds)} of the last restart, "
+        f"fewer than {p.crash_loop_healthy_steps} steps past its checkpoint) "
+        f"after a backoff of {p.backoff_base_seconds:g}s doubling to {p.backoff_max_seconds:g}s; {p.max_restarts} per "
         f"{_secs(p.restart_window_seconds)}, then stop_page.",
         f"next layout        OOM number {p.oom_layout_fallback_after or 'never (off)'} within the window: restart on "
         f"the next [preflight] layout that passes preflight (journaled by name; none left -> same layout + page).",

@@ -111,6 +111,7 @@ class DirectiveApplied(_Timed):
     step: NonNegInt
     ok: bool
     detail: Text = ""
+    seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None  # how long applying it took
 
 
 class CheckpointSaved(_Timed):

@@ -113,6 +113,8 @@ def trainer_flags(settings, layout_index: int | None = None) -> list[str]:
     flags: list[str] = []
     if tr.seed is not None:
         flags += ["--debug.seed", str(tr.seed)]
+    if settings.checkpoints.async_mode != "disabled":
+        flags += ["--checkpoint.async_mode", settings.checkpoints.async_mode]
     if tr.local_batch_size is not None:
         flags += ["--training.local_batch_size", str(local_batch(settings))]
     if tr.global_batch_size is not None:

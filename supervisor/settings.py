@@ -196,6 +196,13 @@ class CheckpointSettings(_Section):
     min_interval_steps: int = Field(10, ge=1, description="Lower bound for the adaptive interval.")
     max_interval_steps: int = Field(5000, ge=1, description="Upper bound for the adaptive interval.")
     mtbf_prior_hours: float = Field(24.0, gt=0, allow_inf_nan=False, description="MTBF assumed until the journal has seen failures (the run's own history replaces it).")
+    async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = Field(
+        "disabled", description="torchtitan's checkpoint.async_mode, passed to the trainer: 'async' writes the "
+        "checkpoint from a background thread after a short staging copy, so training stalls for the copy only "
+        "(bench/checkpoint_stall.py); 'async_with_pinned_mem' stages into pinned memory (GPU only: the trainer refuses "
+        "it without one). A checkpoint "
+        "being written is not valid until its .metadata and every shard are complete; the interval advisor's "
+        "save cost is the measured stall.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "CheckpointSettings":

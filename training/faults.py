@@ -1,22 +1,37 @@
 """Fault injection for failure drills. Off unless a spec is given.
 
-Spec: comma-separated ``KIND@STEP[:key=value...]``; keys ``rank`` (default 0), ``gen``
-(generation it fires in, default 0, ``*`` for any) and per-kind parameters:
+Spec: comma-separated ``KIND@STEP[:key=value...]``; selectors ``rank`` (a rank, or ``*`` for
+every rank) and ``gen`` (a generation number, ``*`` for every process, or ``once``), and
+per-kind parameters:
 
   spike@30:lr=1000:steps=3   multiply the LR by ``lr`` for ``steps`` steps (a real instability)
-  nan@50                     put NaN into one gradient after backward (the guard skips it)
-  nan@50:applied=1           ... and let the update through: the weights are poisoned
-  badbatch@40                replace that step's batch with random tokens (a bad-data spike
-                             that recovers by itself); ``frac`` of the rows, for ``steps`` steps
   drift@60:lr=30:steps=40    raise the LR geometrically to ``lr``x over ``steps`` steps and
                              hold it there (a slow drift, not a one-step blow-up)
+  nan@50                     put NaN into one gradient after backward (the guard skips it)
+  nan@50:applied=1           ... and let the update through: the weights are poisoned
+  badbatch@40                replace the batch of step 40 with random tokens (a bad-data spike
+                             that recovers by itself); ``frac`` of the rows, for ``steps`` steps
   hang@70:rank=1:mode=sleep  sleep forever at the step boundary (mode=stop: SIGSTOP itself)
   crash@90:rank=1            SIGKILL this rank
-  slow@10:rank=1:seconds=0.2 sleep that long every step from STEP on (a straggler)
+  slow@10:rank=1:seconds=0.2 sleep that long every step from STEP on (a straggler); ``steps``
+                             bounds it (default 0: until the process ends)
   oom@80:rank=1:gib=64       try to allocate that much memory (fails like an OOM on CPU too)
 
-Every fault fires at most once per process, so a rollback that replays step N does not
-re-trigger it (the drill is about the supervisor's response, not an endless loop).
+Defaults say what a fault is:
+- **Job-wide faults** (spike, drift, badbatch, nan) hit every rank (``rank=*``): an LR spike or
+  a bad batch is a property of the job, not of one rank's shard.
+- **Data faults** (badbatch, nan) belong to the data, not to a moment: ``STEP`` names the
+  batches an unbroken run trains on at that step (this rank's batches number
+  ``(STEP-1)*B+1 .. STEP*B`` with B batches per step), and the fault recurs whenever those
+  batches are trained on again — after a restart or a rollback that replays them (``gen=*``),
+  as real bad data does. Only a rollback that skips the window gets past it.
+- **Process faults** (crash, hang, slow, oom) hit rank 0 unless told otherwise.
+- **Event faults** (spike, drift and the process faults) happen once in the job's history
+  (``gen=once``): the first time any process of the job reaches STEP. A marker per fault and
+  rank under ``<dump_folder>/faults/`` remembers it across restarts (a supervisor's new
+  generation or a torchrun restart replaying the step does not fire it again). Without a
+  state folder, once per process. ``gen=N`` fires in generation N only (torchrun's restart
+  count is added to the supervisor's generation), ``gen=*`` in every process that reaches STEP.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 KINDS = {
     "spike": {"lr": float, "steps": int},
@@ -33,22 +49,35 @@ KINDS = {
     "drift": {"lr": float, "steps": int},
     "hang": {"mode": str},
     "crash": {},
-    "slow": {"seconds": float},
+    "slow": {"seconds": float, "steps": int},
     "oom": {"gib": float},
 }
-COMMON = {"rank": int, "gen": str}
+COMMON = {"rank": str, "gen": str}
+JOB_WIDE = frozenset({"spike", "drift", "badbatch", "nan"})
+DATA = frozenset({"badbatch", "nan"})
+ALL = "*"
+ONCE = "once"
 
 
 @dataclass
 class Fault:
     kind: str
     step: int
-    rank: int = 0
-    gen: str = "0"
+    rank: str = ""  # a rank number or "*"; "" = the kind's default
+    gen: str = ""  # a generation number, "*" or "once"; "" = the kind's default
     params: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.rank = self.rank or (ALL if self.kind in JOB_WIDE else "0")
+        self.gen = self.gen or (ALL if self.kind in DATA else ONCE)
+
     def applies(self, rank: int, generation: int) -> bool:
-        return self.rank == rank and (self.gen == "*" or int(self.gen) == generation)
+        return ((self.rank == ALL or int(self.rank) == rank)
+                and (self.gen in (ALL, ONCE) or int(self.gen) == generation))
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}@{self.step}"
 
 
 def parse_faults(spec: str) -> list[Fault]:
@@ -69,7 +98,7 @@ def parse_faults(spec: str) -> list[Fault]:
             raise ValueError(f"fault {part!r}: step {step_s!r} is not an integer") from None
         if step < 1:
             raise ValueError(f"fault {part!r}: step must be >= 1")
-        f = Fault(kind=kind, step=step)
+        rank, gen, params = "", "", {}
         allowed = {**COMMON, **KINDS[kind]}
         for kv in kvs:
             key, eq, val = kv.partition("=")
@@ -80,41 +109,81 @@ def parse_faults(spec: str) -> list[Fault]:
             except ValueError:
                 raise ValueError(f"fault {part!r}: {key}={val!r} is not a valid {allowed[key].__name__}") from None
             if key == "rank":
-                f.rank = typed
+                if typed != ALL and not typed.isdigit():
+                    raise ValueError(f"fault {part!r}: rank must be a rank number or *")
+                rank = typed
             elif key == "gen":
-                if typed != "*" and not typed.isdigit():
-                    raise ValueError(f"fault {part!r}: gen must be a generation number or *")
-                f.gen = typed
+                if typed not in (ALL, ONCE) and not typed.isdigit():
+                    raise ValueError(f"fault {part!r}: gen must be a generation number, * or once")
+                if kind in DATA and typed == ONCE:
+                    raise ValueError(f"fault {part!r}: a data fault recurs with its batch; gen=once "
+                                     f"is for events (use gen=N to limit it to one generation)")
+                gen = typed
             else:
-                f.params[key] = typed
-        if kind == "hang" and f.params.get("mode", "sleep") not in ("sleep", "stop"):
+                params[key] = typed
+        if kind == "hang" and params.get("mode", "sleep") not in ("sleep", "stop"):
             raise ValueError(f"fault {part!r}: hang mode must be sleep or stop")
-        faults.append(f)
+        faults.append(Fault(kind=kind, step=step, rank=rank, gen=gen, params=params))
     return faults
 
 
 class FaultPlan:
-    """The faults that apply to this rank and generation; asked at fixed points of each step."""
+    """The faults that apply to this rank and generation; asked at fixed points of each step.
 
-    def __init__(self, spec: str, rank: int, generation: int) -> None:
+    ``state_dir`` (``<dump_folder>/faults``) holds the markers of ``gen=once`` faults that
+    fired; ``batches_per_step`` maps a data fault's step to this rank's batch numbers."""
+
+    def __init__(self, spec: str, rank: int, generation: int, state_dir: Path | str | None = None,
+                 batches_per_step: int = 1) -> None:
         self.faults = [f for f in parse_faults(spec) if f.applies(rank, generation)]
+        self.rank = rank
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.batches_per_step = max(1, int(batches_per_step))
         self._fired: set[int] = set()
         self._spike_from = 0
         self._spike_until = -1
         self._spike_factor = 1.0
         self._slow_seconds = 0.0
+        self._slow_until: int | None = None
         self._drift: tuple[int, float, int] | None = None  # (from step, factor, ramp steps)
-        self._bad_until = -1
-        self._bad_frac = 1.0
         self._nan_applied = False
 
+    def _marker(self, i: int, f: Fault) -> Path | None:
+        if self.state_dir is None:
+            return None
+        return self.state_dir / f"{i}-{f.label}-rank{self.rank}.fired"
+
+    def _claim(self, i: int, f: Fault) -> bool:
+        """Whether event fault `i` fires now: not yet fired in this process, nor (gen=once) in
+        any earlier process of the job. The marker is durable before the fault acts (a crash
+        or SIGSTOP follows at once)."""
+        if i in self._fired:
+            return False
+        self._fired.add(i)
+        marker = self._marker(i, f) if f.gen == ONCE else None
+        if marker is None:
+            return True
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, f"{time.time()} pid {os.getpid()}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
     def _due(self, kind: str, step: int) -> list[Fault]:
-        out = []
-        for i, f in enumerate(self.faults):
-            if f.kind == kind and f.step == step and i not in self._fired:
-                self._fired.add(i)
-                out.append(f)
-        return out
+        return [f for i, f in enumerate(self.faults)
+                if f.kind == kind and f.step == step and self._claim(i, f)]
+
+    def _batches(self, f: Fault, steps: int = 1) -> range:
+        """This rank's batch numbers (1-based) that an unbroken run trains on at the fault's
+        step (and the `steps - 1` after it)."""
+        b = self.batches_per_step
+        return range((f.step - 1) * b + 1, (f.step - 1 + max(1, steps)) * b + 1)
 
     def before_step(self, step: int, on_phase=lambda phase: None) -> None:
         """Called at the step boundary, before the step runs."""
@@ -135,16 +204,20 @@ class FaultPlan:
             self._drift = (step, float(f.params.get("lr", 30.0)), max(1, int(f.params.get("steps", 40))))
         for f in self._due("slow", step):
             self._slow_seconds = float(f.params.get("seconds", 0.2))
+            n = int(f.params.get("steps", 0))
+            self._slow_until = step + n - 1 if n > 0 else None
+        if self._slow_until is not None and step > self._slow_until:
+            self._slow_seconds, self._slow_until = 0.0, None
         if self._slow_seconds:
             time.sleep(self._slow_seconds)
         for f in self._due("oom", step):
             _allocate_gib(float(f.params.get("gib", 64.0)))
 
     def clear_transient(self) -> None:
-        """A rollback rewinds the steps: an LR spike in progress does not replay."""
+        """A rollback rewinds the steps: an LR spike in progress does not replay (data faults
+        need no reset: they follow the batches)."""
         self._spike_until = -1
         self._drift = None
-        self._bad_until = -1
 
     def lr_factor(self, step: int) -> float:
         factor = self._spike_factor if self._spike_from <= step <= self._spike_until else 1.0
@@ -153,18 +226,18 @@ class FaultPlan:
             factor *= peak ** (min(step - start, ramp) / ramp)
         return factor
 
-    def badbatch_fraction(self, step: int) -> float:
-        """Fraction of this step's batch rows to corrupt (0.0: none)."""
-        for f in self._due("badbatch", step):
-            self._bad_until = step + max(1, int(f.params.get("steps", 1))) - 1
-            self._bad_frac = min(1.0, max(0.0, float(f.params.get("frac", 1.0))))
-        return self._bad_frac if step <= self._bad_until else 0.0
+    def badbatch_fraction(self, batch: int) -> float:
+        """Fraction of the rows of this rank's batch number `batch` (1-based) to corrupt (0.0: none)."""
+        fracs = [min(1.0, max(0.0, float(f.params.get("frac", 1.0)))) for f in self.faults
+                 if f.kind == "badbatch" and batch in self._batches(f, int(f.params.get("steps", 1)))]
+        return max(fracs, default=0.0)
 
-    def badbatch_now(self, step: int) -> bool:
-        return self.badbatch_fraction(step) > 0.0
+    def badbatch_now(self, batch: int) -> bool:
+        return self.badbatch_fraction(batch) > 0.0
 
-    def nan_now(self, step: int) -> bool:
-        due = self._due("nan", step)
+    def nan_now(self, batch: int) -> bool:
+        """Whether the step whose last batch is `batch` gets a NaN gradient."""
+        due = [f for f in self.faults if f.kind == "nan" and batch == self._batches(f)[-1]]
         self._nan_applied = any(int(f.params.get("applied", 0)) for f in due)
         return bool(due)
 

@@ -97,6 +97,12 @@ def validate(config) -> None:
         ft.validate(config.fault_tolerance)
     except ValueError as e:
         raise StartError(str(e)) from None
+    if getattr(config.checkpoint, "async_mode", "disabled") == "async_with_pinned_mem":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise StartError("--checkpoint.async_mode async_with_pinned_mem stages into pinned memory and needs a "
+                             "GPU (torch's DefaultStager refuses a non-blocking copy without one); use 'async'")
     load_step = config.checkpoint.load_step
     if load_step < -1:
         raise StartError(f"--checkpoint.load_step must be -1 (newest) or a step number, got {load_step}")

@@ -181,7 +181,12 @@ class SupervisedTrainer(Trainer):
         sup = config.supervision
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.faults = FaultPlan(sup.faults, self.rank, sup.generation)
+        # Under plain torchrun (no supervisor) its restart count is the generation of the faults.
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        self.faults = FaultPlan(sup.faults, self.rank, sup.generation + restarts,
+                                state_dir=Path(config.dump_folder) / "faults",
+                                batches_per_step=self.gradient_accumulation_steps
+                                * getattr(self, "num_pipeline_parallel_microbatches", 1))
 
         ls = config.lr_scheduler
         total = ls.total_steps or config.training.steps
@@ -258,7 +263,7 @@ class SupervisedTrainer(Trainer):
 
     def _on_gradients(self) -> None:
         params = [p for m in self.model_parts for p in m.parameters()]
-        if self.faults.nan_now(self.step):
+        if self.faults.nan_now(self.batches_consumed):
             for p in params:
                 if p.grad is not None:
                     getattr(p.grad, "_local_tensor", p.grad).view(-1)[0] = float("nan")
@@ -294,10 +299,10 @@ class SupervisedTrainer(Trainer):
     def _raw_batches(self):
         for input_dict, labels in super().batch_generator(self.dataloader):
             self.batches_consumed += 1
-            frac = self.faults.badbatch_fraction(self.step) if self.faults.active else 0.0
+            frac = self.faults.badbatch_fraction(self.batches_consumed) if self.faults.active else 0.0
             if frac > 0.0:
                 vocab = self.config.model_spec.model.vocab_size
-                gen = torch.Generator().manual_seed(self.step)
+                gen = torch.Generator().manual_seed(self.batches_consumed)
                 rows = max(1, round(frac * labels.shape[0]))
                 tokens = input_dict["input"].clone()
                 tokens[:rows] = torch.randint(0, vocab, tokens[:rows].shape, generator=gen)
@@ -338,6 +343,7 @@ class SupervisedTrainer(Trainer):
         self._set_phase("finishing")
         if self.checkpointer.enable and self._last_saved_step != self.step:
             self._maybe_save(force=True)
+        self.checkpointer.maybe_wait_for_saving()  # an async save must be on disk before "finished"
         if self._ft is not None:
             self.ft_event({"kind": "ft_finished", "step": self.step, "param_digest": self.param_digest(),
                            "heals": self._ft.heals, "uncommitted": self._ft.uncommitted})
@@ -436,6 +442,11 @@ class SupervisedTrainer(Trainer):
         begin = time.perf_counter()
         self.checkpointer.save_now(self.step)
         self._last_saved_step = self.step
+        # `seconds` is how long training was blocked: the whole save when synchronous; with
+        # --checkpoint.async_mode the staging copy (and any wait for the previous save) only,
+        # while the files are written in the background. The daemon's catalog judges the files
+        # themselves (valid once .metadata and every shard are complete); the interval advisor
+        # takes this stall as the save cost C.
         self._event({"kind": "checkpoint_saved", "step": self.step, "seconds": time.perf_counter() - begin})
 
     def _checkpoint_dir(self, step: int) -> Path:
@@ -582,6 +593,7 @@ class SupervisedTrainer(Trainer):
         if d.id in self._applied:
             self._ack(d.id, d.kind, ok=True, detail="already applied")
             return
+        begin = time.perf_counter()
         try:
             detail = self._execute(d)
             ok = True
@@ -589,11 +601,14 @@ class SupervisedTrainer(Trainer):
             ok, detail = False, str(e)
             logger.error(f"directive {d.kind} ({d.id}) refused: {detail}")
         self._applied.add(d.id)
-        self._ack(d.id, d.kind, ok=ok, detail=detail)
+        self._ack(d.id, d.kind, ok=ok, detail=detail, seconds=time.perf_counter() - begin)
 
-    def _ack(self, did: str, kind: str, ok: bool, detail: str) -> None:
-        self._event({"kind": "directive_applied", "directive_id": did, "directive": kind,
-                     "step": self.step, "ok": ok, "detail": detail})
+    def _ack(self, did: str, kind: str, ok: bool, detail: str, seconds: float | None = None) -> None:
+        ev = {"kind": "directive_applied", "directive_id": did, "directive": kind,
+              "step": self.step, "ok": ok, "detail": detail}
+        if seconds is not None:
+            ev["seconds"] = round(seconds, 6)  # e.g. a hot rollback's load + drain (bench/goodput.py)
+        self._event(ev)
 
     def _execute(self, d: Directive) -> str:
         if self.config.fault_tolerance.enable and d.kind in ft.GROUP_LOCAL_DIRECTIVES:
@@ -645,6 +660,7 @@ class SupervisedTrainer(Trainer):
             raise ValueError("rollback needs step")
         if d.step > self.step:
             raise ValueError(f"rollback target step {d.step} is ahead of the current step {self.step}")
+        self.checkpointer.maybe_wait_for_saving()  # the target may be the async save in flight
         path = self._checkpoint_dir(d.step)
         # Rank 0 judges, every rank obeys: a verdict that differed between ranks would hang them.
         reason = self._from_rank0(lambda: dcp.check_folder(path).reason)

@@ -21,8 +21,13 @@ ingest does not look like a hang.
 
 Heartbeats: each rank beats about once a second; a rank silent for `heartbeat_timeout`
 gets one `missing_heartbeat` finding per silence. If `world_size` is given to `reset`, a
-rank never heard from within `startup_timeout` is missing too. When the step stream
-stalls, the `hang` names a suspect rank (`rank`): the lowest silent rank if any (its
+rank never heard from within `startup_timeout` is missing too. A rank whose heartbeat
+thread falls silent while the step stream is stalled too (no step for `heartbeat_timeout`
+since that rank's last beat) and another rank still beats, none of the beating ones in a slow
+phase and the silent one not `finishing`, is hung *now* (basis "heartbeat"):
+the heartbeat thread runs beside the training loop, so its silence means the whole process
+is stopped or gone, and waiting out the learned step timeout only adds latency. When the
+step stream stalls, the `hang` names a suspect rank (`rank`): the lowest silent rank if any (its
 process or node is gone); else a rank whose heartbeat phase shows it stuck outside the
 training step while others are inside it (waiting for it in a collective), a phase
 starting with "fault:" (drills) first. Evidence lists every rank's phase and silence.
@@ -73,6 +78,8 @@ class StallDetector:
             "... and the minimum hang timeout while any rank reports one")] = 600.0
         step_phase: Annotated[str, doc(
             "the phase of a rank inside the training step (others outside it are suspects)")] = "train_step"
+        exit_phase: Annotated[str, doc(
+            "the phase a rank reports before it exits normally (its silence after it is no hang)")] = "finishing"
 
         def __post_init__(self) -> None:
             if self.floor_seconds > self.ceiling_seconds:
@@ -192,6 +199,14 @@ class StallDetector:
                 deadline, basis, timeout = self._pause_until + after, "pause", after
         return deadline, basis, timeout
 
+    def _silent_rank_deadlines(self) -> dict[int, float]:
+        """{rank: when its silence makes the stall a hang}: heartbeat_timeout after the later of
+        its last beat and the last progress (a step after its beat means it was alive then)."""
+        if self._ended or self._hang_reported or self._progress_time is None:
+            return {}
+        after = max(self._progress_time, self._pause_until or self._progress_time)
+        return {r: max(b.wall_time, after) + self.config.heartbeat_timeout for r, b in self._beats.items()}
+
     def _heartbeat_deadline(self, rank: int) -> float | None:
         beat = self._beats.get(rank)
         if beat is not None:
@@ -208,6 +223,7 @@ class StallDetector:
         hang = self._hang_deadline()
         if hang is not None:
             times.append(hang[0])
+        times.extend(self._silent_rank_deadlines().values())
         for rank in self._expected | set(self._beats):
             if rank not in self._missing_reported:
                 d = self._heartbeat_deadline(rank)
@@ -243,6 +259,17 @@ class StallDetector:
                 },
             ))
         hang = self._hang_deadline()
+        c = self.config
+        beating = [r for r, b in self._beats.items() if now - b.wall_time < c.heartbeat_timeout]
+        # Not while a live rank is in a slow phase (loading, saving, finishing: it may wait on
+        # the silent one legitimately), nor for a rank whose last word was that it is exiting.
+        pausing = any(self._beats[r].phase in c.slow_phases for r in beating)
+        frozen = [] if pausing else sorted(
+            r for r, d in self._silent_rank_deadlines().items()
+            if now >= d and self._beats[r].phase != c.exit_phase)
+        if frozen and beating and (hang is None or now < hang[0]):
+            hang = (now, "heartbeat", self.config.heartbeat_timeout)
+            silent = frozen + [r for r in silent if r not in frozen]
         if hang is not None and now >= hang[0]:
             deadline, basis, timeout = hang
             self._hang_reported = True

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from typing import Annotated
 import psutil
 
 from supervisor.config_types import PositiveInt, Seconds, doc
+from supervisor.launch import stacks
 
 
 @dataclass
@@ -63,7 +63,8 @@ class LauncherConfig:
         "after the trainer said it finished, wait at most this for torchrun's own exit code")] = 30.0
     stop_poll_s: Annotated[Seconds, doc("how often stop() checks whether the ranks are gone")] = 0.05
     reap_timeout_s: Annotated[Seconds, doc("wait for torchrun to be reaped after SIGKILL")] = 5.0
-    stack_dump_timeout_s: Annotated[Seconds, doc("py-spy dump timeout per rank")] = 20.0
+    stack_dump_timeout_s: Annotated[Seconds, doc(
+        "py-spy dump timeout per rank; all ranks are dumped at once, so this bounds the whole dump")] = 5.0
 
 
 @dataclass
@@ -287,18 +288,17 @@ class Generation:
                 pass
 
     def dump_stacks(self) -> str:
-        """Stack dumps of every rank (py-spy when installed, else faulthandler via SIGUSR1 into the log)."""
-        pyspy = shutil.which("py-spy")
+        """Stack dumps of every rank, at once and stopped ones included (supervisor/launch/stacks.py);
+        a rank py-spy could not dump gets faulthandler via SIGUSR1 into the log."""
+        pids = dict(sorted(self.rank_pids.items()))
+        dumps = stacks.dump_ranks(pids, self.config.stack_dump_timeout_s)
         out = []
-        for rank, pid in sorted(self.rank_pids.items()):
-            if pyspy:
-                try:
-                    r = subprocess.run([pyspy, "dump", "--pid", str(pid)], capture_output=True, text=True,
-                                       timeout=self.config.stack_dump_timeout_s)
-                    out.append(f"--- rank {rank} pid {pid} (py-spy) ---\n{r.stdout or r.stderr}")
-                    continue
-                except (OSError, subprocess.TimeoutExpired) as e:
-                    out.append(f"--- rank {rank} pid {pid}: py-spy failed: {e}")
+        for rank, pid in pids.items():
+            ok, text = dumps[rank]
+            if ok:
+                out.append(f"--- rank {rank} pid {pid} {text}")
+                continue
+            out.append(f"--- rank {rank} pid {pid}: {text}")
             if not self._same_process(pid):
                 out.append(f"--- rank {rank} pid {pid}: gone")
                 continue

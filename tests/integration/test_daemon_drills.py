@@ -105,7 +105,9 @@ def test_clean_run_raises_no_finding(clean_run):
 
 
 def test_unrecovered_spike_is_rolled_back_hot_and_the_run_finishes(clean_run, make_daemon):
-    d = make_daemon(steps=500, faults="spike@35:lr=1000:steps=3").start()
+    # rank=0: the spike on one rank's shard, as this drill was timed (a job-wide x1000 spike is a
+    # severe blow-up rolled back before the step-40 checkpoint the quarantine check below needs)
+    d = make_daemon(steps=500, faults="spike@35:lr=1000:steps=3:rank=0").start()
     assert d.wait_exit(300) == 0, d.log_tail()
     decs = _decisions(d)
     first = next(x for x in decs if x["finding_kind"] == "loss_spike")
@@ -206,6 +208,14 @@ def test_sigstop_hang_is_detected_names_the_rank_and_restarts(make_daemon):
         assert a["state"] == "done" and a["outcome"]["generation"] == 1
     finally:
         j.close()
+    # Every rank's stack is in the hang's action outcome, the SIGSTOPped one included (py-spy
+    # --nonblocking: faulthandler cannot run in a stopped process), each inside the training loop.
+    dumps = a["outcome"]["stacks"].split("--- rank ")[1:]
+    by_rank = {int(x.split()[0]): x for x in dumps}
+    assert set(by_rank) == {0, 1}, a["outcome"]["stacks"][:2000]
+    assert f"1 pid {victim} (stopped, py-spy --nonblocking)" in by_rank[1], by_rank[1][:2000]
+    for rank, text in by_rank.items():
+        assert "train_step" in text, (rank, text[:3000])
     assert max(r["step"] for r in spool(d.workdir)[0]) == 100
 
 

@@ -171,6 +171,7 @@ def test_resume_with_load_step_reproduces_uninterrupted_run(tmp_path):
     (["--supervision.skip_batches", "-3"], "skip_batches must be >= 0"),
     (["--supervision.faults", "meltdown@3"], "unknown kind 'meltdown'"),
     (["--supervision.lr_scale", "0"], "lr_scale must be a positive number"),
+    (["--checkpoint.async_mode", "async_with_pinned_mem"], "needs a GPU"),  # this machine has none
 ])
 def test_bad_start_input_is_a_clear_error_and_writes_nothing(tmp_path, args, needle):
     dump = tmp_path / "dump"

@@ -448,8 +448,10 @@ def test_a_rank_silent_in_a_slow_phase_is_hung_not_saving():
         found += det.tick(T0 + t)
     hangs = [f for f in found if f.kind == HANG]
     assert len(hangs) == 1 and hangs[0].rank == 1
-    assert hangs[0].evidence["timeout_seconds"] == pytest.approx(5.0)  # the step timeout, not 600 s
-    assert hangs[0].wall_time == T0 + 80
+    # not the 600 s save allowance, nor even the 5 s step timeout: its heartbeat went silent
+    assert hangs[0].evidence["basis"] == "heartbeat"
+    assert hangs[0].evidence["timeout_seconds"] == pytest.approx(2.5)
+    assert hangs[0].wall_time == T0 + 78  # first tick after 75.2 + 2.5
 
 
 def test_hang_names_the_rank_stuck_outside_the_step():
@@ -482,7 +484,8 @@ def test_missing_heartbeat_names_the_rank_and_hang_blames_it():
     miss, hang = found
     assert miss.rank == 2 and miss.wall_time == T0 + 25  # exactly heartbeat_timeout later
     assert miss.evidence["host"] == "node0" and miss.evidence["last_step"] == 20
-    assert hang.wall_time == T0 + 30 and hang.rank == 2  # timeout = 10 * 1 s
+    # the step timeout would be 10 * 1 s; the silent heartbeat makes it a hang at once
+    assert hang.wall_time == T0 + 25 and hang.rank == 2 and hang.evidence["basis"] == "heartbeat"
     assert hang.evidence["silent_ranks"] == [2]
     # the missing rank fires once per silence, and again after it comes back and goes silent
     det.observe_heartbeat(hb(2, 20, T0 + 41))
@@ -490,6 +493,47 @@ def test_missing_heartbeat_names_the_rank_and_hang_blames_it():
         det.observe_heartbeat(hb(r, 20, T0 + 45))
     assert det.tick(T0 + 45.9) == []
     assert [(f.kind, f.rank) for f in det.tick(T0 + 46)] == [(MISSING_HEARTBEAT, 2)]
+
+
+def test_silent_heartbeat_is_a_hang_only_while_steps_stall_and_a_peer_beats():
+    """The heartbeat basis needs both: no step since the rank's last beat + timeout, and a
+    rank still beating (all ranks silent at once is the daemon's own stall, not a rank's)."""
+    det = stall_after_records(1.0, n=20, heartbeat_timeout=3.0)  # step timeout 10 s, last step T0+80
+    det.observe_heartbeat(hb(0, 20, T0 + 80))
+    det.observe_heartbeat(hb(1, 20, T0 + 80))
+    # rank 1 silent, but steps keep coming (a delayed heartbeat post): no hang
+    found = []
+    for t in range(81, 90):
+        det.observe_record(rec(20 + t - 80, 2.0, step_seconds=1.0, wall=T0 + t))
+        det.observe_heartbeat(hb(0, 20 + t - 80, T0 + t))
+        found += det.tick(T0 + t)
+    assert [f.kind for f in found] == [MISSING_HEARTBEAT]
+    # now the steps stop too (last step T0+89): hang 3 s later, not 10
+    assert det.next_deadline() == pytest.approx(T0 + 92)
+    det.observe_heartbeat(hb(0, 29, T0 + 91))
+    assert det.tick(T0 + 91.9) == []
+    (h,) = det.tick(T0 + 92)
+    assert (h.kind, h.rank, h.evidence["basis"]) == (HANG, 1, "heartbeat")
+    # every rank silent: only the step timeout applies
+    quiet = stall_after_records(1.0, n=20, heartbeat_timeout=3.0)
+    for r in (0, 1):
+        quiet.observe_heartbeat(hb(r, 20, T0 + 80))
+    assert [f.kind for f in quiet.tick(T0 + 85)] == [MISSING_HEARTBEAT, MISSING_HEARTBEAT]
+    assert quiet.tick(T0 + 89.9) == []
+    (h2,) = quiet.tick(T0 + 90)
+    assert h2.evidence["basis"] == "steps"
+    # the end of a run: rank 1 said "finishing" and exited while rank 0 finishes (slow phase)
+    done = stall_after_records(1.0, n=20, heartbeat_timeout=3.0)
+    done.observe_heartbeat(hb(1, 20, T0 + 80, phase="finishing"))
+    for t in range(80, 89):
+        done.observe_heartbeat(hb(0, 20, T0 + t, phase="finishing"))
+        assert [f.kind for f in done.tick(T0 + t + 0.5)] in ([], [MISSING_HEARTBEAT])
+    # a live rank saving while the silent one's last phase was train_step: the save's allowance
+    saving = stall_after_records(1.0, n=20, heartbeat_timeout=3.0, slow_phase_timeout=60.0)
+    saving.observe_heartbeat(hb(1, 20, T0 + 80, phase="train_step"))
+    for t in range(80, 89):
+        saving.observe_heartbeat(hb(0, 20, T0 + t, phase="checkpoint"))
+        assert HANG not in [f.kind for f in saving.tick(T0 + t + 0.5)]
 
 
 def test_expected_rank_that_never_beats_is_missing_after_startup():

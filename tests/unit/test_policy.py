@@ -170,18 +170,54 @@ def test_lr_floor_stops_instead_of_crawling():
 
 
 # --- crashes, OOM, hangs -----------------------------------------------------------------------
-def test_dead_rank_restarts_from_newest_checkpoint_with_exponential_backoff():
+def test_dead_rank_restarts_at_once_then_backs_off_only_in_a_crash_loop():
+    """Failures 20 s apart (each within the 120 s crash-loop window of the previous restart's
+    start) back off 0, 10, 20, 40, 80; the sixth within the hour stops."""
     h = History()
-    backoffs = []
+    backoffs, wall = [], T0
     for i in range(5):
-        d = P.decide(crash(wall=T0 + 60 * i), state(), h)
+        d = P.decide(crash(wall=wall), state(), h)
         assert (d.action, d.target_step, d.rung) == (RESTART, 150, 3)
         backoffs.append(d.backoff_seconds)
-        h.record(crash(wall=T0 + 60 * i), d)
-    assert backoffs == [10, 20, 40, 80, 160]
-    d = P.decide(crash(wall=T0 + 400), state(), h)  # sixth within the hour: budget exhausted
+        h.record(crash(wall=wall), d)
+        wall += d.backoff_seconds + 20
+    assert backoffs == [0, 10, 20, 40, 80]
+    assert "at once" in P.decide(crash(), state(), History()).reason
+    d = P.decide(crash(wall=wall), state(), h)  # sixth within the hour: budget exhausted
     assert (d.action, d.rung) == (STOP_PAGE, 5)
     assert "5 restarts in the last 1h" in d.reason
+
+
+def test_a_restart_after_a_healthy_stretch_is_immediate():
+    """A failure later than the window after the previous restart began is not a crash loop,
+    however many restarts the hour holds; the wait the previous restart spent counts as not
+    yet started (a long backoff does not age the loop out by itself)."""
+    h = History(restarts=[RestartEntry(T0 - 1000, DEAD_RANK, 10, backoff_seconds=0.0),
+                          RestartEntry(T0 - 121, DEAD_RANK, 50, backoff_seconds=0.0)])
+    d = P.decide(crash(), state(), h)
+    assert (d.action, d.backoff_seconds) == (RESTART, 0)
+    assert "at once" in d.reason and "restart 3 of 5" in d.reason
+    h2 = History(restarts=[RestartEntry(T0 - 119, DEAD_RANK, 50, backoff_seconds=0.0)])
+    assert P.decide(crash(), state(), h2).backoff_seconds == 10
+    # restarted at T0-200 after an 100 s wait: it began at T0-100, so a failure at T0 is 100 s in
+    h3 = History(restarts=[RestartEntry(T0 - 260, DEAD_RANK, 50, backoff_seconds=0.0),
+                           RestartEntry(T0 - 200, DEAD_RANK, 50, backoff_seconds=100.0)])
+    assert P.decide(crash(), state(), h3).backoff_seconds == 20
+    wide = Policy(Policy.Config(crash_loop_window_seconds=600))
+    assert wide.decide(crash(), state(), h).backoff_seconds == 10
+
+
+def test_a_restart_that_trained_a_healthy_stretch_ends_the_loop_however_soon():
+    """Independent faults 40 s apart are not a crash loop when the restarted job trained
+    `crash_loop_healthy_steps` past its checkpoint; a failure right after resuming is."""
+    h = History(restarts=[RestartEntry(T0 - 40, DEAD_RANK, 61, backoff_seconds=0.0, resume_step=50)])
+    healthy = P.decide(crash(step=90), state(), h)
+    assert (healthy.action, healthy.backoff_seconds) == (RESTART, 0)
+    assert "healthy stretch" in healthy.reason
+    stuck = P.decide(crash(step=55), state(), h)  # 5 steps past step 50: not healthy yet
+    assert stuck.backoff_seconds == 10 and "crash loop of 2" in stuck.reason
+    lenient = Policy(Policy.Config(crash_loop_healthy_steps=50))
+    assert lenient.decide(crash(step=90), state(), h).backoff_seconds == 10
 
 
 def test_backoff_is_capped_and_old_restarts_age_out():
@@ -190,14 +226,29 @@ def test_backoff_is_capped_and_old_restarts_age_out():
     assert policy.decide(crash(), state(), h).backoff_seconds == 100
     old = History(restarts=[RestartEntry(T0 - 7_200, DEAD_RANK, 10)] * 10)
     d = P.decide(crash(), state(), old)
-    assert (d.action, d.backoff_seconds) == (RESTART, 10)
+    assert (d.action, d.backoff_seconds) == (RESTART, 0)
+
+
+def test_crash_loop_length_and_restart_history_round_trip():
+    h = History()
+    d = P.decide(crash(), state(), h)
+    h.record(crash(), d)
+    d2 = P.decide(crash(wall=T0 + 30), state(), h)
+    h.record(crash(wall=T0 + 30), d2)
+    assert [(r.backoff_seconds, r.resume_step) for r in h.restarts] == [(0, 150), (10, 150)]
+    back = History.from_dict(h.to_dict())
+    assert back.crash_loop_length(T0 + 60, 155, 120, 10) == 2
+    assert back.crash_loop_length(T0 + 30 + 10 + 121, 155, 120, 10) == 0
+    # a journal written before backoff_seconds existed still loads
+    legacy = {"restarts": [{"wall_time": T0, "kind": DEAD_RANK, "step": 5, "host": None, "rank": None}]}
+    assert History.from_dict(legacy).restarts[0].backoff_seconds == 0.0
 
 
 def test_hang_is_kill_restart_and_shares_the_restart_budget():
     hang = finding(HANG, 300, rank=2, seconds_without_progress=30.0, timeout_seconds=30.0,
                    basis="steps")
     d = P.decide(hang, state(), History())
-    assert (d.action, d.target_step, d.backoff_seconds) == (KILL_RESTART_HANG, 150, 10)
+    assert (d.action, d.target_step, d.backoff_seconds) == (KILL_RESTART_HANG, 150, 0)
     assert "rank 2 stopped heartbeating" in d.reason
     full = History(restarts=[RestartEntry(T0 - i, DEAD_RANK, 10) for i in range(1, 6)])
     assert P.decide(hang, state(), full).action == STOP_PAGE

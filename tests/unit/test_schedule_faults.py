@@ -34,21 +34,62 @@ def test_lr_scale_ramps_linearly_and_rejects_bad_values():
             sc.set(bad, 0, 0)
 
 
-def test_fault_spec_parsing_and_once_per_process():
-    faults = parse_faults("spike@30:lr=100:steps=2,nan@5,crash@9:rank=1:gen=*")
-    assert [(f.kind, f.step, f.rank, f.gen) for f in faults] == [("spike", 30, 0, "0"), ("nan", 5, 0, "0"), ("crash", 9, 1, "*")]
-    plan = FaultPlan("nan@5,spike@3:lr=10:steps=2", rank=0, generation=0)
-    assert plan.nan_now(5) and not plan.nan_now(5)
-    plan.before_step(3)
-    assert [plan.lr_factor(s) for s in (2, 3, 4, 5)] == [1.0, 10.0, 10.0, 1.0]
-    assert not FaultPlan("nan@5", rank=1, generation=0).faults
-    assert not FaultPlan("nan@5", rank=0, generation=1).faults
+def test_fault_spec_defaults_job_wide_data_and_events():
+    faults = parse_faults("spike@30:lr=100:steps=2,nan@5,badbatch@7,crash@9:rank=1:gen=*,hang@4")
+    assert [(f.kind, f.step, f.rank, f.gen) for f in faults] == [
+        ("spike", 30, "*", "once"), ("nan", 5, "*", "*"), ("badbatch", 7, "*", "*"),
+        ("crash", 9, "1", "*"), ("hang", 4, "0", "once")]
+    # job-wide kinds reach every rank in every generation; explicit selectors still narrow them
+    assert FaultPlan("nan@5,spike@3", rank=3, generation=2).active
+    assert not FaultPlan("nan@5:rank=0", rank=1, generation=0).faults
+    assert not FaultPlan("nan@5:gen=0", rank=0, generation=1).faults
+    assert not FaultPlan("crash@5", rank=1, generation=0).faults  # process faults: rank 0
+
+
+def test_an_lr_spike_changes_every_ranks_lr_once_per_process_without_state():
+    plans = [FaultPlan("spike@3:lr=10:steps=2", rank=r, generation=0) for r in (0, 1)]
+    for plan in plans:
+        plan.before_step(3)
+        assert [plan.lr_factor(s) for s in (2, 3, 4, 5)] == [1.0, 10.0, 10.0, 1.0]
+        plan.clear_transient()  # a rollback to step 2 replays step 3: no second spike
+        plan.before_step(3)
+        assert plan.lr_factor(3) == 1.0
+
+
+def test_event_faults_fire_once_per_job_across_processes(tmp_path):
+    """gen=once: a restart that replays the step (new process, new generation) does not fire
+    it again; gen=* does; each rank keeps its own marker."""
+    first = FaultPlan("spike@3:lr=10,slow@3:seconds=0.0:rank=*:gen=*", rank=0, generation=0, state_dir=tmp_path)
+    first.before_step(3)
+    assert first.lr_factor(3) == 10.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0-spike@3-rank0.fired"]
+    again = FaultPlan("spike@3:lr=10", rank=0, generation=1, state_dir=tmp_path)
+    again.before_step(3)
+    assert again.lr_factor(3) == 1.0
+    other_rank = FaultPlan("spike@3:lr=10", rank=1, generation=1, state_dir=tmp_path)
+    other_rank.before_step(3)
+    assert other_rank.lr_factor(3) == 10.0  # rank 1's own first time
+    assert FaultPlan("spike@3:lr=10:gen=*", rank=0, generation=1, state_dir=tmp_path).faults[0].gen == "*"
+
+
+def test_data_faults_recur_with_their_batches_until_a_rollback_skips_them():
+    """nan@5 / badbatch@7:steps=2 name the batches an unbroken run trains on at those steps
+    (2 batches per step here): any process that trains on them again gets the fault again."""
+    plan = FaultPlan("nan@5:applied=1,badbatch@7:steps=2:frac=0.5", rank=1, generation=4, batches_per_step=2)
+    assert [b for b in range(1, 21) if plan.nan_now(b)] == [10]  # step 5's last batch
+    assert plan.nan_now(10) and plan.nan_update_applied() and not plan.nan_update_applied()
+    assert [b for b in range(1, 21) if plan.badbatch_now(b)] == [13, 14, 15, 16]
+    assert plan.badbatch_fraction(13) == 0.5
+    # after a rollback that replays the window the same batches are bad again; one that
+    # skipped past them (batches 13..16 drained) never trains on them
+    assert plan.badbatch_now(14) and not plan.badbatch_now(17)
 
 
 @pytest.mark.parametrize("spec, needle", [
     ("boom@3", "unknown kind 'boom'"), ("nan", "expected KIND@STEP"), ("nan@x", "not an integer"),
     ("nan@0", ">= 1"), ("nan@3:lr=2", "unknown parameter 'lr=2'"), ("hang@3:mode=nap", "sleep or stop"),
-    ("slow@3:seconds=abc", "not a valid float"),
+    ("slow@3:seconds=abc", "not a valid float"), ("nan@3:rank=x", "rank must be a rank number or \\*"),
+    ("crash@3:gen=soon", "gen must be a generation number, \\* or once"), ("badbatch@3:gen=once", "data fault recurs"),
 ])
 def test_bad_fault_spec_names_the_problem(spec, needle):
     with pytest.raises(ValueError, match=needle):
