@@ -46,6 +46,7 @@ from torchtitan.trainer import Trainer
 from supervisor import dcp
 from supervisor.protocol import Directive
 from training import cpu
+from training.data import DataPosition, GlobalOrderDataLoader
 from training.faults import FaultPlan
 from training.schedule import LrScale, WSDSchedule
 from training.telemetry import TelemetryClient, TelemetryConfig
@@ -77,6 +78,9 @@ class SupervisionConfig:
     """Write <dump>/telemetry/rank-<r>.jsonl per rank (LR, param checksum, Adam step) for drills/tests."""
     faults: str = ""
     """Fault injection for drills (see training.faults), e.g. 'spike@30:lr=1000,crash@60:rank=1'."""
+    sample_log: bool = True
+    """With the global data order (`training.data`): write <dump>/samples/rank-<r>.jsonl, one line per
+    microbatch trained on (step, generation, DP degree, [global sample index, token digest] per row)."""
 
 
 class GuardedOptimizers(OptimizersContainer):
@@ -211,6 +215,13 @@ class SupervisedTrainer(Trainer):
             container.add_logger(mp.logger)
             mp.logger = container
         mp.logger.add_logger(self._metrics)
+        self.global_data = isinstance(self.dataloader, GlobalOrderDataLoader)
+        self._draining = False
+        self._sample_log = None
+        if self.global_data and sup.sample_log:
+            sdir = Path(config.dump_folder) / "samples"
+            sdir.mkdir(parents=True, exist_ok=True)
+            self._sample_log = open(sdir / f"rank-{self.rank}.jsonl", "a", buffering=1)
         self._trace = None
         if sup.trace:
             tdir = Path(config.dump_folder) / "telemetry"
@@ -286,6 +297,8 @@ class SupervisedTrainer(Trainer):
     def _raw_batches(self):
         for input_dict, labels in super().batch_generator(self.dataloader):
             self.batches_consumed += 1
+            if self._sample_log is not None and not self._draining:
+                self._log_samples()
             frac = self.faults.badbatch_fraction(self.step) if self.faults.active else 0.0
             if frac > 0.0:
                 vocab = self.config.model_spec.model.vocab_size
@@ -298,11 +311,28 @@ class SupervisedTrainer(Trainer):
                 input_dict = dict(input_dict, input=tokens)
             yield input_dict, labels
 
+    def _log_samples(self) -> None:
+        import json
+
+        self._sample_log.write(json.dumps({
+            "step": self.step, "generation": self.config.supervision.generation, "dp": self._dp_degree(),
+            "ids": [[g, digest] for g, digest in self.dataloader.last_ids],
+        }) + "\n")
+
+    @property
+    def batches_per_step(self) -> int:
+        """Dataloader batches one optimizer step takes per rank (gradient accumulation x PP microbatches):
+        the unit of a data skip (`skip_batches`)."""
+        return self.gradient_accumulation_steps * self.num_pipeline_parallel_microbatches
+
     # --- train state that rides in every checkpoint ----------------------------------------
     def state_dict(self):
         sd = super().state_dict()
         sd["batches_consumed"] = self.batches_consumed
         sd["wsd"] = self.schedule.state_dict()
+        if self.global_data:
+            # The same on every rank at a step boundary: one copy, read back at any DP degree.
+            sd["data_position"] = self.dataloader.position.to_state()
         return sd
 
     def load_state_dict(self, state_dict):
@@ -310,6 +340,8 @@ class SupervisedTrainer(Trainer):
         self.batches_consumed = int(state_dict.get("batches_consumed", 0))
         if "wsd" in state_dict:
             self.schedule.load_state_dict(state_dict["wsd"])
+        if self.global_data and "data_position" in state_dict:
+            self.dataloader.seek(DataPosition.from_state(state_dict["data_position"]))
 
     # --- the loop: upstream's Trainer.train, entered through its hooks ---------------------
     def train(self):
@@ -342,7 +374,8 @@ class SupervisedTrainer(Trainer):
         self._last_saved_step = self.step
         self.telemetry.last_step = self.step
         self._event({"kind": "started", "step": self.step, "skip_batches": sup.skip_batches,
-                     "lr_scale": sup.lr_scale, "world_size": self.world})
+                     "lr_scale": sup.lr_scale, "world_size": self.world, "dp_degree": self._dp_degree(),
+                     "batches_per_step": self.batches_per_step, "samples_consumed": self.samples_consumed})
         logger.info(f"Supervised training starts at step {self.step + 1} (generation {sup.generation})")
         return _Feed(self)
 
@@ -389,6 +422,8 @@ class SupervisedTrainer(Trainer):
 
     @property
     def samples_consumed(self) -> int:
+        if self.global_data:
+            return self.dataloader.position.sample  # global, whatever the DP degree was
         return self.batches_consumed * self.config.training.local_batch_size * self._dp_degree()
 
     def _dp_degree(self) -> int:
@@ -403,8 +438,12 @@ class SupervisedTrainer(Trainer):
         loaded dataloader state, K batches drained, LR scale set, optimizer LRs re-synced."""
         self._microbatches = 0
         data = self._raw_batches()
-        for _ in range(skip_batches):
-            next(data)
+        self._draining = True  # drained batches are skipped, not trained on: not in the sample log
+        try:
+            for _ in range(skip_batches):
+                next(data)
+        finally:
+            self._draining = False
         start = 0.0 if ramp_steps > 0 else lr_scale
         self.lr_scale.set(lr_scale, ramp_steps, at_step=self.step, start=start)
         self._sync_param_group_lrs()
@@ -598,6 +637,8 @@ class SupervisedTrainer(Trainer):
     def close(self) -> None:
         if getattr(self, "_trace", None) is not None:
             self._trace.close()
+        if getattr(self, "_sample_log", None) is not None:
+            self._sample_log.close()
         if getattr(self, "telemetry", None) is not None:
             self.telemetry.close()
         super().close()
