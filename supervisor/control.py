@@ -46,6 +46,7 @@ from supervisor.checkpoints import CheckpointNotFound, parse_step
 from supervisor.detect.findings import Finding
 from supervisor.policy import (KILL_RESTART_HANG, RESTART, ROLLBACK, ROLLBACK_LR_DOWN, SKIP_UPDATE, STOP_PAGE,
                                Decision)
+from supervisor.run_plan import local_batch
 from supervisor.run_state import ACTIVE, RESUMABLE, json_number
 from supervisor.wire import WireError, json_safe, loads, read_body
 
@@ -364,11 +365,17 @@ class ControlPlane:
             raise Refusal(409, f"the run is {sup.state}; reshard applies to a running, paused or stopped run")
         if b.ranks == sup.ranks:
             raise Refusal(409, f"the run already uses {b.ranks} ranks per node")
+        gb = sup.settings.training.global_batch_size
+        mb = local_batch(sup.settings)
+        if gb is not None and gb % (b.ranks * mb) != 0:
+            raise Refusal(409, f"[training] global_batch_size {gb} is not a multiple of {b.ranks} ranks x local batch "
+                               f"{mb}: the trainer could not keep the global batch by gradient accumulation")
         alive = sup.generations.alive()
         load = sup.ledger.newest_valid_step()  # a query: a dry run moves nothing
         if not alive and load is None and sup.last_step > 0:
             raise Refusal(409, "no valid checkpoint to restart from; refusing to restart the run from scratch")
         return {"action": "reshard", "ranks_from": sup.ranks, "ranks_to": b.ranks, "generation": sup.generation + 1,
+                "global_batch": gb if gb is not None else f"{b.ranks} x {mb} (no [training] global_batch_size: it changes)",
                 "load_step": f"a checkpoint saved at the next step boundary after {sup.last_step}" if alive else load,
                 "data": "continues from the same global sample (training/data.py)"}
 

@@ -60,6 +60,27 @@ def test_bad_reshard_is_refused_and_changes_nothing(sup, client, tokens, body, c
     assert snapshot(sup) == before and sup.generations.launcher.specs == []
 
 
+def test_a_reshard_that_cannot_keep_the_global_batch_is_refused(tmp_path, tokens):
+    from supervisor.settings import Settings
+
+    s = Settings.load(run={"workdir": str(tmp_path / "run2"), "run_id": "t", "nproc_per_node": 3},
+                      server={"port": 0, "token_file": str(tokens["file"])},
+                      training={"global_batch_size": 12})  # tiny: local batch 4; 12 = 3 x 4 = 1 x 4 x 3, not 2 x 4 x k
+    sup = Supervisor(s)
+    try:
+        sup.status.state = "running"
+        with TestClient(build_app(sup)) as c:
+            r = c.post("/v1/commands/reshard", json={"reason": "x", "ranks": 2, "dry_run": True},
+                       headers=hdr(tokens, "operator"))
+            assert r.status_code == 409 and "global_batch_size 12 is not a multiple of 2 ranks x local batch 4" \
+                in r.json()["error"], r.text
+            r = c.post("/v1/commands/reshard", json={"reason": "x", "ranks": 1, "dry_run": True},
+                       headers=hdr(tokens, "operator"))
+            assert r.status_code == 200 and r.json()["plan"]["global_batch"] == 12, r.text
+    finally:
+        sup.journal.close()
+
+
 def test_viewer_cannot_reshard(sup, client, tokens):
     r = client.post("/v1/commands/reshard", json={"reason": "x", "ranks": 1}, headers=hdr(tokens, "viewer"))
     assert r.status_code == 403 and sup.generations.launcher.specs == []
