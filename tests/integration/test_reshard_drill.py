@@ -8,7 +8,8 @@ The proof is the run's own numbers: the per-rank sample logs (global sample inde
 digest of every row trained on, `training.data`) from step S on equal an unbroken 2-rank run's,
 and the losses match it within float32 reduction-order noise (see `LOSS_RTOL`).
 
-CI cost: three short torchrun launches (~12 + 8 + 6 steps of the tiny model, ~5 s start-up each).
+CI cost (both tests, one shared unbroken run): six torchrun launches of the tiny model and one
+daemon; 4 min 8 s wall on this 2-core machine at load average ~12, 2 min 8 s of CPU.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from tests.trainer_harness import losses_by_step, read_jsonl, run_trainer, spool
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
 
-STEPS, SHRINK_AT, GROW_AT = 12, 4, 8
-COMMON = ["--training.global_batch_size", "8", "--checkpoint.interval", "4", "--training.steps", str(STEPS)]
+STEPS, SHRINK_AT, GROW_AT = 20, 4, 8
+# What the daemon drill's config renders too ([training] seed 42, global_batch_size 8; interval 4).
+COMMON = ["--training.global_batch_size", "8", "--debug.seed", "42", "--checkpoint.interval", "4",
+          "--training.steps", str(STEPS)]
 # DP 2 × 1 microbatch and DP 1 × 2 microbatches sum the same per-token losses and gradients in a
 # different order (gloo all-reduce vs local accumulation), so float32 rounding differs at ~1e-7
 # relative per step and compounds through Adam over a few steps; a wrong sample moves the loss by
@@ -50,11 +53,16 @@ def dp_of(dump, generation: int) -> set[int]:
             if line["generation"] == generation}
 
 
-def test_reshard_2_to_1_to_2_keeps_the_exact_data_position(tmp_path):
-    unbroken = tmp_path / "unbroken"
-    proc = run_trainer(unbroken, 2, COMMON)
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+    """One unbroken 2-rank run, the reference of both drills."""
+    dump = tmp_path_factory.mktemp("unbroken")
+    proc = run_trainer(dump, 2, COMMON)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return dump
 
+
+def test_reshard_2_to_1_to_2_keeps_the_exact_data_position(tmp_path, unbroken):
     resharded = tmp_path / "resharded"
     (resharded / "checkpoint").mkdir(parents=True)
     shutil.copytree(unbroken / "checkpoint" / f"step-{SHRINK_AT}", resharded / "checkpoint" / f"step-{SHRINK_AT}")
@@ -84,3 +92,63 @@ def test_reshard_2_to_1_to_2_keeps_the_exact_data_position(tmp_path):
     worst = max(abs(b[s] - a[s]) / abs(a[s]) for s in b)
     assert worst <= LOSS_RTOL, f"loss differs from the unbroken run by {worst:.2e} relative"
     print(f"reshard drill: worst relative loss difference {worst:.2e} over steps {SHRINK_AT + 1}..{STEPS}")
+
+
+def test_daemon_reshard_command_shrinks_and_grows_back_with_the_exact_data_position(tmp_path, unbroken):
+    """The same guarantee through the real daemon (a subprocess, local launcher = torchrun):
+    `titan-supervisor reshard --ranks 1`, then `--ranks 2`, each checkpointing the running trainer
+    and restarting from that checkpoint; the run then finishes by itself."""
+    from supervisor.auth import add_token
+    from tests.daemon_harness import Daemon, drill_config, free_port
+    from tests.integration.test_control_plane import Api, cli, wait_status
+
+    steps = STEPS
+
+    tf = tmp_path / "tokens.jsonl"
+    token = add_token(tf, "alice", "operator")
+    # Every step of every generation takes >= 0.3 s, so the commands land mid-run (a sleep changes no
+    # number); a slow fault fires at its exact step, so one per step lets a restarted generation slow too.
+    slow = ",".join(f"slow@{s}:rank=0:seconds=0.3:gen=*" for s in range(1, steps + 1))
+    cfg = drill_config(tmp_path / "run", free_port(), steps=steps, checkpoint_interval=4, faults=slow)
+    cfg["training"]["global_batch_size"] = 8
+    cfg["server"]["token_file"] = str(tf)
+    cfg["launch"] = {"directive_timeout_s": 60.0}
+    d = Daemon(tmp_path, cfg)
+    api = Api(d.url, token)
+    try:
+        d.start()
+        wait_status(api, lambda s: s["step"] >= 3, 240, "step 3", d)
+        out = cli(d, token, "reshard", "--ranks", "1", "--reason", "node lost", "--yes")
+        assert out.returncode == 0, out.stdout + out.stderr
+        wait_status(api, lambda s: s["generation"] == 1 and s["step"] >= 10, 240, "step 10 on 1 rank", d)
+        out = cli(d, token, "reshard", "--ranks", "2", "--reason", "node back", "--yes")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert d.wait_exit(240) == 0, d.log_tail()
+    finally:
+        d.cleanup()
+
+    j = d.journal()
+    try:
+        acts = [a for a in reversed(j.actions()) if a["kind"] == "reshard"]
+        gens = list(reversed(j.generations()))
+    finally:
+        j.close()
+    assert [(a["state"], a["outcome"]["ranks_from"], a["outcome"]["ranks_to"]) for a in acts] == \
+        [("done", 2, 1), ("done", 1, 2)]
+    assert [g["layout"]["nproc_per_node"] if isinstance(g["layout"], dict) else json_layout(g) for g in gens] == [2, 1, 2]
+    run = tmp_path / "run"
+    assert dp_of(run, 0) == {2} and dp_of(run, 1) == {1} and dp_of(run, 2) == {2}
+    want, got = samples_by_step(unbroken), samples_by_step(run)
+    assert sorted(got) == list(range(1, steps + 1)) and got == want
+    a, b = losses_by_step(spool(unbroken)[0]), losses_by_step(spool(run)[0])
+    assert sorted(b) == list(range(1, steps + 1))
+    worst = max(abs(b[s] - a[s]) / abs(a[s]) for s in b)
+    assert worst <= LOSS_RTOL, f"loss differs from the unbroken run by {worst:.2e} relative"
+    print(f"daemon reshard drill: reshards at {[a['outcome']['load_step'] for a in acts]}, "
+          f"worst relative loss difference {worst:.2e}")
+
+
+def json_layout(g) -> int:
+    import json
+
+    return json.loads(g["layout"])["nproc_per_node"]
