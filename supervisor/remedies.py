@@ -279,7 +279,11 @@ class Remedies:
         reached. A running trainer first saves a checkpoint at its next step boundary (nothing is
         redone); a dead one restarts from the newest valid checkpoint. Safe to repeat: a resumed
         action finds the directive acknowledged or not and the generation stopped or not."""
-        new, old = int(a.params["ranks"]), self._ranks
+        new, old = int(a.params["ranks"]), int(a.params.get("ranks_from", self._ranks))
+        if self.generations.alive() and self.generations.ranks == new:  # resumed after its launch
+            self._ranks = new
+            return {"ranks_from": old, "ranks_to": new, "generation": self.generations.id,
+                    "note": f"generation {self.generations.id} already runs on {new} ranks"}
         self.status.set("recovering")
         saved = None
         if self.generations.alive():

@@ -7,7 +7,9 @@ tests/integration/test_reshard_drill.py), its acknowledgements arrive through th
 
 from __future__ import annotations
 
+import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -101,6 +103,13 @@ def test_shrink_checkpoints_restarts_on_fewer_ranks_and_is_journaled_then_grows_
     out = sup.journal.action(aid)["outcome"]
     assert (out["ranks_from"], out["ranks_to"], out["load_step"], out["lost_steps"]) == (2, 1, 33, 0)
     assert sup.ranks == 1
+
+    # A daemon that crashed after the launch resumes the action: the new generation is left alone.
+    n_specs = len(sup.generations.launcher.specs)
+    resumed = asyncio.run(sup.remedies.reshard(SimpleNamespace(id=aid, params={"ranks": 1, "ranks_from": 2},
+                                                               directive_id=None)))
+    assert "already runs on 1 ranks" in resumed["note"] and resumed["ranks_from"] == 2
+    assert len(sup.generations.launcher.specs) == n_specs and sup.gen.alive()
 
     # A restarted daemon keeps the reshard: the next generation is still on 1 rank.
     again = Supervisor(sup.settings)
