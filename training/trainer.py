@@ -216,6 +216,7 @@ class SupervisedTrainer(Trainer):
             mp.logger = container
         mp.logger.add_logger(self._metrics)
         self.global_data = isinstance(self.dataloader, GlobalOrderDataLoader)
+        self._legacy_load = False  # loading a checkpoint written before the global data position
         self._draining = False
         self._sample_log = None
         if self.global_data and sup.sample_log:
@@ -330,7 +331,7 @@ class SupervisedTrainer(Trainer):
         sd = super().state_dict()
         sd["batches_consumed"] = self.batches_consumed
         sd["wsd"] = self.schedule.state_dict()
-        if self.global_data:
+        if self.global_data and not self._legacy_load:
             # The same on every rank at a step boundary: one copy, read back at any DP degree.
             sd["data_position"] = self.dataloader.position.to_state()
         return sd
@@ -349,6 +350,7 @@ class SupervisedTrainer(Trainer):
         `batch_generator` (start tail), `should_continue_training` (directives), `train_step`
         (faults, timing, guard, save, report)."""
         self._set_phase("loading")
+        self._check_legacy(self.config.checkpoint.load_step)
         super().train()
         self._finish()  # the loop ended without asking (the data ran out)
 
@@ -365,11 +367,28 @@ class SupervisedTrainer(Trainer):
         self._event({"kind": "finished", "step": self.step, "reason": self._stop_reason or "completed"})
         logger.info(f"Training finished at step {self.step} ({self._stop_reason or 'completed'})")
 
+    def _check_legacy(self, step: int) -> None:
+        """Before loading step-N: a checkpoint written before the global data position (no
+        ``train_state.data_position``) loads without it; the data then starts from sample 0 of
+        the global order (the old per-rank order cannot be mapped onto it), with a warning."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self._legacy_load = False
+        path = self._checkpoint_dir(step) if step >= 0 else None
+        if not self.global_data or path is None or not (path / ".metadata").is_file():
+            return
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        if not any(k.startswith("train_state.data_position.") for k in keys):
+            self._legacy_load = True
+            logger.warning(f"checkpoint {path} predates the global data position: the data restarts from "
+                           "sample 0 of the global order")
+
     def batch_generator(self, data_iterable):
         """Upstream's train() calls this once, right after loading the start checkpoint: the
         common tail of a cold start (skip K batches, LR scale) runs here, and the iterator
         returned follows `self.batches`, which a hot rollback replaces."""
         sup = self.config.supervision
+        self._legacy_load = False  # loaded: every later save carries the position
         self.batches = self._after_load(sup.skip_batches, sup.lr_scale, sup.lr_ramp_steps)
         self._last_saved_step = self.step
         self.telemetry.last_step = self.step
@@ -620,7 +639,11 @@ class SupervisedTrainer(Trainer):
             raise ValueError(f"rollback target step {d.step}: checkpoint {path} is invalid: {reason}")
         self._set_phase("rollback")
         self.faults.clear_transient()
-        self.checkpointer.load(step=d.step)
+        self._check_legacy(d.step)
+        try:
+            self.checkpointer.load(step=d.step)
+        finally:
+            self._legacy_load = False
         scale = d.lr_scale if d.lr_scale is not None else self.lr_scale.target
         self.batches = self._after_load(d.skip_batches, scale, d.ramp_steps if d.lr_scale is not None else 0)
         self._last_saved_step = self.step
