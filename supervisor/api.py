@@ -144,6 +144,8 @@ def build_app(sup) -> FastAPI:
         return {"ready": True, "state": sup.state}
 
     from supervisor.control import build_router
+    from supervisor.node_api import NODE_COMMAND_SPECS, node_routes
 
-    app.include_router(build_router(sup))  # /v1 reads, commands, alerts (supervisor/control.py)
+    # /v1 reads, commands, alerts (supervisor/control.py); node agents (supervisor/node_api.py)
+    app.include_router(build_router(sup, extra_specs=NODE_COMMAND_SPECS, extra_routes=node_routes))
     return app

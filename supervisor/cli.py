@@ -104,6 +104,22 @@ def _cmd_demo(args) -> int:
     return demo.main(workdir=args.workdir, steps=args.steps, keep=args.keep)
 
 
+def _cmd_agent(args) -> int:
+    from supervisor.agent.main import load_agent_config, run_agent
+
+    try:
+        cfg = load_agent_config(args.config, dict(os.environ), {
+            "daemon_url": args.daemon, "run_id": args.run_id, "agent_id": args.agent_id, "workdir": args.workdir,
+            "node": args.node, "address": args.address, "token_file": args.token_file, "python": args.python,
+            "kernel_log": args.kernel_log, "report_interval_s": args.interval})
+        if cfg.token_file:
+            Path(cfg.token_file).read_text()
+    except (OSError, ValueError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return run_agent(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from supervisor import oncall
     from supervisor.client import EXIT_CODES
@@ -162,6 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=240, help="training steps (default 240)")
     d.add_argument("--keep", action="store_true", help="do not empty the workdir first")
     d.set_defaults(func=_cmd_demo)
+    a = sub.add_parser("agent", help="run this node's agent (one per node; launches the node's ranks)",
+                       description="Run a node agent: report ranks, exits and node health to the daemon and run the\n"
+                                   "node's part of each generation it orders (launch.backend = \"agents\").\n\n"
+                                   "example:\n  titan-supervisor agent --daemon http://supervisor:8642 --run-id llama8b "
+                                   "--agent-id gpu-017 \\\n    --token-file /etc/titan-supervisor/agent.token "
+                                   "--workdir /var/lib/titan-supervisor",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("config", nargs="?", help="TOML file with an [agent] table (then TITAN_SUPERVISOR_AGENT__* env, "
+                                             "then these flags)")
+    a.add_argument("--daemon", help="the daemon's URL (agent.daemon_url)")
+    a.add_argument("--run-id", help="the run (run.run_id of the daemon)")
+    a.add_argument("--agent-id", help="this agent's name (its token's name; default: the node name)")
+    a.add_argument("--workdir", help="agent state and rank logs (default /var/lib/titan-supervisor-agent)")
+    a.add_argument("--node", help="node name (default: the host name)")
+    a.add_argument("--address", help="address other nodes reach this one at (default: the FQDN)")
+    a.add_argument("--token-file", help="this agent's token (role agent)")
+    a.add_argument("--python", help="Python that runs torchrun here (default: as the daemon says)")
+    a.add_argument("--kernel-log", help="/dev/kmsg (default), dmesg, a file, or none")
+    a.add_argument("--interval", type=float, help="report interval until the daemon sets one (default 1 s)")
+    a.set_defaults(func=_cmd_agent)
     oncall.add_subcommands(sub)
     return p
 

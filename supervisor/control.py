@@ -537,6 +537,8 @@ class ControlPlane:
             "proposals": proposals, "pending_directives": sorted(sup.directives.pending),
             "trainer_pids": dict(sup.gen.rank_pids) if sup.gen else {},
             "layout": sup.generations.layout_label,  # None: the preset's own parallelism
+            "nodes": {"excluded": sorted(sup.nodes.excluded), "live": [v.node for v in sup.nodes.live()],
+                      "in_generation": list(getattr(sup.gen, "nodes", ()) or ())},
             "checkpoint_interval": sup.interval.current,
             "recommended_checkpoint_interval": sup.interval.view(),
             "updated_at": r.wall_time if r else None,
@@ -677,15 +679,19 @@ def _where(plan: dict) -> str:
 
 # --- routes --------------------------------------------------------------------------------
 
-def build_router(sup, tokens: TokenStore | None = None) -> APIRouter:
-    """The /v1 routes: reads (viewer), one route per `CommandSpec`, and the Alertmanager receiver."""
+def build_router(sup, tokens: TokenStore | None = None, *, extra_specs: tuple[CommandSpec, ...] = (),
+                 extra_routes: Callable | None = None) -> APIRouter:
+    """The /v1 routes: reads (viewer), one route per `CommandSpec` (these and ``extra_specs``), the
+    Alertmanager receiver, and ``extra_routes(router, control_plane, cred_dep)`` (the node agents')."""
     cp = ControlPlane(sup, tokens)
     bearer = HTTPBearer(auto_error=False, description="A token from `titan-supervisor token add`.")
     r = APIRouter(prefix="/v1")
     cred_dep = Security(bearer)
     _read_routes(r, cp, cred_dep)
-    for spec in COMMAND_SPECS:
+    for spec in COMMAND_SPECS + tuple(extra_specs):
         _command_route(r, cp, spec, cred_dep)
+    if extra_routes is not None:
+        extra_routes(r, cp, cred_dep)
 
     _unknown_command_route(r, cp, cred_dep)
     _alert_route(r, cp, cred_dep)

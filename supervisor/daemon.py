@@ -40,7 +40,9 @@ from supervisor.generations import Generations, PreflightFailed
 from supervisor.health import Health, LoopLagGuard
 from supervisor.incidents import IncidentTracker
 from supervisor.journal import Journal
+from supervisor.launch.agents import AgentLauncher, LaunchError
 from supervisor.launch.local import LaunchSpec, LocalLauncher
+from supervisor.nodes import NodeRegistry
 from supervisor.ledger import CheckpointLedger
 from supervisor.metrics import Metrics
 from supervisor.pager import Pager
@@ -78,7 +80,9 @@ class Supervisor:
         self.metrics.set_policy_budget(self.decisions.policy.config, self.decisions.history, time.time())
         self.status = RunStatus(j, self.metrics, self.log, total_steps=s.run.steps)
         j.on_write_error = self._journal_write_error
-        self.metrics.set_excluded_nodes(self._excluded_nodes())
+        self.nodes = NodeRegistry(s.launch.agents.registry_config(), journal=j, log=self.log,
+                                  on_kernel_event=self._on_kernel_event)
+        self.metrics.set_excluded_nodes(self._excluded_nodes() | self.nodes.excluded)
         self.annotator, annotations = self._annotations()  # None, None unless [grafana] url is set
         self.incidents = IncidentTracker(j, self.metrics, listener=annotations, log=self.log)
         self.directives = DirectiveChannel(j, spool_path(self.workdir), max_acks=s.daemon.directive_acks_kept,
@@ -125,12 +129,19 @@ class Supervisor:
             self._trainer_hashes = trainer_token_hashes(j, self.trainer_token)
 
     def _launcher(self):
-        """The launcher `launch.backend` names (the Kubernetes client is imported only when used)."""
+        """The launcher `launch.backend` names (the Kubernetes client is imported only when used), or
+        torchft replica groups when `fault_tolerance.mode` says so."""
         launch = self.settings.launch
+        if self.settings.fault_tolerance.mode == "torchft":
+            from supervisor.launch.torchft import TorchftLauncher
+
+            return TorchftLauncher(self.settings.fault_tolerance, self.workdir / "logs", launch.local)
         if launch.backend == "kubernetes":
             from supervisor.launch.kubernetes import KubernetesLauncher
 
             return KubernetesLauncher(launch.kubernetes, stop_grace_s=launch.stop_grace_s)
+        if launch.backend == "agents":
+            return AgentLauncher(self.nodes, launch.agents, stop_grace_s=launch.stop_grace_s)
         return LocalLauncher(self.workdir / "logs", launch.local)
 
     # -- views of the owners' state, for the API, the CLI and tests ---------------------------------
@@ -184,6 +195,9 @@ class Supervisor:
                                           reason=reason)
         except PreflightFailed:
             pass  # state "failed", paged (before_launch); the service exits non-zero
+        except LaunchError:
+            self.status.set("failed")  # paged (launch_failed); the service exits non-zero
+            self.status.finished.set()
 
     async def _finish_unfinished(self, rows: list[dict]) -> None:
         for row in rows:
@@ -265,6 +279,12 @@ class Supervisor:
         self.status.lr_scale = lr_scale
         self.status.set("starting")
 
+    def launch_failed(self, generation: int, error: Exception) -> None:
+        """The launcher could not start a generation (node agents: too few nodes, a node failed to
+        start or confirm): a human must know; the remedy that asked fails and says why."""
+        self.log.error("generation could not start", generation=generation, error=str(error)[:1000])
+        self.pager.page(f"generation {generation} could not start: {error}")
+
     def on_stop(self) -> None:
         self.suite.end_generation()  # exits from here on are ours, not findings
 
@@ -293,6 +313,11 @@ class Supervisor:
         return {str(a["outcome"]["node"]) for a in self.journal.actions(limit=10_000)
                 if a["kind"] == "exclude_node" and a["state"] == "done" and isinstance(a.get("outcome"), dict)
                 and a["outcome"].get("excluded") and a["outcome"].get("node")}
+
+    def _on_kernel_event(self, node: str, ev) -> None:
+        """A node agent's kernel-log match (Xid, ECC): a hardware finding naming the node."""
+        for f in self.suite.observe_log(ev.line, wall_time=time.time(), step=self.last_step, host=node):
+            self.on_finding(f)
 
     def _page_context(self) -> dict:
         return {"run_id": self.settings.run.run_id, "state": self.state, "step": self.last_step,
@@ -497,6 +522,8 @@ class Supervisor:
 
     def _action_done(self, a) -> None:
         self.journal.set_meta("policy_history", self.decisions.history.to_dict())
+        if a.kind == "exclude_node":
+            self.metrics.set_excluded_nodes(self._excluded_nodes() | self.nodes.excluded)
         self.metrics.set_policy_budget(self.decisions.policy.config, self.decisions.history, time.time())
         if not self.status.at_rest:
             self.incidents.close_when_training_resumes(f"{a.kind} done (action {a.id})")

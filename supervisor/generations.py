@@ -69,20 +69,29 @@ class Generations:
         self.id += 1
         spec = self._spec(self.id, load_step=load_step, skip_batches=skip_batches, lr_scale=lr_scale,
                           ramp_steps=ramp_steps, layout_index=self.layout_index)
-        self._hooks.on_launch(self.id, load_step, spec.nproc, lr_scale)
-        self.current = gen = await asyncio.to_thread(self.launcher.start, spec)
+        try:
+            self.current = gen = await asyncio.to_thread(self.launcher.start, spec)
+        except Exception as e:  # noqa: BLE001 - told to the hooks (a page), then raised as before
+            failed = getattr(self._hooks, "launch_failed", None)
+            if failed is not None:
+                failed(self.id, e)
+            raise
+        # after the start: a launcher over node agents knows the world size only once it has chosen nodes
+        self._hooks.on_launch(self.id, load_step, getattr(gen, "world_size", spec.nproc), lr_scale)
         if self.first_start is None:
             self.first_start = time.time()
             self._journal.set_meta("first_start", self.first_start)
         self._journal.record_generation_start(generation=self.id, run_id=self._run_id, load_step=load_step or 0,
                                               skip_batches=skip_batches, lr_scale=lr_scale,
                                               layout={"nproc_per_node": spec.nproc, "index": self.layout_index,
-                                                      "label": self.layout_label})
+                                                      "label": self.layout_label,
+                                                      **({"nodes": list(gen.nodes)} if hasattr(gen, "nodes") else {})})
         self._journal.set_meta(f"generation_{self.id}", {"torchrun_pid": gen.pid, "rank_pids": {}})
         self._metrics.generation.set(self.id)
         self._metrics.set_up(True)
         self._log.info("generation started", generation=self.id, load_step=load_step, skip_batches=skip_batches,
-                       lr_scale=lr_scale, reason=reason, layout=self.layout_label, pid=gen.pid, command=" ".join(spec.command()))
+                       lr_scale=lr_scale, reason=reason, layout=self.layout_label, pid=gen.pid,
+                       command=getattr(gen, "command", "") or " ".join(spec.command()))
         return gen
 
     async def stop(self, reason: str, *, grace_s: float | None = None) -> None:
@@ -125,6 +134,7 @@ class Generations:
         gen = self.current
         if gen is None:
             return "no generation is running"
+        ranks = getattr(gen, "world_size", ranks)  # nodes x ranks per node under node agents
         if not 0 <= rank < ranks:
             return f"rank {rank} is not a rank of this run (0..{ranks - 1})"
         known = gen.rank_pids.get(rank)

@@ -106,6 +106,11 @@ def render_status(st: dict):
     if st.get("checkpoint_interval") or rec:
         _add(w, "ckpt every", f"{st.get('checkpoint_interval') or '-'} steps"
                   + (f" (Young/Daly recommends {rec['steps']})" if rec else ""))
+    nodes = st.get("nodes") or {}
+    if nodes.get("in_generation") or nodes.get("excluded"):
+        _add(w, "nodes", inert(f"{', '.join(nodes.get('in_generation') or []) or '-'}"
+                               + (f"  excluded: {', '.join(nodes['excluded'])}" if nodes.get("excluded") else ""),
+                               markup=False))
     inc = st.get("open_incidents") or []
     if inc:
         lines = [f"#{i['id']} {i['kind']} @{i.get('onset_step')} {i['state']}"
@@ -191,6 +196,25 @@ def render_checkpoints(body: dict):
     for c in body.get("quarantined", []):
         _add(q, str(c["step"]), c["name"], _ago(c.get("at")), c.get("reason") or "")
     return Group(t, q) if body.get("quarantined") else t
+
+
+def render_nodes(body: dict):
+    t = _table(f"nodes (launch.backend = {inert(str(body.get('backend')), markup=False)})",
+               [("node", {}), ("agent", {}), ("state", {}), ("gen", {"justify": "right"}),
+                ("ranks", {}), ("mem free", {"justify": "right"}), ("last report", {})])
+    for n in body.get("nodes") or []:
+        ranks = ", ".join(f"{r}:{v['pid']} {v['state']}" for r, v in sorted((n.get("ranks") or {}).items()))
+        h = n.get("health") or {}
+        _add(t, n.get("node"), n.get("agent_id") or "-", n.get("state"), f"{n.get('generation', '-')}",
+             ranks or "-", f"{h['mem_available_gib']:.1f} GiB" if h else "-",
+             f"{n['seconds_since_report']:.1f}s ago" if n.get("seconds_since_report") is not None else "-")
+    return t
+
+
+def _nodes(args) -> int:
+    body = _client(args).get("/v1/nodes")
+    _print_json(body) if args.json else _console().print(render_nodes(body))
+    return C.EXIT_OK
 
 
 def render_audit(rows: list[dict]):
@@ -558,6 +582,22 @@ def add_subcommands(sub) -> None:
     p.add_argument("decision", type=_nonneg_int, help="decision id (from `titan-supervisor policy`)")
     _waiting(p)
 
+    p = add("nodes", "node agents: state, ranks, health; exclude or readmit a node",
+            'titan-supervisor nodes   |   titan-supervisor nodes exclude gpu-017 --reason "Xid 79 twice"',
+            _nodes, [conn])
+    nsub = p.add_subparsers(dest="nodes_cmd", metavar="ACTION")
+    for name, help_, destructive in [("exclude", "drain NODE: it runs nothing until readmitted; the run restarts "
+                                                 "without it if it runs the current generation", True),
+                                     ("readmit", "let NODE run generations again, from the next one on", False)]:
+        np_ = nsub.add_parser(name, help=help_, parents=[conn, mut], formatter_class=FMT,
+                              description=f"{help_[0].upper()}{help_[1:]}.\n\nexample:\n  titan-supervisor nodes "
+                                          f"{name} gpu-017 --reason \"...\" --dry-run")
+        np_.add_argument("node", help="the node's name (as `titan-supervisor nodes` lists it)")
+        np_.set_defaults(func=_run(_command(f"/v1/commands/nodes-{name}", lambda a: {"node": a.node},
+                                            destructive=destructive, waits=destructive)))
+        if destructive:
+            _waiting(np_)
+
     p = add("audit", "every operator command, accepted or refused: who, when, what, why, result",
             "titan-supervisor audit --limit 20", _audit, [conn])
     p.add_argument("--limit", type=_pos_int, default=50, help="at most this many (default 50)")
@@ -576,8 +616,9 @@ def add_subcommands(sub) -> None:
         if name != "list":
             tp.add_argument("name", help="token name (shown in the audit log)")
         if name == "add":
-            tp.add_argument("--role", required=True, choices=["viewer", "operator", "admin", "alerts"],
-                            help="viewer: read; operator: commands; admin: also policy")
+            tp.add_argument("--role", required=True, choices=["viewer", "operator", "admin", "alerts", "agent"],
+                            help="viewer: read; operator: commands; admin: also policy; alerts: Alertmanager; "
+                                 "agent: one node agent (name it as the agent)")
         tp.add_argument("--file", help="the token file (the daemon's server.token_file)")
         tp.add_argument("--json", action="store_true", help="machine-readable output")
         tp.set_defaults(func=_token)

@@ -12,7 +12,8 @@ to the next rung, ending with "stop, keep everything, page a human":
                           brings it back over `rewarm_steps` when the spike recovers. Light:
                           no work is thrown away. At most one cool per spike (the detector
                           says slow_recovery once); never below `min_lr_scale`
-  rung 3  rollback        a blow-up of loss and grad norm (severe), a non-finite update that
+  rung 3  rollback        a blow-up of loss and grad norm (severe), a spike at the end of a
+                          rising grad norm (drift), a non-finite update that
                           reached the weights (poisoned_update), a spike that keeps getting
                           worse after the cool or does not recover in `recovery_steps`, a
                           cluster, a NaN streak: back to the
@@ -481,6 +482,17 @@ class Policy:
                         f"(>= {_fmt(ev.get('severe_loss_ratio'))}x) and grad norm "
                         f"{_fmt(ev.get('grad_norm'))} is {_fmt(ev.get('grad_ratio'))}x its median "
                         f"(>= {_fmt(ev.get('severe_grad_ratio'))}x)")
+            if cause == "drift":
+                return (f"loss spike at step {onset} ends a drift: loss {_fmt(ev.get('loss'))} is "
+                        f"{_fmt(ev.get('loss_ratio'))}x its median {_fmt(ev.get('median'))} and the grad norm "
+                        f"median of the {ev.get('drift_window')} steps before it was "
+                        f"{_fmt(ev.get('grad_drift_ratio'))}x that of the {ev.get('drift_window')} before "
+                        f"(>= {_fmt(ev.get('drift_grad_ratio'))}x): what grew the updates is still acting")
+            if cause == "landed_high":
+                return (f"loss spike at step {onset} dropped back in one step ({_fmt(ev.get('previous_loss'))} -> "
+                        f"{_fmt(ev.get('loss'))}) but landed {_fmt(ev.get('landing_ratio'))}x the pre-spike "
+                        f"trend {_fmt(ev.get('expected'))} (> 1 + {_fmt(ev.get('landing_tolerance'))}): "
+                        f"the weights kept the damage")
             if cause == "poisoned_update":
                 return (f"non-finite gradient at step {onset} reached the weights (update applied, "
                         f"grad norm {ev.get('grad_norm')}): every later step computes on poisoned "
@@ -548,7 +560,10 @@ def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
     return "\n".join([
         "Divergence ladder (loss and gradients); each rung says what happens if it does not help.",
         f"rung 1 record      loss spike: robust z > {ls.z_threshold:g} and > {100 * ls.min_relative_jump:g}% above the "
-        f"median of the last {ls.window} losses. Watched; back under {band} -> recorded as recovered.",
+        f"median of the last {ls.window} losses. Watched; back under {band} -> recorded as recovered, unless "
+        f"it dropped back in one step (>= {100 * ls.landing_fraction:g}% of its peak excess) to more than "
+        f"{100 * ls.landing_tolerance:g}% above the pre-spike trend (power law, at most {ls.trend_horizon} steps "
+        f"ahead) -> rung 3.",
         f"rung 2 skip_update non-finite or blown-up gradient on one step whose update the trainer skipped: recorded "
         f"(the guard already skipped it). {non_finite.max_consecutive} non-finite steps in a row -> rung 3.",
         f"rung 2 cool_lr     the spike is still above {band} after {ls.patience_steps} steps (slow_recovery): LR "
@@ -557,7 +572,9 @@ def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
         f"Worse (mean of the last {ls.level_window} losses > {100 * ls.worsening_tolerance:g}% above the level at "
         f"patience) or not back by onset + {ls.recovery_steps} steps -> rung 3.",
         f"rung 3 rollback    at once for: a blow-up (loss >= {ls.severe_loss_ratio:g}x its median and grad norm >= "
-        f"{ls.severe_grad_ratio:g}x its median at the onset); a non-finite gradient whose update reached the weights; "
+        f"{ls.severe_grad_ratio:g}x its median at the onset); a spike that ends a drift (the grad-norm median of the "
+        f"{ls.drift_window} steps before it >= {ls.drift_grad_ratio:g}x that of the {ls.drift_window} before those); "
+        f"a non-finite gradient whose update reached the weights; a spike that landed high (rung 1); "
         f"{ls.cluster_size} spikes within {ls.cluster_window_steps} steps; and the cases above. Back to the newest "
         f"valid checkpoint >= {p.min_steps_before_onset} steps before the onset, skipping the data up to the onset "
         f"+ {p.data_skip_margin_steps} steps; a cool for that spike is undone. Budget: "

@@ -186,3 +186,103 @@ class Directive(_Strict):
 class TelemetryReply(_Strict):
     accepted: int
     directives: list[Directive] = Field(default_factory=list)
+
+
+# --- node agents (docs/architecture.md "Node agents") -------------------------------------
+#
+#   POST /v1/nodes/report  NodeReport -> NodeReply      (one agent per node, agent token)
+#
+# One report per node per interval carries every rank of the node: at 2,048 nodes x 8 ranks
+# the daemon handles 2,048 small requests a second, not 16,384. The reply carries the node's
+# desired state (`NodeOrder`): the agent reconciles towards it, so a lost reply costs one
+# interval, never a wrong action.
+
+NodeName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:@-]+$")]
+ExitCode = Annotated[int, Field(ge=-255, le=255)]
+
+
+class RankState(_Strict):
+    """One rank process as its node's agent sees it (from /proc: no trainer cooperation)."""
+
+    rank: Rank
+    pid: Pid
+    state: str = Field(default="", max_length=32)  # psutil status: running, sleeping, stopped (SIGSTOP), zombie
+
+
+class NodeRankExit(_Timed):
+    """A rank (or the node's torchrun) that ended, with torchrun's own evidence."""
+
+    rank: Rank | None = None
+    exitcode: ExitCode
+    pid: Pid | None = None
+    signal: str | None = Field(default=None, max_length=16)  # SIGKILL for exit code -9
+    # ok | crash | signal | oom | hardware: the agent's reading of the log tail (the daemon's
+    # detectors read the tail again; this is what `nodes` shows)
+    classification: Literal["ok", "crash", "signal", "oom", "hardware"] = "crash"
+    log_tail: list[Text] = Field(default_factory=list, max_length=200)
+
+
+class KernelEvent(_Strict):
+    """A kernel-log line that matched a hardware pattern (NVIDIA Xid, ECC, fell off the bus)."""
+
+    pattern: str = Field(min_length=1, max_length=64)
+    line: Text
+
+
+class GpuHealth(_Strict):
+    index: Annotated[int, Field(ge=0, lt=1024)]
+    name: str = Field(default="", max_length=128)
+    mem_used_gib: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    mem_total_gib: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    ecc_uncorrected: NonNegInt = 0
+    temperature_c: Annotated[float, Field(ge=-100, le=300, allow_inf_nan=False)] | None = None
+
+
+class NodeHealth(_Strict):
+    mem_total_gib: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    mem_available_gib: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    disk_free_gib: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    load_1m: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    gpus: list[GpuHealth] = Field(default_factory=list, max_length=64)  # empty: no NVML or no GPU
+    kernel: list[KernelEvent] = Field(default_factory=list, max_length=100)  # new since the last report
+
+
+class NodeReport(_Timed):
+    """Everything one node's agent has to say since its last report (one request per node)."""
+
+    version: Literal[1] = 1
+    run_id: str = Field(min_length=1, max_length=128)
+    agent_id: NodeName  # must equal the name of the agent token presenting it
+    node: NodeName  # the host the ranks run on (what exclusion and the policy count by)
+    address: str = Field(default="", max_length=255)  # where the node's ranks can be reached (rendezvous host)
+    seq: NonNegInt = 0  # the agent's report counter (a restarted agent starts again at 0)
+    generation: Annotated[int, Field(ge=-1, lt=2**31)] = -1  # the generation it runs (-1: none)
+    state: Literal["idle", "running", "exited", "stopped", "failed"] = "idle"
+    node_rank: Annotated[int, Field(ge=0, lt=65536)] | None = None
+    nnodes: Annotated[int, Field(ge=1, lt=65536)] | None = None
+    torchrun_pid: Pid | None = None
+    exit_code: ExitCode | None = None  # torchrun's, once state is exited/failed
+    ranks: list[RankState] = Field(default_factory=list, max_length=1024)
+    exits: list[NodeRankExit] = Field(default_factory=list, max_length=1024)
+    health: NodeHealth | None = None
+    stacks_id: str | None = Field(default=None, max_length=64)  # answers NodeOrder.stacks_id
+    stacks: str | None = Field(default=None, max_length=200_000)
+
+
+class NodeOrder(_Strict):
+    """The desired state of one node: run `generation` with `argv` (or keep running it when
+    `argv` is empty: a re-adopted generation), or run nothing (`generation` -1)."""
+
+    generation: Annotated[int, Field(ge=-1, lt=2**31)] = -1
+    argv: list[str] = Field(default_factory=list, max_length=512)
+    env: dict[str, str] = Field(default_factory=dict)
+    node_rank: Annotated[int, Field(ge=0, lt=65536)] | None = None
+    nnodes: Annotated[int, Field(ge=1, lt=65536)] | None = None
+    stop_grace_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 10.0
+    stacks_id: str | None = Field(default=None, max_length=64)  # dump stacks once for this id
+
+
+class NodeReply(_Strict):
+    order: NodeOrder | None = None  # None: the daemon has no wish for this node (keep what you do)
+    report_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    excluded: bool = False  # the node is drained: it runs nothing until readmitted

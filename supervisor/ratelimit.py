@@ -19,7 +19,7 @@ from typing import Annotated, Callable
 from supervisor.config_types import PositiveFloat, doc
 
 #: route classes: path prefix -> class (first match wins; anything else is "read")
-ROUTE_CLASSES = (("/v1/heartbeat", "trainer"), ("/v1/telemetry", "trainer"), ("/v1/alerts", "alerts"),
+ROUTE_CLASSES = (("/v1/heartbeat", "trainer"), ("/v1/telemetry", "trainer"), ("/v1/nodes/report", "trainer"), ("/v1/alerts", "alerts"),
                  ("/v1/commands", "command"), ("/v1/policy", "command"), ("/v1/proposals/", "command"),
                  ("/v1/incidents/", "command"))
 

@@ -166,6 +166,9 @@ class Remedies:
         return steps
 
     async def restart(self, a, *, hang: bool = False) -> dict:
+        group = await self._restart_group(a)
+        if group is not None:
+            return group
         p = a.params
         out: dict = {}
         self.status.set("recovering")
@@ -192,6 +195,28 @@ class Remedies:
                                       layout_index=None if layout is None else layout[0],
                                       layout_label=None if layout is None else layout[1])
         return out | {"load_step": load, "generation": self.generations.id, "backoff_s": backoff, "lost_steps": lost}
+
+    async def _restart_group(self, a) -> dict | None:
+        """torchft mode (supervisor/launch/torchft.py): the failed rank's replica group alone is
+        relaunched while the other groups keep stepping, and heals from them. None when this is not
+        that case (no replica groups, no rank named, or no live peer to heal from): a job restart."""
+        from supervisor.launch.torchft import GroupExcluded
+
+        gen = self.generations.current
+        rank = a.finding.rank if a.finding is not None else None
+        if gen is None or not hasattr(gen, "restart_group") or rank is None or a.params.get("next_layout"):
+            return None
+        group = gen.group_of(rank)
+        if not any(gen.group_alive(g) for g in range(len(gen.groups)) if g != group):
+            return None
+        try:
+            out = await asyncio.to_thread(gen.restart_group, group, f"{a.kind} (action {a.id})")
+        except GroupExcluded as e:
+            self.pager.page(f"{e}: replica group {group} excluded, the other groups train on", action_id=a.id,
+                            node=(a.finding.evidence or {}).get("host"))
+            return {"group_restart": False, "excluded": True, "replica_group": group, "reason": str(e)}
+        self._log.warning("replica group relaunched", replica_group=group, action_id=a.id, pid=out["pid"])
+        return {"group_restart": True, "generation": self.generations.id, **out}
 
     def _next_layout(self, a) -> tuple[int, str] | None:
         """The next preflight-valid layout, or None (paged: the restart stays on the current one,

@@ -33,21 +33,29 @@ def local_batch(settings) -> int:
     return settings.training.local_batch_size or _preset(settings).local_batch
 
 
+def planned_world(settings) -> int:
+    """Ranks of the full job: nproc_per_node, times the expected nodes under node agents."""
+    launch = settings.launch
+    nodes = len(launch.agents.nodes) if launch.backend == "agents" else 1
+    return settings.run.nproc_per_node * max(1, nodes)
+
+
 def plan_dict(settings, host_memory_gib: float | None = None) -> dict:
     r, o, p, tr = settings.run, settings.optimizer, settings.preflight, settings.training
+    world = planned_world(settings)
     t = _preset(settings)
     opt = {"lr": t.lr, "eps": t.eps, "beta1": t.beta1, "beta2": t.beta2, "weight_decay": t.weight_decay,
            "warmup_steps": t.warmup_steps, **o.overrides()}
     cpu = p.device.lower() == "cpu"
     mb = local_batch(settings)
-    training = {"model": r.preset, "world_size": r.nproc_per_node,
-                "global_batch": tr.global_batch_size or r.nproc_per_node * mb,
+    training = {"model": r.preset, "world_size": world,
+                "global_batch": tr.global_batch_size or world * mb,
                 "seq_len": tr.seq_len or t.seq_len, "device": p.device, "dtype": "fp32" if cpu else "bf16"}
     memory = p.device_memory_gib or (host_memory_gib if cpu else None)
     if memory is not None:
         training["device_memory_gib"] = memory
     layouts = [_layout_dict(layout) for layout in p.layouts] or [
-        {"dp": r.nproc_per_node, "micro_batch": mb, "activation_checkpointing": "none" if cpu else "selective",
+        {"dp": world, "micro_batch": mb, "activation_checkpointing": "none" if cpu else "selective",
          "name": "data parallel"}]
     return {"training": training, "optimizer": opt, "layouts": layouts}
 

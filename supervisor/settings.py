@@ -33,8 +33,10 @@ from supervisor.checkpoints import Catalog
 from supervisor.config_types import PositiveInt, Seconds
 from supervisor.detect.suite import DetectorSuite
 from supervisor.journal import Journal
+from supervisor.launch.agents import AgentLauncher
 from supervisor.launch.kubernetes import KubernetesLauncher
 from supervisor.launch.local import LocalLauncher
+from supervisor.launch.torchft import TorchftLauncher
 from supervisor.model_table import PRESET_TRAINING
 from supervisor.policy import Policy
 from supervisor.preflight import Layout, Preflight
@@ -166,11 +168,14 @@ class LaunchSettings(_Section):
     directive_timeout_s: float = Field(60.0, gt=0, allow_inf_nan=False, description="A hot directive not acknowledged in this falls back to a cold restart.")
     directive_poll_s: Seconds = Field(0.05, description="How often a waiting action checks for the trainer's acknowledgement or exit.")
     stack_dump_chars: PositiveInt = Field(20_000, description="Characters of a hang's stack dump kept in the action outcome.")
-    backend: Literal["local", "kubernetes"] = Field(
-        "local", description="Where generations run: local (torchrun on this machine) or kubernetes (one JobSet per generation).")
+    backend: Literal["local", "kubernetes", "agents"] = Field(
+        "local", description="Where generations run: local (torchrun on this machine), kubernetes (one JobSet per "
+                             "generation) or agents (one `titan-supervisor agent` per node).")
     local: LocalLauncher.Config = Field(default_factory=LocalLauncher.Config, description="The single-machine launcher.")
     kubernetes: KubernetesLauncher.Config = Field(default_factory=KubernetesLauncher.Config,
                                                   description="The Kubernetes launcher (supervisor/launch/kubernetes.py).")
+    agents: AgentLauncher.Config = Field(default_factory=AgentLauncher.Config,
+                                         description="Generations on node agents (supervisor/launch/agents.py).")
 
 
 
@@ -290,6 +295,9 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="torchtitan overrides of the preset.")
     server: ServerSettings = Field(default_factory=ServerSettings, description="HTTP server and authentication.")
     launch: LaunchSettings = Field(default_factory=LaunchSettings, description="Starting and stopping generations.")
+    fault_tolerance: TorchftLauncher.Config = Field(
+        default_factory=TorchftLauncher.Config,
+        description="torchft replica groups (supervisor/launch/torchft.py): mode off, or torchft with a Lighthouse.")
     daemon: DaemonSettings = Field(default_factory=DaemonSettings, description="The daemon's own bookkeeping.")
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings, description="Catalog, retention, interval.")
     journal: Journal.Config = Field(default_factory=Journal.Config, description="The SQLite journal.")
@@ -325,6 +333,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
+        if self.fault_tolerance.mode == "torchft" and self.launch.backend != "local":
+            raise ValueError(f"fault_tolerance.mode = \"torchft\" runs replica groups with the local launcher; "
+                             f"launch.backend is {self.launch.backend!r}")
         if not self.server.loopback and self.server.token_file is None:
             raise ValueError(f"server.host {self.server.host} is not loopback: set server.token_file "
                              "(bearer tokens) before exposing the supervisor beyond this machine")

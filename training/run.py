@@ -77,6 +77,7 @@ def resolve_load_step(folder: Path, load_step: int) -> tuple[int, list[str]]:
 
 
 def validate(config) -> None:
+    from training import ft
     from training.faults import parse_faults
 
     sup = config.supervision
@@ -92,6 +93,10 @@ def validate(config) -> None:
         parse_faults(sup.faults)
     except ValueError as e:
         raise StartError(f"--supervision.faults: {e}") from None
+    try:
+        ft.validate(config.fault_tolerance)
+    except ValueError as e:
+        raise StartError(str(e)) from None
     load_step = config.checkpoint.load_step
     if load_step < -1:
         raise StartError(f"--checkpoint.load_step must be -1 (newest) or a step number, got {load_step}")
@@ -205,7 +210,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported exactly as the interpreter would, then exit 1
+        # torch.distributed's excepthook tags each line `[rankN]: ` (the launcher finds the rank's
+        # error by it). Exiting here, not through interpreter finalization, matters on this path
+        # too: a rank that died of an exception (an OOM) while its peers were blocked in a
+        # collective sat in finalization for ~8 s under load, long enough for the hang detector to
+        # kill it before its death was seen (the OOM drill, 2026-12-01).
+        sys.excepthook(*sys.exc_info())
+        code = 1
     # Everything is flushed and closed by now (spool, telemetry, checkpoints, process group).
     # Skip interpreter finalization: a C++ worker thread torn down by static destructors there
     # once aborted a finished rank with "terminate called without an active exception".

@@ -45,7 +45,7 @@ from torchtitan.trainer import Trainer
 
 from supervisor import dcp
 from supervisor.protocol import Directive
-from training import cpu
+from training import cpu, ft
 from training.data import DataPosition, GlobalOrderDataLoader
 from training.faults import FaultPlan
 from training.schedule import LrScale, WSDSchedule
@@ -172,12 +172,16 @@ class SupervisedTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
         supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+        fault_tolerance: ft.ReplicaConfig = field(default_factory=ft.ReplicaConfig)
+        """torchft replica groups (training.ft); off unless the supervisor's torchft mode launches us."""
 
     def __init__(self, config: Config):
         # Our component subclasses are built by upstream's own builders from these configs.
         config.optimizer = _as_config(GuardedOptimizers.Config, config.optimizer)
         config.checkpoint = _as_config(OnDemandCheckpointer.Config, config.checkpoint)
+        config.dataloader = ft.sharded_dataloader_config(config.fault_tolerance, config.dataloader)
         super().__init__(config)
+        self._ft: ft.ReplicaSync | None = None  # created at the first step (training.ft)
         sup = config.supervision
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -271,6 +275,8 @@ class SupervisedTrainer(Trainer):
                 if p.grad is not None:
                     getattr(p.grad, "_local_tensor", p.grad).view(-1)[0] = float("nan")
                     break
+        if self._ft is not None:
+            self._ft.average_gradients(params)
         # Mirrors the clip call of torchtitan 0.3.0 trainer.py:940-946 (Trainer.train_step) with
         # max_norm=inf (scales by 1.0): the same reduced pre-clip norm upstream computes next, but
         # the guard needs it before upstream's optimizer step, and upstream has no hook between
@@ -279,6 +285,8 @@ class SupervisedTrainer(Trainer):
         norm = dist_utils.clip_grad_norm_(params, float("inf"), foreach=True,
                                           pp_mesh=pd.get_optional_mesh("pp"), ep_enabled=pd.ep_enabled)
         self._after_grad_norm(float(norm.item()), guard=not self.faults.nan_update_applied())
+        if self._ft is not None and not self._ft.commit():
+            self._skip_reason = "ft_uncommitted"  # a peer failed mid-step: undone in train_step
 
     def _after_grad_norm(self, norm: float, guard: bool = True) -> None:
         """Decide, identically on every rank (the norm is already reduced), whether to skip.
@@ -364,6 +372,9 @@ class SupervisedTrainer(Trainer):
         self._set_phase("finishing")
         if self.checkpointer.enable and self._last_saved_step != self.step:
             self._maybe_save(force=True)
+        if self._ft is not None:
+            self.ft_event({"kind": "ft_finished", "step": self.step, "param_digest": self.param_digest(),
+                           "heals": self._ft.heals, "uncommitted": self._ft.uncommitted})
         self._event({"kind": "finished", "step": self.step, "reason": self._stop_reason or "completed"})
         logger.info(f"Training finished at step {self.step} ({self._stop_reason or 'completed'})")
 
@@ -412,6 +423,8 @@ class SupervisedTrainer(Trainer):
         own_start = time.perf_counter()
         self._set_phase("between_steps")
         self.faults.before_step(self.step, on_phase=self._set_phase)
+        if self.config.fault_tolerance.enable:
+            self._ft_begin_step()
         if self.faults.lr_factor(self.step) != 1.0 or self.faults.lr_factor(self.step - 1) != 1.0:
             self._sync_param_group_lrs()
         lr = self.optimizers.optimizers[0].param_groups[0]["lr"]
@@ -433,6 +446,9 @@ class SupervisedTrainer(Trainer):
                 raise
             # the guard already skipped the update; the loss stays NaN in the record
         step_seconds = time.perf_counter() - start
+        if self._skip_reason == "ft_uncommitted":
+            self._ft_undo_step()
+            return
         self._set_phase("reporting")
         self._maybe_save(force=False)
         self._report(lr, step_seconds, own_seconds + step_seconds)
@@ -493,6 +509,58 @@ class SupervisedTrainer(Trainer):
             path.rename(qdir / f"step-{step}.superseded-{int(time.time() * 1000)}")
         if dist.is_initialized():
             dist.barrier()
+
+    # --- torchft replica groups (training.ft) -----------------------------------------------
+    def _ft_begin_step(self) -> None:
+        if self._ft is None:  # as late as possible: peers wait for a joining group's first quorum
+            self._ft = ft.ReplicaSync(self.config.fault_tolerance, self, completed_steps=self.step - 1)
+        self._ft.begin_step()
+
+    def _ft_undo_step(self) -> None:
+        """A step the groups did not commit did not happen: its number and LR step are reused,
+        its batch is dropped (torchft's rule)."""
+        self.step -= 1
+        for sched in self.lr_schedulers.schedulers:
+            sched.last_epoch -= 1
+        self._sync_param_group_lrs()
+        self.ft_event({"kind": "ft_uncommitted", "step": self.step + 1})
+
+    def advance_data_to(self, batches: int) -> int:
+        """Drain this rank's batch stream until ``batches`` were consumed (a heal: a peer says
+        how far the run's data is). Returns how many were drained."""
+        drained = 0
+        while self.batches_consumed < batches:
+            next(self.batches)
+            drained += 1
+        return drained
+
+    def after_heal(self) -> None:
+        self._microbatches = 0
+        self._last_saved_step = self.step - 1
+        self._sync_param_group_lrs()
+
+    def param_digest(self) -> str:
+        """sha256 of every parameter's bytes in name order: equal digests, identical parameters."""
+        import hashlib
+
+        h = hashlib.sha256()
+        with torch.no_grad():
+            for m in self.model_parts:
+                for name, p in sorted(m.named_parameters()):
+                    h.update(name.encode())
+                    h.update(getattr(p, "_local_tensor", p).detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def ft_event(self, ev: dict) -> None:
+        """torchft events go to ``<dump>/telemetry/ft.jsonl`` (rank 0), not to the daemon's wire."""
+        if self.rank != 0:
+            return
+        import json
+
+        tdir = Path(self.config.dump_folder) / "telemetry"
+        tdir.mkdir(parents=True, exist_ok=True)
+        with open(tdir / "ft.jsonl", "a") as f:
+            f.write(json.dumps(dict(ev, wall_time=time.time(), replica_id=self.config.fault_tolerance.replica_id)) + "\n")
 
     # --- reporting -------------------------------------------------------------------------
     def _event(self, ev: dict) -> None:
@@ -586,6 +654,9 @@ class SupervisedTrainer(Trainer):
                      "step": self.step, "ok": ok, "detail": detail})
 
     def _execute(self, d: Directive) -> str:
+        if self.config.fault_tolerance.enable and d.kind in ft.GROUP_LOCAL_DIRECTIVES:
+            raise ValueError(f"{d.kind} is refused in torchft mode: it would reach replica group 0 only and the "
+                             "groups' parameters would diverge (a refused rollback falls back to a cold restart)")
         if d.kind == "set_lr_scale":
             if d.scale is None:
                 raise ValueError("set_lr_scale needs scale")
@@ -664,4 +735,6 @@ class SupervisedTrainer(Trainer):
             self._sample_log.close()
         if getattr(self, "telemetry", None) is not None:
             self.telemetry.close()
+        if getattr(self, "_ft", None) is not None:
+            self._ft.shutdown()
         super().close()

@@ -39,6 +39,20 @@ def percentile(values: list[float], q: float) -> float:
     return s[int(min(k, len(s))) - 1]
 
 
+def theil_sen(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(intercept, slope) of the Theil-Sen line: the median of the pairwise slopes, then the
+    median of y - slope*x. Robust to outliers (up to ~29 % of the points) where least squares
+    is not; O(n^2) pairs, meant for windows of tens of samples."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError("theil_sen needs at least two (x, y) pairs of equal length")
+    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i])
+              for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]]
+    if not slopes:
+        raise ValueError("theil_sen needs at least two distinct x values")
+    slope = median(slopes)
+    return median([y - slope * x for x, y in zip(xs, ys)]), slope
+
+
 class RollingWindow:
     """The last `size` (step, value) samples, plus up to `history` older ones for rewinds."""
 

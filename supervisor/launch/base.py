@@ -1,9 +1,11 @@
 """The launcher interface: how the daemon starts, watches and stops a generation of trainer ranks.
 
-One implementation per place ranks can run: `supervisor.launch.local` (torchrun on this machine)
-and `supervisor.launch.kubernetes` (one JobSet per generation), chosen by `launch.backend`. A
-launcher that can take a node out of scheduling also has ``exclude_node(node) -> dict`` (the
-Kubernetes one cordons it); `Remedies.exclude_node` uses it when present.
+One implementation per place ranks can run: `supervisor.launch.local` (torchrun on this machine),
+`supervisor.launch.kubernetes` (one JobSet per generation) and `supervisor.launch.agents` (one
+torchrun per node through node agents), chosen by `launch.backend`. A launcher that can take a
+node out of scheduling also has ``exclude_node(node) -> dict`` (the Kubernetes one cordons it,
+the agents one drains it); `Remedies.exclude_node` uses it when present. A generation that spans
+nodes also has ``world_size`` and ``nodes``.
 A launcher decides nothing; `supervisor.generations.Generations` calls it, and the policy decides
 when. Failure model: a launcher's processes outlive the daemon (they run in their own session), so
 `adopt` must recognise a generation started by an earlier daemon process, and must refuse a pid

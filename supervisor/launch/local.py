@@ -16,6 +16,9 @@ Failure model and guarantees:
 - Only our own processes are ever signalled: a rank pid is accepted (`Generation.owns`) only if
   it descends from this generation's torchrun and started after it, and its start time is kept,
   so a pid reused by another process after the rank died is never killed (`stop`).
+- A rank exit carries the rank's own last lines (`exit_lines`), not only the log's tail: the
+  evidence of how it died (an OutOfMemoryError) is found however much the other ranks and
+  torchrun wrote after it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +48,13 @@ class LauncherConfig:
     log_tail_bytes: Annotated[PositiveInt, doc("bytes read from the end of the generation log for a tail")] = 64 * 1024
     log_scan_lines: Annotated[PositiveInt, doc(
         "log lines searched for torchrun's root cause and per-pid exit codes")] = 300
+    rank_scan_bytes: Annotated[PositiveInt, doc(
+        "bytes read from the end of the generation log for a dead rank's own lines (`[rankN]: `, the tag "
+        "torch.distributed's excepthook puts on every line of an uncaught exception): its error is found "
+        "there even when the other ranks' tracebacks and torchrun's report pushed it out of the tail")] = 1024 * 1024
+    rank_lines: Annotated[PositiveInt, doc(
+        "a dead rank's own last lines attached to its exit, ahead of the tail (the OOM and hardware "
+        "detectors read them)")] = 60
     exitcode_wait_s: Annotated[Seconds, doc(
         "after a rank's process is gone, wait at most this for torchrun to log a failure (it does ~0.4 s "
         "after a crash) or for rank 0's `finished` event: upstream torchtitan's rank 0 sleeps 2 s after the "
@@ -172,16 +183,34 @@ class Generation:
         except psutil.NoSuchProcess:
             return False
 
-    def log_tail(self, n: int | None = None) -> list[str]:
+    def log_tail(self, n: int | None = None, nbytes: int | None = None) -> list[str]:
         n = self.config.log_tail_lines if n is None else n
+        nbytes = self.config.log_tail_bytes if nbytes is None else nbytes
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 size = f.tell()
-                f.seek(max(0, size - self.config.log_tail_bytes))
+                f.seek(max(0, size - nbytes))
                 return f.read().decode(errors="replace").splitlines()[-n:]
         except OSError:
             return []
+
+    def exit_lines(self, rank: int | None) -> list[str]:
+        """The lines a rank exit carries: the rank's own last lines, then the log's tail.
+
+        The generation log interleaves every rank and torchrun. A rank that dies of an uncaught
+        exception writes its traceback before it exits, but by the time the exit is seen the other
+        ranks' tracebacks (a peer's death breaks their collectives) and torchrun's report can fill
+        the whole tail window, so the tail alone lost the error (an injected OOM was classified
+        `dead_rank`). torch.distributed's excepthook tags each line ``[rankN]: ``, so the rank's
+        own lines are picked out of a much wider window; they do not depend on timing.
+        """
+        tail = self.log_tail()
+        if rank is None:
+            return tail
+        tag = f"[rank{rank}]:"
+        own = [line for line in self.log_tail(sys.maxsize, self.config.rank_scan_bytes) if line.startswith(tag)]
+        return own[-self.config.rank_lines:] + tail
 
     def poll(self) -> list[RankExit]:
         """New rank exits since the last poll (each reported once)."""
@@ -206,7 +235,7 @@ class Generation:
                 elif code is None and now - first < self.config.exitcode_wait_s and self.alive():
                     continue
                 self._reported.add(rank)
-                out.append(RankExit(rank, code if code is not None else -9, pid, self.log_tail(), now))
+                out.append(RankExit(rank, code if code is not None else -9, pid, self.exit_lines(rank), now))
         if self.exited is None and not self.alive():
             code = self._proc.returncode if self._proc is not None else None
             if code is None:  # adopted: not our child, so no exit status; the trainer told us
@@ -215,7 +244,8 @@ class Generation:
             if self.exited != 0 and not out and len(self._reported) < max(1, len(self.rank_pids)):
                 rank = next((r for r in sorted(self.rank_pids) if r not in self._reported), None)
                 logged = self._exitcode_from_log(rank) if rank is not None else None
-                out.append(RankExit(rank, logged if logged is not None else self.exited, None, self.log_tail(), now))
+                out.append(RankExit(rank, logged if logged is not None else self.exited, None,
+                                   self.exit_lines(rank), now))
                 if rank is not None:
                     self._reported.add(rank)
         return out

@@ -19,7 +19,7 @@ from tests.control_fixtures import make_sup, make_tokens
 STATUS_KEYS = {"schema", "run_id", "state", "mode", "generation", "step", "total_steps", "loss", "grad_norm",
                "tokens_per_s", "lr", "lr_scale", "last_known_good", "newest_checkpoint", "open_incidents",
                "action", "policy_now", "proposals", "pending_directives", "trainer_pids", "layout", "updated_at",
-               "checkpoint_interval", "recommended_checkpoint_interval"}
+               "checkpoint_interval", "recommended_checkpoint_interval", "nodes"}
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ def test_status_document_has_the_documented_keys(client, tokens, sup):
     assert set(st) == {"schema", "run_id", "state", "mode", "generation", "step", "total_steps", "loss", "grad_norm",
                        "tokens_per_s", "lr", "lr_scale", "last_known_good", "newest_checkpoint", "open_incidents",
                        "action", "policy_now", "proposals", "pending_directives", "trainer_pids", "layout", "updated_at",
-                       "checkpoint_interval", "recommended_checkpoint_interval"}
+                       "checkpoint_interval", "recommended_checkpoint_interval", "nodes"}
     assert st["schema"] == 1 and st["newest_checkpoint"] == 30 and st["action"] is None
     assert st["open_incidents"][0]["kind"] == "loss_spike" and st["open_incidents"][0]["onset_step"] == 31
     assert st["policy_now"].startswith("watching incident")

@@ -80,3 +80,37 @@ def test_daemon_unit_says_what_the_daemon_relies_on():
 def test_agent_unit_runs_the_agent_and_spares_its_ranks():
     s = unit_settings(UNITS[0])["Service"]
     assert " agent " in s["ExecStart"][0] and s["KillMode"] == ["process"] and s["Restart"] == ["on-failure"]
+
+
+def test_agent_unit_command_is_the_real_agent_cli_and_its_state_dir_is_the_agents_default():
+    """The unit's ExecStart parses with the real `titan-supervisor` parser as `agent CONFIG`, the
+    state directory it may write is the agent's default workdir, and /dev/kmsg stays readable
+    (the agent reads Xid / ECC lines there)."""
+    import shlex
+
+    from supervisor.agent.main import AgentConfig
+    from supervisor.cli import build_parser
+
+    s = unit_settings(UNITS[0])["Service"]
+    argv = shlex.split(s["ExecStart"][0])
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "agent" and args.config == "/etc/titan-supervisor/agent.toml"
+    assert s["ReadWritePaths"] == [str(AgentConfig.__dataclass_fields__["workdir"].default)]
+    assert s.get("ProtectKernelLogs", ["no"]) == ["no"]
+
+
+def test_every_deployed_agent_toml_is_a_valid_agent_config_of_its_run():
+    """Each Kubernetes agent.toml loads with the agent's own loader and names the run of the daemon
+    config next to it (an agent of another run is refused by the daemon)."""
+    import tomllib
+
+    from supervisor.agent.main import load_agent_config
+
+    root = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+    tomls = sorted(root.rglob("agent.toml"))
+    assert len(tomls) == 3
+    for path in tomls:
+        cfg = load_agent_config(str(path), {}, {})
+        daemon = tomllib.loads((path.parent / "config.toml").read_text())
+        assert cfg.run_id == daemon["run"]["run_id"], path
+        assert cfg.daemon_url.startswith("https://")

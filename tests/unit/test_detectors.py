@@ -16,6 +16,7 @@ from supervisor.detect.findings import (DEAD_RANK, DIVERGENCE, GRAD_BLOWUP, HANG
                                         Finding)
 from supervisor.detect.grad_blowup import GradBlowupDetector
 from supervisor.detect.loss_spike import LossSpikeDetector
+from supervisor.detect.robust import theil_sen
 from supervisor.detect.non_finite import NonFiniteDetector
 from supervisor.detect.stall import StallDetector
 from supervisor.detect.straggler import StragglerDetector
@@ -176,6 +177,79 @@ def test_loss_spike_alone_or_grad_blowup_alone_is_not_severe():
             det.observe(rec(i, loss, g))
         found = det.observe(rec(301, losses[-1] * loss_x, grads[-1] * grad_x))
         assert DIVERGENCE not in [k for k, _ in kinds(found)], (loss_x, grad_x)
+
+
+def test_spike_at_the_end_of_a_rising_grad_norm_is_a_drift_divergence_at_once():
+    """A held LR drift (bench tuning half): the grad norm climbs for ~10 steps, then the loss
+    blows up by far less than the severe bar. The same spike after a flat grad norm is only
+    watched, so the test fails if the drift rule stops firing or fires on any spike."""
+    losses, grads = clean_loss(n=300), clean_grad(n=300)
+    ramp = [1.0 + 0.08 * k for k in range(1, 11)]  # x1.08 .. x1.8 over the last 10 steps
+    for flat, want in ((True, []), (False, ["drift"])):
+        det = LossSpikeDetector()
+        for i, (loss, g) in enumerate(zip(losses, grads), 1):
+            x = 1.0 if flat or i <= 290 else ramp[i - 291]
+            assert det.observe(rec(i, loss, g * x)) == []
+        found = det.observe(rec(301, losses[-1] * 2.0, grads[-1] * 5))
+        assert [f.evidence["cause"] for f in found if f.kind == DIVERGENCE] == want
+        if want:
+            ev = found[-1].evidence
+            assert ev["grad_drift_ratio"] >= ev["drift_grad_ratio"] == 1.3 and ev["onset_step"] == 301
+
+
+def test_theil_sen_ignores_outliers_that_pull_least_squares():
+    xs = [float(x) for x in range(20)]
+    ys = [1.0 + 0.5 * x for x in xs]
+    ys[3], ys[17] = 40.0, -30.0  # two wild points
+    assert theil_sen(xs, ys) == pytest.approx((1.0, 0.5))
+    with pytest.raises(ValueError):
+        theil_sen([1.0, 1.0], [2.0, 3.0])
+
+
+def _plateau_then(landing_x: float | None, seed: int = 0) -> list[float]:
+    """A falling curve with a 10-step plateau at 2.5x (steps 60-69, e.g. corrupt batches); at
+    step 70 the loss drops back in one step to `landing_x` times the clean curve."""
+    losses = clean_loss(n=100, seed=seed, noise=0.01)
+    for i in range(59, 69):
+        losses[i] *= 2.5
+    if landing_x is not None:
+        losses[69] = (2.0 + 8.5 * math.exp(-70 / 40)) * landing_x
+    return losses
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_landing_far_above_the_pre_spike_trend_is_divergence(seed):
+    """bench/detection tuning miss (6-layer model, 10 steps of corrupt batches): the loss drops
+    back under median_at_onset x 1.10 (that median is ~10 steps old on a falling curve) while
+    30 % above where the curve would be. Before the landing rule this was `spike_recovered`."""
+    losses = _plateau_then(1.3, seed)
+    band = LossSpikeDetector()
+    found = feed(band, losses)
+    assert losses[69] <= found[0].evidence["median"] * 1.10  # the old band calls it back
+    assert kinds(found) == [(LOSS_SPIKE, 60), (SLOW_RECOVERY, 65), (DIVERGENCE, 70)]
+    ev = found[-1].evidence
+    assert ev["cause"] == "landed_high" and ev["onset_step"] == 60
+    assert ev["landing_ratio"] > 1 + ev["landing_tolerance"] == 1.2
+    assert ev["loss"] > ev["expected"] * 1.2 and ev["trend_slope"] < 0
+
+
+@pytest.mark.parametrize("landing_x", (1.0, 1.1))
+def test_landing_on_or_near_the_pre_spike_trend_is_recovered(landing_x):
+    found = feed(LossSpikeDetector(), _plateau_then(landing_x))
+    assert kinds(found) == [(LOSS_SPIKE, 60), (SLOW_RECOVERY, 65), (SPIKE_RECOVERED, 70)]
+
+
+def test_gradual_decay_back_into_band_is_not_judged_as_a_landing():
+    """A spike that decays step by step (an LR spike: the weights are still healing) and enters
+    the band while still 30 %+ above the trend is recovered, not a landing: the level is not final."""
+    losses = clean_loss(n=120, noise=0.01)
+    for i in range(59, 120):
+        losses[i] *= 1.0 + 1.5 * 0.88 ** (i - 59)  # 2.5x at step 60, the excess shrinks 12 %/step
+    found = feed(LossSpikeDetector(), losses)
+    rec_ = [f for f in found if f.kind == SPIKE_RECOVERED]
+    assert DIVERGENCE not in [k for k, _ in kinds(found)] and len(rec_) == 1
+    s = rec_[0].step
+    assert losses[s - 1] > 1.3 * (2.0 + 8.5 * math.exp(-s / 40))
 
 
 def test_cluster_of_recovering_spikes_is_divergence_with_first_onset():

@@ -35,3 +35,33 @@ def test_both_ranks_seen_dead_in_one_poll_report_the_root_cause_first(tmp_path):
     exits = gen.poll()
     assert [(e.rank, e.exitcode) for e in exits] == [(1, -9), (0, -15)]
     assert gen.poll() == []  # each exit is reported once
+
+
+def test_a_dead_ranks_own_error_is_found_after_the_other_ranks_buried_it(tmp_path):
+    """The OOM drill's log layout (seen live): rank 1's OutOfMemoryError traceback, then rank 0's
+    long traceback (its collective broke when rank 1 died) and torchrun's report, more than a tail
+    window, before torchrun logs rank 1's exit code. The exit must still carry the OOM line, so the
+    dead-rank detector calls it `oom`, not `dead_rank`."""
+    from supervisor.detect.dead_rank import DeadRankDetector
+    from supervisor.detect.findings import OOM
+
+    oom = ("[rank1]: torch.OutOfMemoryError: CPU out of memory (injected): DefaultCPUAllocator: "
+           "can't allocate memory: you tried to allocate 68719476736 bytes.")
+    rank1 = [f"[rank1]:   File \"training/faults.py\", line {i}, in _allocate_gib" for i in range(20)] + [oom]
+    rank0 = [f"[rank0]:   File \"torch/_ops.py\", line {i}, in __call__" for i in range(150)]
+    rank0.append("[rank0]: RuntimeError: Connection closed by peer [127.0.0.1]:3998.")
+    report = ["W1201 14:26:15.770000 29463 api.py:1028] Sending process 999990 closing signal SIGTERM",
+              "E1201 14:26:15.935000 29463 api.py:1002] failed (exitcode: 1) local_rank: 1 (pid: 999991) of binary: py"]
+    log = tmp_path / "generation-0.log"
+    log.write_text("\n".join(["[titan] step: 14 loss: 6.38918"] * 50 + rank1 + rank0 + report) + "\n")
+    gen = Generation(LaunchSpec(0, 2, "tiny", Path(tmp_path), "http://x", "r"), 999989, log, None)
+    gen.note_rank_pid(0, 999990)
+    gen.note_rank_pid(1, 999991)
+    assert not any("OutOfMemoryError" in line for line in gen.log_tail())  # buried: the tail alone misses it
+    exits = {e.rank: e for e in gen.poll()}
+    assert exits[1].exitcode == 1
+    assert oom in exits[1].log_tail
+    assert not any(line.startswith("[rank1]") for line in exits[0].log_tail[:-60])  # rank 0 carries its own
+    found = DeadRankDetector().observe_exit(1, exits[1].exitcode, 0.0, 14, log_lines=exits[1].log_tail)
+    assert [f.kind for f in found] == [OOM]
+    assert "OutOfMemoryError" in found[0].evidence["oom_log_line"]

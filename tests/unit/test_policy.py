@@ -114,6 +114,15 @@ def test_cluster_and_nan_streak_divergences_roll_back_from_their_onset():
     assert (d.action, d.target_step) == (ROLLBACK, 75)
 
 
+def test_landed_high_divergence_rolls_back_and_names_the_numbers():
+    d = P.decide(finding(DIVERGENCE, 70, cause="landed_high", onset_step=60, loss=2.955,
+                         previous_loss=6.691, expected=2.309, landing_ratio=1.28, landing_tolerance=0.2),
+                 state(), History())
+    assert (d.action, d.target_step) == (ROLLBACK, 57)
+    assert d.reason.startswith("loss spike at step 60 dropped back in one step (6.691 -> 2.955) but landed "
+                               "1.28x the pre-spike trend 2.309 (> 1 + 0.2): the weights kept the damage")
+
+
 # --- rungs 4 and 5: same region again -----------------------------------------------------------
 def test_ladder_walk_in_one_region_escalates_then_stops():
     h = History()

@@ -40,6 +40,8 @@ SAMPLES: dict[str, Any] = {
     "preflight.device": "H100",
     "launch.kubernetes.api_server": "https://k8s.example:6443",  # http(s)://host[:port]
     "grafana.url": "http://127.0.0.1:3000",  # an http(s) URL
+    "fault_tolerance.min_replica_size": 2,  # at most fault_tolerance.groups (2)
+    "fault_tolerance.lighthouse.min_replicas": 2,  # likewise
 }
 # Fields that must name existing, valid files (covered by the server tests, the launcher tests and
 # tests/unit/test_incident_annotations.py).

@@ -1,0 +1,209 @@
+"""Drills with two node agents as two nodes on this machine (2 nodes x 1 rank, real torchtitan).
+
+Each agent is a real `titan-supervisor agent` process with its own token, session and process
+tree; each node's torchrun joins one c10d rendezvous the daemon hands out. A node is killed by
+SIGKILL of its agent and of its ranks' process group (what a dead machine looks like from the
+daemon: reports stop). Kernel-log lines are appended to each agent's kernel-log file (this machine
+has no GPU and no Xid in its real kernel log; NVML is absent here, so the agents report no GPUs).
+
+CI cost (2 cores, idle): about a minute each; they are the only multi-node drills.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.agent_harness import cluster
+from tests.trainer_harness import ROOT, spool, trainer_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.drill]
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "kmsg-xid.txt"
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    made = []
+
+    def make(**kw):
+        d, agents = cluster(tmp_path, **kw)
+        made.append((d, agents))
+        return d, agents
+
+    yield make
+    for d, agents in made:
+        for a in agents:
+            a.cleanup()
+        d.cleanup()
+
+
+def _wait_running(d, step: int, nodes: list[str], timeout: float = 600.0) -> dict:
+    return d.wait_for(lambda st: st if st.get("step", 0) >= step and st.get("state") == "running"
+                      and sorted((st.get("nodes") or {}).get("in_generation") or []) == nodes
+                      and len(st.get("trainer_pids") or {}) == len(nodes) else None, timeout,
+                      f"step {step} on {nodes}")
+
+
+def _generations(d) -> list[dict]:
+    j = d.journal()
+    try:
+        return sorted(j.generations(), key=lambda g: g["id"])
+    finally:
+        j.close()
+
+
+def _findings_and_actions(d):
+    j = d.journal()
+    try:
+        return sorted(j.findings(limit=1000), key=lambda f: f["id"]), sorted(j.actions(limit=100), key=lambda a: a["id"])
+    finally:
+        j.close()
+
+
+def _wait_action(d, kind: str, states: tuple[str, ...], timeout: float = 300.0) -> dict:
+    from supervisor.journal import Journal, JournalError
+
+    path = d.workdir / "supervisor" / "journal.sqlite"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            j = Journal.open(path, readonly=True)
+        except (JournalError, FileNotFoundError):  # the daemon is still creating it
+            time.sleep(0.02)
+            continue
+        try:
+            found = next((a for a in j.actions() if a["kind"] == kind and a["state"] in states), None)
+        finally:
+            j.close()
+        if found is not None:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"no {kind} action in {states} after {timeout}s\n{d.log_tail()}")
+
+
+def _losses(records) -> dict[tuple[int, int], float]:
+    """(generation, step) -> loss."""
+    return {(r["generation"], r["step"]): r["loss"] for r in records}
+
+
+def test_dead_rank_then_a_dead_node_the_run_restarts_on_the_remaining_node_and_finishes(nodes):
+    # rank 0 sleeps 0.15 s per step in generation 0: the kill lands between two checkpoints
+    d, (a, b) = nodes(steps=60, faults="slow@1:rank=0:seconds=0.15")
+    d.start()
+    a.start(), b.start()
+    st = _wait_running(d, 15, ["node-a", "node-b"])
+    # 1. a dead rank: SIGKILL rank 1 -> restart on both nodes from the newest checkpoint ...
+    victim = int(st["trainer_pids"]["1"])
+    killed_rank_at = time.time()
+    os.kill(victim, signal.SIGKILL)
+    # ... and the daemon SIGKILLed while that restart runs: the next daemon finishes it, once
+    _wait_action(d, "restart", ("intent", "running"))
+    d.kill(signal.SIGKILL)
+    time.sleep(1.0)
+    d.start()  # same port: the agents' reports reach the new daemon
+    _wait_running(d, 32, ["node-a", "node-b"])
+    gens = _generations(d)
+    assert len(gens) == 2 and gens[1]["layout"]["nodes"] == ["node-a", "node-b"]
+    # 2. a dead node: node-b's agent and ranks SIGKILLed -> restart on node-a alone (smaller world)
+    killed_at = time.time()
+    b.kill_node()
+    assert d.wait_exit(900) == 0, d.log_tail(60) + "\n--- node-a:\n" + a.log_tail()
+    findings, actions = _findings_and_actions(d)
+    dead = [f for f in findings if f["kind"] == "dead_rank"]
+    assert dead[0]["rank"] == 1 and dead[0]["evidence"]["signal_name"] == "SIGKILL"
+    # seen through the node's agent (torchrun's report, then the agent's) before the node would even
+    # count as lost
+    assert dead[0]["wall_time"] - killed_rank_at <= d.cfg["launch"]["agents"]["lost_after_s"]
+    restarts = [x for x in actions if x["kind"] == "restart"]
+    assert restarts[0]["params"]["from_step"] >= 15 and restarts[0]["state"] == "done"
+    after = [f for f in dead if f["wall_time"] >= killed_at]
+    # the first finding after the kill names the node that died (lost: 137), not its peer's collateral crash
+    assert after and after[0]["evidence"]["host"] == "node-b" and after[0]["evidence"]["exitcode"] == 137, after
+    gens = _generations(d)
+    assert gens[-1]["layout"]["nodes"] == ["node-a"], gens[-1]
+    assert all(x["state"] == "done" for x in actions if x["kind"] == "restart"), actions
+    j = d.journal()
+    try:
+        assert j.unfinished_actions() == []
+    finally:
+        j.close()
+    records, _ = spool(d.workdir)
+    assert max(r["step"] for r in records) == 60
+    losses = _losses(records)
+    # the restart after the dead rank (same world) redoes steps exactly: equal losses step for step
+    g1 = gens[1]["load_step"]
+    redone = [s for (g, s) in losses if g == 1 and (0, s) in losses and s > g1]
+    assert redone, "generation 1 redid no step of generation 0"
+    assert all(math.isclose(losses[(0, s)], losses[(1, s)], rel_tol=1e-6) for s in redone), \
+        [(s, losses[(0, s)], losses[(1, s)]) for s in redone]
+    last_gen = gens[-1]["id"]
+    tail = [losses[(last_gen, s)] for s in range(55, 61) if (last_gen, s) in losses]
+    assert tail and all(math.isfinite(x) for x in tail) and max(tail) < losses[(0, 1)]
+    # nothing was deleted: every checkpoint ever saved is in checkpoint/ or quarantine/
+    saved = {p.name for p in (d.workdir / "checkpoint").glob("step-*")}
+    assert {"step-10", "step-20", "step-60"} <= saved | {p.name.split(".")[0] for p in
+                                                        (d.workdir / "quarantine").glob("step-*")}
+
+
+def test_spike_hang_and_xid_on_two_nodes_the_bad_node_is_excluded_and_the_run_finishes(nodes):
+    d, (a, b) = nodes(steps=70, faults="spike@22:lr=1000:steps=3",
+                      extra={"policy": {"exclude_on_hardware": True}})
+    d.start()
+    a.start(), b.start()
+    # 1. an unrecovered loss spike -> hot rollback: a directive to rank 0, applied by both nodes' ranks
+    _wait_action(d, "rollback", ("done",))
+    st = _wait_running(d, 35, ["node-a", "node-b"])
+    assert st["generation"] == 0  # hot: no restart
+    # 2. a hang: node-b's rank SIGSTOPped -> named, stacks from every node's agent, killed, restarted
+    victim = int(st["trainer_pids"]["1"])
+    # which node runs rank 1 is the rendezvous' choice: ask the agents' view
+    hung_node = next(n["node"] for n in d.get("/v1/nodes")["nodes"] if "1" in (n.get("ranks") or {}))
+    other_node = "node-a" if hung_node == "node-b" else "node-b"
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        hang = _wait_action(d, "kill_restart_hang", ("done",))
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # every node's agent answered; the node with the stopped rank comes last (kept by the action's cap)
+    stacks = hang["outcome"]["stacks"]
+    assert stacks.index(f"=== node {hung_node}") > stacks.index(f"=== node {other_node}") >= 0
+    assert "Current thread" in stacks  # the blocked peer's faulthandler dump came back through its agent
+    _wait_running(d, 45, ["node-a", "node-b"])
+    # 3. node-b's kernel log reports an Xid (twice) and an ECC error -> node-b drained, run on node-a
+    with open(b.kernel_log, "a") as f:
+        f.write(FIXTURE.read_text())
+    d.wait_for(lambda st: (st.get("nodes") or {}).get("excluded") == ["node-b"], 300, "node-b excluded")
+    out = subprocess.run([sys.executable, "-m", "supervisor.cli", "nodes", "--json", "--url", d.url, "--token",
+                          d.token], env=trainer_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = {r["node"]: r for r in json.loads(out.stdout)["nodes"]}
+    assert rows["node-b"]["state"] == "excluded" and rows["node-b"]["excluded"]
+    assert d.wait_exit(900) == 0, d.log_tail(60)
+    findings, actions = _findings_and_actions(d)
+    hangs = [f for f in findings if f["kind"] == "hang"]
+    assert hangs and hangs[0]["rank"] == 1
+    hw = [f for f in findings if f["kind"] == "hardware"]
+    assert hw and {f["evidence"]["host"] for f in hw} == {"node-b"}
+    ex = [x for x in actions if x["kind"] == "exclude_node"]
+    assert len(ex) == 1 and ex[0]["state"] == "done" and ex[0]["outcome"]["node"] == "node-b"
+    assert ex[0]["outcome"]["excluded"] is True
+    gens = _generations(d)
+    assert gens[-1]["layout"]["nodes"] == ["node-a"] and len(gens) == 3
+    records = spool(d.workdir)[0]
+    assert max(r["step"] for r in records) == 70
+    j = d.journal()
+    try:
+        assert j.get_meta("excluded_nodes") == ["node-b"]
+    finally:
+        j.close()

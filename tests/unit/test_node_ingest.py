@@ -1,0 +1,131 @@
+"""The node agents' ingest route and the `nodes` commands, with a real Supervisor, journal, token
+file and FastAPI app (no agent or trainer runs: reports are posted by the test, as an agent would).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from supervisor.api import build_app
+from supervisor.auth import add_token
+from supervisor.daemon import Supervisor
+from supervisor.settings import Settings
+
+
+def report(agent="node-a", node=None, **kw):
+    r = {"run_id": "t", "agent_id": agent, "node": node or agent, "address": "127.0.0.1", "wall_time": time.time(),
+         "generation": -1, "state": "idle"}
+    r.update(kw)
+    return r
+
+
+@pytest.fixture
+def setup(tmp_path):
+    f = tmp_path / "tokens.jsonl"
+    tok = {"a": add_token(f, "node-a", "agent"), "b": add_token(f, "node-b", "agent"),
+           "op": add_token(f, "alice", "operator"), "viewer": add_token(f, "vic", "viewer")}
+    s = Settings.load(run={"workdir": str(tmp_path / "run"), "run_id": "t", "nproc_per_node": 1},
+                      server={"port": 0, "token_file": str(f)},
+                      launch={"backend": "agents", "agents": {"nodes": ["node-a", "node-b"]}})
+    sup = Supervisor(s)
+    sup.generation = 0
+    yield sup, TestClient(build_app(sup)), tok
+    sup.journal.close()
+
+
+def post(client, token, body):
+    return client.post("/v1/nodes/report", json=body, headers={"Authorization": f"Bearer {token}"})
+
+
+def test_an_agent_registers_and_gets_its_order(setup):
+    sup, client, tok = setup
+    r = post(client, tok["a"], report(ranks=[{"rank": 0, "pid": 4242, "state": "running"}]))
+    assert r.status_code == 200, r.text
+    assert r.json()["order"] is None and r.json()["excluded"] is False
+    v = sup.nodes.get("node-a")
+    assert v is not None and v.report.ranks[0].pid == 4242
+    assert [row["node"] for row in client.get("/v1/nodes", headers={
+        "Authorization": f"Bearer {tok['viewer']}"}).json()["nodes"]] == ["node-a"]
+
+
+@pytest.mark.parametrize("who,body,status,why", [
+    ("b", report("node-a"), 403, "may only report as agent 'node-b'"),
+    ("op", report("node-a"), 403, "need role agent"),
+    (None, report("node-a"), 401, "agent token"),
+    ("a", report("node-a", run_id="other"), 409, "not 'other'"),
+    ("a", report("node-a", ranks=[{"rank": 0, "pid": 0}]), 400, "ranks.0.pid"),
+    ("a", report("node-a", node="bad node!"), 400, "node"),
+    ("a", report("node-a", wall_time=time.time() + 86400), 400, "wall_time"),
+])
+def test_a_bad_report_is_refused_and_changes_nothing(setup, who, body, status, why):
+    sup, client, tok = setup
+    r = post(client, tok[who] if who else "", body)
+    assert r.status_code == status, r.text
+    assert why in r.text
+    assert sup.nodes.get("node-a") is None and sup.nodes.reports == 0
+
+
+def test_kernel_xid_in_a_report_is_a_hardware_finding_naming_the_node(setup):
+    sup, client, tok = setup
+    line = "NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, GPU has fallen off the bus."
+    r = post(client, tok["b"], report("node-b", health={"kernel": [{"pattern": "xid", "line": line}]}))
+    assert r.status_code == 200
+    f = sup.journal.findings()
+    assert [x["kind"] for x in f] == ["hardware"] and f[0]["evidence"]["host"] == "node-b"
+
+
+def test_rank_exits_are_queued_per_node_and_bounded(setup):
+    sup, client, tok = setup
+    cap = sup.nodes.config.max_exits_per_node
+    exits = [{"rank": 0, "exitcode": -9, "wall_time": time.time()}] * 200
+    for _ in range(cap // 200 + 2):
+        assert post(client, tok["a"], report(generation=0, state="running", exits=exits)).status_code == 200
+    v = sup.nodes.get("node-a")
+    assert len(v.exits) == cap and v.exits_dropped == 200 * (cap // 200 + 2) - cap
+    assert len(sup.nodes.take_exits("node-a", 0)) == cap and sup.nodes.take_exits("node-a", 0) == []
+
+
+def command(client, tok, name, **body):
+    return client.post(f"/v1/commands/{name}", json={"reason": "test", **body},
+                       headers={"Authorization": f"Bearer {tok['op']}"})
+
+
+def test_nodes_exclude_and_readmit_are_validated_dry_run_and_audited(setup):
+    sup, client, tok = setup
+    for agent in ("a", "b"):
+        post(client, tok[agent], report(f"node-{agent}"))
+    assert command(client, tok, "nodes-exclude", node="node-z").status_code == 400  # unknown node
+    assert command(client, tok, "nodes-readmit", node="node-a").status_code == 409  # not excluded
+    dry = command(client, tok, "nodes-exclude", node="node-b", dry_run=True)
+    assert dry.status_code == 200 and dry.json()["plan"]["nodes_after"] == ["node-a"]
+    assert sup.nodes.excluded == set()  # a dry run changes nothing
+    r = command(client, tok, "nodes-exclude", node="node-b")
+    assert r.status_code == 200, r.text
+    assert sup.nodes.excluded == {"node-b"} and sup.journal.get_meta("excluded_nodes") == ["node-b"]
+    # the excluded node is told to run nothing, whatever its order was
+    assert post(client, tok["b"], report("node-b")).json() == {
+        "order": {"generation": -1, "argv": [], "env": {}, "node_rank": None, "nnodes": None,
+                  "stop_grace_s": 10.0, "stacks_id": None}, "report_interval_s": 1.0, "excluded": True}
+    assert command(client, tok, "nodes-exclude", node="node-a").status_code == 409  # would leave none
+    st = client.get("/v1/status", headers={"Authorization": f"Bearer {tok['viewer']}"}).json()
+    assert st["nodes"]["excluded"] == ["node-b"]
+    assert command(client, tok, "nodes-readmit", node="node-b").status_code == 200
+    assert sup.nodes.excluded == set() and sup.journal.get_meta("excluded_nodes") == []
+    audit = [(c["command"], c["accepted"]) for c in sup.journal.commands(limit=20)]
+    assert ("nodes-exclude", True) in audit and ("nodes-readmit", True) in audit and ("nodes-exclude", False) in audit
+
+
+def test_nodes_commands_are_refused_without_agents(tmp_path):
+    f = tmp_path / "tokens.jsonl"
+    op = add_token(f, "alice", "operator")
+    sup = Supervisor(Settings.load(run={"workdir": str(tmp_path / "run"), "run_id": "t"},
+                                   server={"port": 0, "token_file": str(f)}))
+    try:
+        r = TestClient(build_app(sup)).post("/v1/commands/nodes-exclude", json={"reason": "x", "node": "n1"},
+                                            headers={"Authorization": f"Bearer {op}"})
+        assert r.status_code == 409 and "launch.backend = local" in r.text
+    finally:
+        sup.journal.close()
