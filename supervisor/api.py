@@ -69,14 +69,20 @@ def build_app(sup) -> FastAPI:
     sup.metrics.instrument(app)  # request counts and latency by route (supervisor/metrics.py)
     limiter = RateLimiter(sup.settings.server.rate_limit)
 
-    @app.middleware("http")
-    async def _rate_limit(request: Request, call_next):
-        cls = route_class(request.method, request.url.path)
-        if not limiter.allow(cls):
-            sup.health.metrics_only("rate_limited")
-            return JSONResponse({"error": f"too many {cls} requests (limit {limiter.rate(cls):g}/s)", "details": []},
-                                status_code=429, headers={"Retry-After": "1"})
-        return await call_next(request)
+    def _rate_limit(inner):
+        # A plain ASGI middleware (see `Metrics.instrument` for why not ``@app.middleware``).
+        async def limit(scope, receive, send):
+            if scope["type"] == "http":
+                cls = route_class(scope["method"], scope["path"])
+                if not limiter.allow(cls):
+                    sup.health.metrics_only("rate_limited")
+                    refusal = JSONResponse({"error": f"too many {cls} requests (limit {limiter.rate(cls):g}/s)",
+                                            "details": []}, status_code=429, headers={"Retry-After": "1"})
+                    return await refusal(scope, receive, send)
+            await inner(scope, receive, send)
+        return limit
+
+    sup.metrics.add_asgi_middleware(app, _rate_limit)
 
     @app.exception_handler(sqlite3.Error)
     @app.exception_handler(OSError)

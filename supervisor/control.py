@@ -46,6 +46,7 @@ from supervisor.checkpoints import CheckpointNotFound, parse_step
 from supervisor.detect.findings import Finding
 from supervisor.policy import (KILL_RESTART_HANG, RESTART, ROLLBACK, ROLLBACK_LR_DOWN, SKIP_UPDATE, STOP_PAGE,
                                Decision)
+from supervisor.run_plan import local_batch
 from supervisor.run_state import ACTIVE, RESUMABLE, json_number
 from supervisor.wire import WireError, json_safe, loads, read_body
 
@@ -77,6 +78,11 @@ class RollbackBody(Command):
     skip_batches: int = Field(0, ge=0, le=10**9, description="Batches per rank to drain after loading (bad data).")
     lr_scale: float | None = Field(None, gt=0, le=1000, description="New LR scale after the rollback (re-warmed).")
     ramp_steps: int = Field(0, ge=0, le=10**9, description="Re-warm length for lr_scale.")
+
+
+class ReshardBody(Command):
+    ranks: int = Field(ge=1, le=65535, description="Ranks per node of the next generation (its DP degree on "
+                                                   "one node): fewer after a node loss, the full count to grow back.")
 
 
 class LrBody(LightCommand):
@@ -353,6 +359,26 @@ class ControlPlane:
             raise Refusal(409, "no valid checkpoint to resume from; refusing to restart the run from scratch")
         return {"action": "resume", "load_step": load, "lr_scale": sup.lr_scale, "generation": sup.generation + 1}
 
+    def reshard_plan(self, who, b, extra) -> dict:
+        sup = self.sup
+        if sup.state not in ACTIVE and sup.state not in RESUMABLE:
+            raise Refusal(409, f"the run is {sup.state}; reshard applies to a running, paused or stopped run")
+        if b.ranks == sup.ranks:
+            raise Refusal(409, f"the run already uses {b.ranks} ranks per node")
+        gb = sup.settings.training.global_batch_size
+        mb = local_batch(sup.settings)
+        if gb is not None and gb % (b.ranks * mb) != 0:
+            raise Refusal(409, f"[training] global_batch_size {gb} is not a multiple of {b.ranks} ranks x local batch "
+                               f"{mb}: the trainer could not keep the global batch by gradient accumulation")
+        alive = sup.generations.alive()
+        load = sup.ledger.newest_valid_step()  # a query: a dry run moves nothing
+        if not alive and load is None and sup.last_step > 0:
+            raise Refusal(409, "no valid checkpoint to restart from; refusing to restart the run from scratch")
+        return {"action": "reshard", "ranks_from": sup.ranks, "ranks_to": b.ranks, "generation": sup.generation + 1,
+                "global_batch": gb if gb is not None else f"{b.ranks} x {mb} (no [training] global_batch_size: it changes)",
+                "load_step": f"a checkpoint saved at the next step boundary after {sup.last_step}" if alive else load,
+                "data": "continues from the same global sample (training/data.py)"}
+
     async def start_heavy(self, kind: str, who: Principal, params: dict, rid: str, message: str) -> dict:
         a = self.sup.runner.start(kind, params, actor=who.name, request_id=rid)
         return {"action_id": a.id, "state": "running", "message": f"action {a.id}: {message}"}
@@ -594,6 +620,14 @@ COMMAND_SPECS: tuple[CommandSpec, ...] = (
         describe=lambda p, b: f"start generation {p['generation']} from {_where(p)}",
         start=lambda cp, who, b, p, rid: cp.start_heavy("resume", who, {"reason": b.reason, "load_step": p["load_step"]},
                                                         rid, f"resuming from {_where(p)}")),
+    CommandSpec(
+        name="reshard", body=ReshardBody, kind="reshard",
+        summary="Restart on N ranks per node from the same checkpoint, keeping the exact data position",
+        plan=ControlPlane.reshard_plan,
+        describe=lambda p, b: f"reshard {p['ranks_from']} -> {p['ranks_to']} ranks from {p['load_step']}",
+        start=lambda cp, who, b, p, rid: cp.start_heavy(
+            "reshard", who, {"reason": b.reason, "ranks": b.ranks, "ranks_from": p["ranks_from"]}, rid,
+            f"resharding {p['ranks_from']} -> {p['ranks_to']} ranks")),
     _directive("lr", "lr", LrBody, "Set the LR scale (optionally ramped)",
                lambda b: {"kind": "set_lr_scale", "scale": b.scale, "ramp_steps": b.ramp_steps},
                lambda b: f"set the LR scale to {b.scale:g} over {b.ramp_steps} steps",

@@ -96,7 +96,7 @@ class Supervisor:
         self.remedies = Remedies(generations=self.generations, ledger=self.ledger, directives=self.directives,
                                  pager=self.pager, journal=j, status=self.status, suite=self.suite,
                                  metrics=self.metrics, log=self.log, step_times=self.step_times,
-                                 ranks=s.run.nproc_per_node, directive_timeout_s=s.launch.directive_timeout_s,
+                                 ranks=self.ranks, directive_timeout_s=s.launch.directive_timeout_s,
                                  poll_s=s.launch.directive_poll_s, stack_dump_chars=s.launch.stack_dump_chars,
                                  layouts=LayoutFallback(s))
         self.runner = ActionRunner(self.decisions, self.remedies, j, self.metrics, self.log, spawn=self.spawn,
@@ -108,6 +108,8 @@ class Supervisor:
         self.loop_guard = LoopLagGuard(LoopLagGuard.Config(), s.launch.poll_interval_s)
         self.interval = IntervalAdvisor(s.checkpoints, s.run.checkpoint_interval, s.run.preset, j, self.metrics)
         self.mode = j.get_meta("mode", s.mode)
+        # per rank, per optimizer step (gradient accumulation): the trainer's `started` event says
+        self.batches_per_step: int = int(j.get_meta("batches_per_step", 1) or 1)
         self.metrics.bind_mode(lambda: self.mode)
         self.url = ""  # set by the server once bound
         self.last_record: StepRecord | None = None
@@ -153,6 +155,8 @@ class Supervisor:
     action = _delegate("runner", "current")
     pending = _delegate("directives", "pending")
     last_known_good = property(lambda self: self.ledger.last_known_good)
+    # ranks per node of the current generation: the run's nproc_per_node unless a reshard changed it
+    ranks = property(lambda self: self.generations.ranks or self.settings.run.nproc_per_node)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -167,7 +171,7 @@ class Supervisor:
             if last.get("state") == "running" and self.generations.adopt(last, self.status.lr_scale):
                 adopted = True
                 self.suite.reset_generation(self.generation, time.time(), resume_step=None,
-                                            world_size=getattr(self.gen, "world_size", self.settings.run.nproc_per_node))
+                                            world_size=self.ranks)
                 self._catch_up_from_spool()
                 self.status.set("running")
         prior = self.journal.get_meta("state")
@@ -249,7 +253,7 @@ class Supervisor:
     def _spec(self, generation: int, *, load_step, skip_batches: int, lr_scale: float, ramp_steps: int = 0,
               layout_index: int | None = None) -> LaunchSpec:
         r = self.settings.run
-        return LaunchSpec(generation=generation, nproc=r.nproc_per_node, preset=r.preset, workdir=self.workdir,
+        return LaunchSpec(generation=generation, nproc=self.ranks, preset=r.preset, workdir=self.workdir,
                           supervisor_url=self.url, run_id=r.run_id, load_step=load_step,
                           skip_batches=skip_batches, lr_scale=lr_scale, lr_ramp_steps=ramp_steps,
                           steps=self.status.total_steps, checkpoint_interval=self.interval.current,
@@ -385,7 +389,7 @@ class Supervisor:
         one of this generation's (nothing is recorded then: a forged pid must never be signalled)."""
         if hb.run_id != self.settings.run.run_id or hb.generation != self.generation:
             return None
-        why = self.generations.note_rank_pid(hb.rank, hb.pid, ranks=self.settings.run.nproc_per_node)
+        why = self.generations.note_rank_pid(hb.rank, hb.pid, ranks=self.ranks)
         if why is not None:
             self.health.metrics_only("heartbeat_refused")
             self._refused += 1
@@ -451,7 +455,12 @@ class Supervisor:
                           detail=ev.detail, step=ev.step)
         elif ev.kind == "started":
             self.status.last_step = ev.step
-            self.log.info("trainer started", generation=self.generation, step=ev.step, world_size=ev.world_size)
+            if ev.batches_per_step != self.batches_per_step:  # gradient accumulation changed (a reshard)
+                self.batches_per_step = ev.batches_per_step
+                self.journal.set_meta("batches_per_step", ev.batches_per_step)
+            self.log.info("trainer started", generation=self.generation, step=ev.step, world_size=ev.world_size,
+                          dp_degree=ev.dp_degree, batches_per_step=ev.batches_per_step,
+                          samples_consumed=ev.samples_consumed)
         elif ev.kind == "finished":
             self.log.info("trainer finished", generation=self.generation, step=ev.step, reason=ev.reason)
             self.status.trainer_finished = (ev.step, ev.reason)
@@ -486,7 +495,7 @@ class Supervisor:
     def run_state(self) -> RunState:
         return RunState(current_step=self.last_step, generation=self.generation,
                         valid_checkpoints=self.ledger.valid_steps(), last_known_good=self.last_known_good,
-                        batches_per_step=1, lr_scale=self.lr_scale, trainer_alive=self.generations.alive(),
+                        batches_per_step=self.batches_per_step, lr_scale=self.lr_scale, trainer_alive=self.generations.alive(),
                         mode=self.mode)
 
     def on_finding(self, f: Finding) -> None:

@@ -48,6 +48,7 @@ class Generations:
         self.first_start: float | None = journal.get_meta("first_start")
         self.layout_index: int | None = journal.get_meta("layout_index")
         self.layout_label: str | None = journal.get_meta("layout_label")
+        self.ranks: int | None = journal.get_meta("ranks")
 
     def alive(self) -> bool:
         """A generation runs and its processes are there."""
@@ -55,9 +56,12 @@ class Generations:
         return g is not None and g.exited is None and g.alive()
 
     async def launch(self, *, load_step: int | None, skip_batches: int, lr_scale: float, ramp_steps: int = 0,
-                     reason: str, layout_index: int | None = None, layout_label: str | None = None
-                     ) -> RunningGeneration:
+                     reason: str, layout_index: int | None = None, layout_label: str | None = None,
+                     ranks: int | None = None) -> RunningGeneration:
         self._hooks.before_launch()
+        if ranks is not None:
+            self.ranks = ranks
+            self._journal.set_meta("ranks", ranks)
         if layout_index is not None:
             self.layout_index, self.layout_label = layout_index, layout_label
             self._journal.set_meta("layout_index", layout_index)

@@ -423,21 +423,39 @@ class Metrics:
         self.m["http_request_duration_seconds"].labels(route=route).observe(seconds)
 
     def instrument(self, app: Any) -> None:
-        """Count and time every request of a FastAPI/Starlette ``app`` by route template."""
+        """Count and time every request of a FastAPI/Starlette ``app`` by route template.
+
+        A plain ASGI middleware, not Starlette's ``@app.middleware("http")``: that one runs every
+        request in an extra anyio task group, which cost the heartbeat hot path more than the
+        daemon's own work on it (bench/ingest.py)."""
         metrics = self
 
-        @app.middleware("http")
-        async def _count(request, call_next):  # noqa: ANN001 - Starlette's types
-            t0 = time.perf_counter()
-            code = 500
-            try:
-                response = await call_next(request)
-                code = response.status_code
-                return response
-            finally:
-                route = request.scope.get("route")
-                metrics.observe_http(getattr(route, "path", None) or "unmatched", code,
-                                     time.perf_counter() - t0)
+        def wrap(inner):
+            async def count(scope, receive, send):  # noqa: ANN001 - ASGI
+                if scope["type"] != "http":
+                    return await inner(scope, receive, send)
+                t0 = time.perf_counter()
+                code = [500]
+
+                async def send_status(message):
+                    if message["type"] == "http.response.start":
+                        code[0] = message["status"]
+                    await send(message)
+
+                try:
+                    await inner(scope, receive, send_status)
+                finally:
+                    route = scope.get("route")  # set by the router on this same scope
+                    metrics.observe_http(getattr(route, "path", None) or "unmatched", code[0],
+                                         time.perf_counter() - t0)
+            return count
+
+        self.add_asgi_middleware(app, wrap)
+
+    @staticmethod
+    def add_asgi_middleware(app: Any, wrap) -> None:  # noqa: ANN001
+        """Add ``wrap(inner_app) -> ASGI callable`` as the app's outermost middleware so far."""
+        app.add_middleware(_AsgiWrap, wrap=wrap)
 
     async def watch_loop_lag(self) -> None:
         """Run forever in the daemon's loop: how late a periodic timer fires is the loop lag."""
@@ -455,3 +473,13 @@ class Metrics:
     def render(self) -> bytes:
         """The registry in the Prometheus text exposition format."""
         return generate_latest(self.registry)
+
+
+class _AsgiWrap:
+    """Starlette middleware shim: ``wrap(app)`` returns the ASGI callable to run instead."""
+
+    def __init__(self, app, wrap) -> None:  # noqa: ANN001 - ASGI
+        self._call = wrap(app)
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        await self._call(scope, receive, send)

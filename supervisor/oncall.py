@@ -526,6 +526,12 @@ def add_subcommands(sub) -> None:
             'titan-supervisor resume --reason "maintenance done"',
             _command("/v1/commands/resume", lambda a: {}, destructive=True, waits=True), [conn, mut])
     _waiting(p)
+    p = add("reshard", "restart on N ranks per node from the same checkpoint (exact data position kept)",
+            'titan-supervisor reshard --ranks 1 --reason "node 3 lost"',
+            _command("/v1/commands/reshard", lambda a: {"ranks": a.ranks}, destructive=True, waits=True),
+            [conn, mut])
+    p.add_argument("--ranks", required=True, type=_pos_int, help="ranks per node of the next generation")
+    _waiting(p)
 
     def light(name, help_, example, build, destructive=False):
         p = add(name, help_, example, _command(f"/v1/commands/{name}", lambda a: build(a) | {"wait_s": a.wait},

@@ -126,6 +126,9 @@ class TrainerStarted(_Timed):
     skip_batches: NonNegInt = 0
     lr_scale: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
     world_size: Annotated[int, Field(ge=1, lt=65536)] = 1
+    dp_degree: Annotated[int, Field(ge=1, lt=65536)] = 1
+    batches_per_step: Annotated[int, Field(ge=1, lt=65536)] = 1  # per rank: gradient accumulation x PP microbatches
+    samples_consumed: NonNegInt = 0  # the global data position the generation starts from
 
 
 class TrainerFinished(_Timed):

@@ -24,7 +24,7 @@ import time
 from supervisor.policy import (COOL_LR, EXCLUDE_NODE, KILL_RESTART_HANG, RECORD, RESTART, REWARM_LR, ROLLBACK,
                                ROLLBACK_LR_DOWN, SKIP_UPDATE, STOP_PAGE)
 
-PAUSE, RESUME = "pause", "resume"  # operator actions (supervisor/control.py)
+PAUSE, RESUME, RESHARD = "pause", "resume", "reshard"  # operator actions (supervisor/control.py)
 
 
 def lost_gpu_hours(steps: int, step_seconds: float, ranks: int) -> float:
@@ -49,7 +49,7 @@ class Remedies:
             ROLLBACK: self.rollback, ROLLBACK_LR_DOWN: self.rollback,
             RESTART: self.restart, KILL_RESTART_HANG: self.kill_restart_hang,
             EXCLUDE_NODE: self.exclude_node, STOP_PAGE: self.stop_and_page,
-            PAUSE: self.pause, RESUME: self.resume_run,
+            PAUSE: self.pause, RESUME: self.resume_run, RESHARD: self.reshard,
         }
         #: light actions: synchronous, never wait
         self.light_table = {RECORD: self.record, SKIP_UPDATE: self.skip_update,
@@ -296,6 +296,36 @@ class Remedies:
         await self.generations.launch(load_step=load, skip_batches=0, lr_scale=self.status.lr_scale,
                                       reason=f"resumed by operator (action {a.id})")
         return {"load_step": load, "generation": self.generations.id, "lr_scale": self.status.lr_scale}
+
+    async def reshard(self, a) -> dict:
+        """Restart on ``params["ranks"]`` ranks from the same DCP checkpoint: fewer after a node
+        is lost, the full count again when it returns. The trainer's data position is global
+        (`training/data.py`), so the new DP degree continues from the exact sample the old one
+        reached. A running trainer first saves a checkpoint at its next step boundary (nothing is
+        redone); a dead one restarts from the newest valid checkpoint. Safe to repeat: a resumed
+        action finds the directive acknowledged or not and the generation stopped or not."""
+        new, old = int(a.params["ranks"]), int(a.params.get("ranks_from", self._ranks))
+        if self.generations.alive() and self.generations.ranks == new:  # resumed after its launch
+            self._ranks = new
+            return {"ranks_from": old, "ranks_to": new, "generation": self.generations.id,
+                    "note": f"generation {self.generations.id} already runs on {new} ranks"}
+        self.status.set("recovering")
+        saved = None
+        if self.generations.alive():
+            if not self.directives.is_pending(a.directive_id):
+                self._send(a, kind="checkpoint_now", reason=f"reshard {old} -> {new} ranks (action {a.id})")
+            gen = self.generations.current
+            ack = await self.directives.wait(a.directive_id, self.directive_timeout_s,
+                                             alive=lambda: gen.exited is None and gen.alive())
+            saved = ack.detail if ack is not None and ack.ok else None
+        await self.generations.stop(f"reshard {old} -> {new} ranks (action {a.id})")
+        load = self.ledger.load_target()
+        lost = self._count_lost(int(a.params.get("from_step", self.status.last_step)) - (load or 0))
+        self._ranks = new
+        await self.generations.launch(load_step=load, skip_batches=0, lr_scale=self.status.lr_scale,
+                                      reason=f"reshard {old} -> {new} ranks (action {a.id})", ranks=new)
+        return {"ranks_from": old, "ranks_to": new, "load_step": load, "checkpoint_now": saved,
+                "generation": self.generations.id, "lost_steps": lost}
 
     def _send(self, a, **fields):
         d = self.directives.send(a.id, **fields)

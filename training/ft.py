@@ -37,6 +37,8 @@ import torch
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 from torchtitan.tools.logging import logger
 
+from training.data import GlobalOrderDataLoader
+
 if TYPE_CHECKING:
     from training.trainer import SupervisedTrainer
 
@@ -159,6 +161,11 @@ def sharded_dataloader_config(cfg: ReplicaConfig, loader_config: Any) -> Any:
     """The text dataloader config, reading this group's shard of the data (unchanged when FT is off)."""
     if not cfg.enable:
         return loader_config
+    if type(loader_config) is GlobalOrderDataLoader.Config:
+        # The presets' global-order loader (training/data.py) serves resharding; torchft mode shards
+        # per replica group and heals by counting batches, on torchtitan's text loader.
+        loader_config = HuggingFaceTextDataLoader.Config(dataset=loader_config.dataset,
+                                                         dataset_path=loader_config.dataset_path)
     if type(loader_config) is not HuggingFaceTextDataLoader.Config:
         raise ValueError(f"torchft mode supports the text dataloader only, not {type(loader_config).__qualname__}")
     values = {f.name: getattr(loader_config, f.name) for f in fields(loader_config) if f.init}

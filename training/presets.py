@@ -17,7 +17,6 @@ from torchtitan.components.metrics import MetricsProcessor
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.config import ParallelismConfig, TrainingConfig
 from torchtitan.distributed.pipeline_parallel import pipeline_llm
-from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
 from torchtitan.models.llama3 import Llama3Model, _build_llama3_layers, _output_linear_init, parallelize_llama
 from torchtitan.models.llama3 import _EMBEDDING_INIT, _NORM_INIT
@@ -25,6 +24,7 @@ from torchtitan.models.llama3.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.protocols.model_spec import ModelSpec
 
 from supervisor.model_table import ALL_SHAPES, PRESET_TRAINING, ModelShape
+from training.data import GlobalOrderDataLoader
 from training.trainer import SupervisedTrainer
 
 
@@ -74,7 +74,7 @@ def _base(name: str) -> SupervisedTrainer.Config:
             warmup_steps=t.warmup_steps, decay_ratio=0.2, decay_type="linear", min_lr_factor=0.1,
         ),
         training=TrainingConfig(local_batch_size=t.local_batch, seq_len=t.seq_len, steps=t.steps),
-        dataloader=HuggingFaceTextDataLoader.Config(dataset="c4_test"),
+        dataloader=GlobalOrderDataLoader.Config(dataset="c4_test"),  # DP-independent order: reshardable
         metrics=MetricsProcessor.Config(log_freq=1),
         parallelism=ParallelismConfig(),
         checkpoint=CheckpointManager.Config(

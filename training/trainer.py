@@ -46,6 +46,7 @@ from torchtitan.trainer import Trainer
 from supervisor import dcp
 from supervisor.protocol import Directive
 from training import cpu, ft
+from training.data import DataPosition, GlobalOrderDataLoader
 from training.faults import FaultPlan
 from training.schedule import LrScale, WSDSchedule
 from training.telemetry import TelemetryClient, TelemetryConfig
@@ -77,6 +78,9 @@ class SupervisionConfig:
     """Write <dump>/telemetry/rank-<r>.jsonl per rank (LR, param checksum, Adam step) for drills/tests."""
     faults: str = ""
     """Fault injection for drills (see training.faults), e.g. 'spike@30:lr=1000,crash@60:rank=1'."""
+    sample_log: bool = True
+    """With the global data order (`training.data`): write <dump>/samples/rank-<r>.jsonl, one line per
+    microbatch trained on (step, generation, DP degree, [global sample index, token digest] per row)."""
 
 
 class GuardedOptimizers(OptimizersContainer):
@@ -220,6 +224,14 @@ class SupervisedTrainer(Trainer):
             container.add_logger(mp.logger)
             mp.logger = container
         mp.logger.add_logger(self._metrics)
+        self.global_data = isinstance(self.dataloader, GlobalOrderDataLoader)
+        self._legacy_load = False  # loading a checkpoint written before the global data position
+        self._draining = False
+        self._sample_log = None
+        if self.global_data and sup.sample_log:
+            sdir = Path(config.dump_folder) / "samples"
+            sdir.mkdir(parents=True, exist_ok=True)
+            self._sample_log = open(sdir / f"rank-{self.rank}.jsonl", "a", buffering=1)
         self._trace = None
         if sup.trace:
             tdir = Path(config.dump_folder) / "telemetry"
@@ -299,6 +311,8 @@ class SupervisedTrainer(Trainer):
     def _raw_batches(self):
         for input_dict, labels in super().batch_generator(self.dataloader):
             self.batches_consumed += 1
+            if self._sample_log is not None and not self._draining:
+                self._log_samples()
             frac = self.faults.badbatch_fraction(self.batches_consumed) if self.faults.active else 0.0
             if frac > 0.0:
                 vocab = self.config.model_spec.model.vocab_size
@@ -311,11 +325,28 @@ class SupervisedTrainer(Trainer):
                 input_dict = dict(input_dict, input=tokens)
             yield input_dict, labels
 
+    def _log_samples(self) -> None:
+        import json
+
+        self._sample_log.write(json.dumps({
+            "step": self.step, "generation": self.config.supervision.generation, "dp": self._dp_degree(),
+            "ids": [[g, digest] for g, digest in self.dataloader.last_ids],
+        }) + "\n")
+
+    @property
+    def batches_per_step(self) -> int:
+        """Dataloader batches one optimizer step takes per rank (gradient accumulation x PP microbatches):
+        the unit of a data skip (`skip_batches`)."""
+        return self.gradient_accumulation_steps * self.num_pipeline_parallel_microbatches
+
     # --- train state that rides in every checkpoint ----------------------------------------
     def state_dict(self):
         sd = super().state_dict()
         sd["batches_consumed"] = self.batches_consumed
         sd["wsd"] = self.schedule.state_dict()
+        if self.global_data and not self._legacy_load:
+            # The same on every rank at a step boundary: one copy, read back at any DP degree.
+            sd["data_position"] = self.dataloader.position.to_state()
         return sd
 
     def load_state_dict(self, state_dict):
@@ -323,6 +354,8 @@ class SupervisedTrainer(Trainer):
         self.batches_consumed = int(state_dict.get("batches_consumed", 0))
         if "wsd" in state_dict:
             self.schedule.load_state_dict(state_dict["wsd"])
+        if self.global_data and "data_position" in state_dict:
+            self.dataloader.seek(DataPosition.from_state(state_dict["data_position"]))
 
     # --- the loop: upstream's Trainer.train, entered through its hooks ---------------------
     def train(self):
@@ -330,6 +363,7 @@ class SupervisedTrainer(Trainer):
         `batch_generator` (start tail), `should_continue_training` (directives), `train_step`
         (faults, timing, guard, save, report)."""
         self._set_phase("loading")
+        self._check_legacy(self.config.checkpoint.load_step)
         super().train()
         self._finish()  # the loop ended without asking (the data ran out)
 
@@ -350,16 +384,34 @@ class SupervisedTrainer(Trainer):
         self._event({"kind": "finished", "step": self.step, "reason": self._stop_reason or "completed"})
         logger.info(f"Training finished at step {self.step} ({self._stop_reason or 'completed'})")
 
+    def _check_legacy(self, step: int) -> None:
+        """Before loading step-N: a checkpoint written before the global data position (no
+        ``train_state.data_position``) loads without it; the data then starts from sample 0 of
+        the global order (the old per-rank order cannot be mapped onto it), with a warning."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self._legacy_load = False
+        path = self._checkpoint_dir(step) if step >= 0 else None
+        if not self.global_data or path is None or not (path / ".metadata").is_file():
+            return
+        keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        if not any(k.startswith("train_state.data_position.") for k in keys):
+            self._legacy_load = True
+            logger.warning(f"checkpoint {path} predates the global data position: the data restarts from "
+                           "sample 0 of the global order")
+
     def batch_generator(self, data_iterable):
         """Upstream's train() calls this once, right after loading the start checkpoint: the
         common tail of a cold start (skip K batches, LR scale) runs here, and the iterator
         returned follows `self.batches`, which a hot rollback replaces."""
         sup = self.config.supervision
+        self._legacy_load = False  # loaded: every later save carries the position
         self.batches = self._after_load(sup.skip_batches, sup.lr_scale, sup.lr_ramp_steps)
         self._last_saved_step = self.step
         self.telemetry.last_step = self.step
         self._event({"kind": "started", "step": self.step, "skip_batches": sup.skip_batches,
-                     "lr_scale": sup.lr_scale, "world_size": self.world})
+                     "lr_scale": sup.lr_scale, "world_size": self.world, "dp_degree": self._dp_degree(),
+                     "batches_per_step": self.batches_per_step, "samples_consumed": self.samples_consumed})
         logger.info(f"Supervised training starts at step {self.step + 1} (generation {sup.generation})")
         return _Feed(self)
 
@@ -411,6 +463,8 @@ class SupervisedTrainer(Trainer):
 
     @property
     def samples_consumed(self) -> int:
+        if self.global_data:
+            return self.dataloader.position.sample  # global, whatever the DP degree was
         return self.batches_consumed * self.config.training.local_batch_size * self._dp_degree()
 
     def _dp_degree(self) -> int:
@@ -425,8 +479,12 @@ class SupervisedTrainer(Trainer):
         loaded dataloader state, K batches drained, LR scale set, optimizer LRs re-synced."""
         self._microbatches = 0
         data = self._raw_batches()
-        for _ in range(skip_batches):
-            next(data)
+        self._draining = True  # drained batches are skipped, not trained on: not in the sample log
+        try:
+            for _ in range(skip_batches):
+                next(data)
+        finally:
+            self._draining = False
         start = 0.0 if ramp_steps > 0 else lr_scale
         self.lr_scale.set(lr_scale, ramp_steps, at_step=self.step, start=start)
         self._sync_param_group_lrs()
@@ -668,7 +726,11 @@ class SupervisedTrainer(Trainer):
             raise ValueError(f"rollback target step {d.step}: checkpoint {path} is invalid: {reason}")
         self._set_phase("rollback")
         self.faults.clear_transient()
-        self.checkpointer.load(step=d.step)
+        self._check_legacy(d.step)
+        try:
+            self.checkpointer.load(step=d.step)
+        finally:
+            self._legacy_load = False
         scale = d.lr_scale if d.lr_scale is not None else self.lr_scale.target
         self.batches = self._after_load(d.skip_batches, scale, d.ramp_steps if d.lr_scale is not None else 0)
         self._last_saved_step = self.step
@@ -685,6 +747,8 @@ class SupervisedTrainer(Trainer):
     def close(self) -> None:
         if getattr(self, "_trace", None) is not None:
             self._trace.close()
+        if getattr(self, "_sample_log", None) is not None:
+            self._sample_log.close()
         if getattr(self, "telemetry", None) is not None:
             self.telemetry.close()
         if getattr(self, "_ft", None) is not None:

@@ -38,6 +38,7 @@ def snapshot(sup) -> tuple[dict, list[str], int]:
 RUNNING = [
     ("commands/rollback", {"to_step": 20, "skip_batches": 3, "lr_scale": 0.5, "ramp_steps": 10}),
     ("commands/pause", {}),
+    ("commands/reshard", {"ranks": 1}),
     ("commands/lr", {"scale": 0.5, "ramp_steps": 5}),
     ("commands/skip-data", {"batches": 4}),
     ("commands/checkpoint-now", {}),
