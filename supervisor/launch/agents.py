@@ -81,7 +81,8 @@ class AgentsConfig:
         "host a free port is picked instead")] = 29400
     rdzv_port_span: Annotated[PositiveInt, doc("how many ports the rendezvous cycles through")] = 500
     reshard_args: Annotated[Strings, doc(
-        "trainer flags added when the checkpoint to load was written by another world size")] = (
+        "trainer flags added when the checkpoint to load was written by another world size (the data position "
+        "is global and in the trainer's own state: only torchtitan's per-rank loader state, empty, is skipped)")] = (
         "--checkpoint.exclude_from_loading", "dataloader")
     poll_s: Annotated[Seconds, doc("how often start/stop check the agents' reports")] = 0.05
 
