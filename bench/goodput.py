@@ -8,9 +8,11 @@ interval, seed) clean and under a fault schedule, each way:
                         without it restarts hang in gloo's connectFullMesh here); it may hang or
                         crash-loop: every run is bounded by a wall-time limit, and that is reported
   supervisor            the `titan-supervisor run` daemon on its own workdir, default settings
-  supervisor-torchft    the daemon with `[fault_tolerance] mode = "torchft"` (issue 14 part 1,
-                        built on another branch: `--way supervisor-torchft` plugs it in; on a
-                        branch without it the daemon refuses the config and the row says so)
+  supervisor-torchft    the daemon with `[fault_tolerance] mode = "torchft"`: the job's ranks as
+                        that many replica groups of one rank each (README, "torchft mode").
+                        Not measured yet: the schedule's rank=1 faults name a rank inside a
+                        group (every group is rank 0 of its own torchrun), so they need mapping
+                        to "group 1" before this row means anything
 
 For each way: time to the target step, ETTR = (clean time to target) / (faulted time to
 target) against its own clean run, restarts, hot rollbacks, the seconds each fault cost
@@ -177,6 +179,10 @@ class SupervisorWay:
                "server": {"port": free_port()}}
         for section, body in self.extra.items():
             cfg.setdefault(section, {}).update(body)
+        if cfg.get("fault_tolerance", {}).get("mode") == "torchft":
+            # the same world as the other ways: job.nproc replica groups of one rank each
+            cfg["fault_tolerance"].setdefault("groups", job.nproc)
+            cfg["run"]["nproc_per_node"] = 1
         return cfg
 
     def run(self, job: Job, workdir: Path, faults: str, limit_s: float) -> Run:
