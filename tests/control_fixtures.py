@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from supervisor.api import build_app
 from supervisor.auth import add_token
 from supervisor.daemon import Supervisor
 from supervisor.settings import Settings
@@ -87,3 +89,20 @@ def make_sup(tmp_path, tokens, logger=None):
     return sup
 
 
+# Fixtures (import them by name into a test module): a token file, a Supervisor, its app's client.
+@pytest.fixture
+def tokens(tmp_path):
+    return make_tokens(tmp_path)
+
+
+@pytest.fixture
+def sup(tmp_path, tokens):
+    sup = make_sup(tmp_path, tokens)
+    yield sup
+    sup.journal.close()
+
+
+@pytest.fixture
+def client(sup):
+    with TestClient(build_app(sup)) as c:
+        yield c

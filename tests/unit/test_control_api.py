@@ -16,25 +16,7 @@ from fastapi.testclient import TestClient
 from supervisor.api import build_app
 from supervisor.daemon import Supervisor
 from supervisor.settings import Settings
-from tests.control_fixtures import make_checkpoint, make_sup, make_tokens
-
-
-@pytest.fixture
-def tokens(tmp_path):
-    return make_tokens(tmp_path)
-
-
-@pytest.fixture
-def sup(tmp_path, tokens):
-    sup = make_sup(tmp_path, tokens)
-    yield sup
-    sup.journal.close()
-
-
-@pytest.fixture
-def client(sup):
-    with TestClient(build_app(sup)) as c:
-        yield c
+from tests.control_fixtures import client, make_checkpoint, sup, tokens  # noqa: F401 (client, sup, tokens: fixtures)
 
 
 def hdr(tokens, role):

@@ -17,26 +17,8 @@ from fastapi.testclient import TestClient
 from supervisor.api import build_app
 from supervisor.daemon import Supervisor
 from supervisor.detect.findings import Finding
-from tests.control_fixtures import make_checkpoint, make_sup, make_tokens
+from tests.control_fixtures import client, make_checkpoint, sup, tokens  # noqa: F401 (client, sup, tokens: fixtures)
 from tests.unit.test_control_api import ack_event, hdr, send_events, snapshot, wait
-
-
-@pytest.fixture
-def tokens(tmp_path):
-    return make_tokens(tmp_path)
-
-
-@pytest.fixture
-def sup(tmp_path, tokens):
-    sup = make_sup(tmp_path, tokens)
-    yield sup
-    sup.journal.close()
-
-
-@pytest.fixture
-def client(sup):
-    with TestClient(build_app(sup)) as c:
-        yield c
 
 
 def test_dry_run_shows_the_plan_and_changes_nothing(sup, client, tokens):
