@@ -178,7 +178,10 @@ def test_spike_hang_and_xid_on_two_nodes_the_bad_node_is_excluded_and_the_run_fi
     # every node's agent answered; the node with the stopped rank comes last (kept by the action's cap)
     stacks = hang["outcome"]["stacks"]
     assert stacks.index(f"=== node {hung_node}") > stacks.index(f"=== node {other_node}") >= 0
-    assert "Current thread" in stacks  # the blocked peer's faulthandler dump came back through its agent
+    # both ranks' stacks came back through their agents: the blocked peer's (py-spy) and the stopped
+    # rank's (py-spy --nonblocking: faulthandler cannot run in a stopped process)
+    assert "(stopped, py-spy --nonblocking)" in stacks and "pid %d (stopped" % victim in stacks, stacks[:2000]
+    assert stacks.count("(py-spy)") >= 1 and "Thread" in stacks, stacks[:2000]
     _wait_running(d, 45, ["node-a", "node-b"])
     # 3. node-b's kernel log reports an Xid (twice) and an ECC error -> node-b drained, run on node-a
     with open(b.kernel_log, "a") as f:
