@@ -192,6 +192,19 @@ class ActionRunner:
         except Exception as e:  # noqa: BLE001 - a view failing never changes an action
             self._log.warning("action listener failed", id=a.id, kind=a.kind, error=repr(e)[:300])
 
+    def _finding_of(self, row: dict, decision: Decision | None) -> Finding | None:
+        """The journaled finding behind a resumed action, so that finishing it counts against its
+        rung's budget (a restart resumed by a new daemon is still one of `max_restarts`)."""
+        if decision is None or row.get("decision_id") is None:
+            return None
+        f = self._journal.finding_of_decision(int(row["decision_id"]))
+        if f is None or f.get("wall_time") is None:
+            return None
+        try:
+            return Finding.from_dict(f)
+        except (ValueError, TypeError):
+            return None
+
     async def resume(self, row: dict) -> None:
         """Finish an action a previous daemon journaled but did not complete (crash-only)."""
         kind, params = row["kind"], row.get("params") or {}
@@ -199,7 +212,8 @@ class ActionRunner:
         if kind in DECISION_ACTIONS:
             decision = Decision.from_dict({k: v for k, v in params.items() if k in Decision.__dataclass_fields__}
                                           | {"action": kind, "reason": params.get("reason", "resumed")})
-        a = ActiveAction(int(row["id"]), kind, params, None, decision, directive_id=params.get("directive_id"))
+        a = ActiveAction(int(row["id"]), kind, params, self._finding_of(row, decision), decision,
+                         directive_id=params.get("directive_id"))
         self.loop.started(a)
         self._log.info("resuming unfinished action", id=a.id, kind=kind, state=row.get("state"))
         await self._run(a, self._remedies.resume(a), resumed_from=row.get("state") or "intent")

@@ -473,6 +473,12 @@ class Journal:
                 (incident_id, finding_id, action, _dumps(dict(params or {})), reason,
                  int(advisory), self._now(at))).lastrowid
 
+    def finding_of_decision(self, decision_id: int) -> dict[str, Any] | None:
+        """The finding a decision answered (None for an operator's decision or an unknown id)."""
+        rows = self._q("SELECT f.* FROM findings f JOIN decisions d ON d.finding_id = f.id WHERE d.id = ?",
+                       (decision_id,))
+        return rows[0] if rows else None
+
     def decisions(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._q("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", (limit,))
 
