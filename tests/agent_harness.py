@@ -20,20 +20,12 @@ from pathlib import Path
 import psutil
 
 from supervisor.auth import add_token
-from tests.daemon_harness import Daemon, drill_config, free_port
+from tests.daemon_harness import AuthedDaemon, drill_config, free_port
 from tests.trainer_harness import ROOT, trainer_env
 
 
-class AuthDaemon(Daemon):
+class AuthDaemon(AuthedDaemon):
     """The drill daemon, read with a viewer token (the token file also holds the agents')."""
-
-    token = ""
-
-    def get(self, path: str, timeout: float = 2.0):
-        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            body = r.read()
-            return json.loads(body) if r.headers.get_content_type() == "application/json" else body.decode()
 
     def post(self, path: str, body: dict, token: str, timeout: float = 30.0) -> dict:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",

@@ -151,3 +151,15 @@ class Daemon:
                     p.kill()
             except psutil.Error:
                 pass
+
+
+class AuthedDaemon(Daemon):
+    """The drill daemon read with a bearer token (when tokens are configured, /v1 reads need one)."""
+
+    token = ""
+
+    def get(self, path: str, timeout: float = 2.0):
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body = r.read()
+            return json.loads(body) if r.headers.get_content_type() == "application/json" else body.decode()

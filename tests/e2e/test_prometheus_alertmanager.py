@@ -27,12 +27,11 @@ import math
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.daemon_harness import Daemon, drill_config, free_port
+from tests.daemon_harness import AuthedDaemon, drill_config, free_port
 from tests.e2e.obs_stack import (DcgmExporter, Receiver, Stack, alertmanager_copy, missing_binaries,
                                  rules_copy)
 from tests.fake_grafana import BlackHole
@@ -49,18 +48,6 @@ STEPS = 400  # longer than the test: it stops the run once everything is proven
 # recovering: hot rollback); rank 1 SIGKILLed at 60 (cold restart as generation 1).
 FAULTS = "slow@1:rank=0:seconds=0.12:gen=*,spike@35:lr=1000:steps=3,crash@60:rank=1"
 DEADLINE_S = 235
-
-
-class AuthedDaemon(Daemon):
-    """The drill harness with a bearer token (tokens are configured, so /v1 needs one)."""
-
-    token = ""
-
-    def get(self, path: str, timeout: float = 2.0):
-        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            body = r.read()
-            return json.loads(body) if r.headers.get_content_type() == "application/json" else body.decode()
 
 
 def _token(tokens: Path, name: str, role: str) -> str:

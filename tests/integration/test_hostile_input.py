@@ -31,7 +31,7 @@ import pytest
 from supervisor.auth import add_token
 from supervisor.journal import Journal
 from supervisor.oncall import render_audit
-from tests.daemon_harness import Daemon, drill_config, free_port
+from tests.daemon_harness import AuthedDaemon, drill_config, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
 
@@ -39,18 +39,6 @@ RSS_BOUND_MIB = 300  # the daemon idles at ~90 MiB; a 1 GiB body read whole took
 ATTACK_S = 60.0
 STEPS = 300
 HOSTILE = "\x1b[2J\x1b[1;1H[link=http://evil]click[/link] fake log line\r"
-
-
-class AuthedDaemon(Daemon):
-    """The harness's daemon, read with a token (tokens are configured, so reads need one)."""
-
-    token = ""
-
-    def get(self, path: str, timeout: float = 2.0):
-        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.token}"})
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            body = r.read()
-            return json.loads(body) if r.headers.get_content_type() == "application/json" else body.decode()
 
 
 def post(url: str, body: bytes, headers: dict | None = None, timeout: float = 10.0) -> int:
@@ -98,7 +86,7 @@ def big_chunked_body(port: int, token: str) -> int:
 
 
 class Attacker:
-    def __init__(self, d: Daemon, token: str, operator: str, am: str, victim_pid: int) -> None:
+    def __init__(self, d: AuthedDaemon, token: str, operator: str, am: str, victim_pid: int) -> None:
         self.d, self.token, self.operator, self.am, self.victim = d, token, operator, am, victim_pid
         self.codes: dict[str, list[int]] = {}
         self.commands_sent = 0
