@@ -47,13 +47,12 @@ from typing import Annotated, Any
 
 from supervisor.config_types import NonNegativeInt, PositiveInt, Seconds, doc
 from supervisor.launch.local import LaunchSpec, RankExit
+from supervisor.launch.torchrun_report import root_cause
 
 NAME_LABEL, COMPONENT_LABEL = "app.kubernetes.io/name", "app.kubernetes.io/component"
 RUN_LABEL, GENERATION_LABEL = "titan-supervisor/run-id", "titan-supervisor/generation"
 JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-# torchrun's failure report: the root cause's rank and its exit code
-_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?\brank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
 KILLED = 137  # what Kubernetes reports for a container that was SIGKILLed (128 + 9)
 
 
@@ -145,9 +144,9 @@ def _disruption(status: dict) -> str:
 
 def rank_and_code(end: PodEnd, first_rank: int) -> tuple[int, int]:
     """The rank that died first and its exit code: torchrun's root cause when it reported one."""
-    m = _ROOT_CAUSE.search(end.message)
-    if m and end.exitcode != 0:
-        return int(m.group(1)), int(m.group(2))
+    cause = root_cause(end.message)
+    if cause and end.exitcode != 0:
+        return cause
     return first_rank, end.exitcode
 
 

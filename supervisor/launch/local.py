@@ -37,6 +37,7 @@ import psutil
 
 from supervisor.config_types import PositiveInt, Seconds, doc
 from supervisor.launch import stacks
+from supervisor.launch.torchrun_report import root_cause
 
 
 @dataclass
@@ -127,7 +128,6 @@ class RankExit:
 
 
 # torchrun's failure report: "exitcode  : -9 (pid: 1234)" and "failed (exitcode: -9) local_rank: 1 (pid: 1234)"
-_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?\brank\s*:\s*(\d+)", re.S)
 _EXIT_BY_PID = (re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)"),
                 re.compile(r"exitcode:\s*(-?\d+)\)\s*local_rank:\s*\d+\s*\(pid:\s*(\d+)\)"))
 
@@ -252,9 +252,8 @@ class Generation:
         return out
 
     def _root_cause_rank(self) -> int | None:
-        text = "\n".join(self.log_tail(self.config.log_scan_lines))
-        m = _ROOT_CAUSE.search(text)
-        return int(m.group(1)) if m else None
+        cause = root_cause("\n".join(self.log_tail(self.config.log_scan_lines)))
+        return cause[0] if cause else None
 
     def _exitcode_from_log(self, rank: int | None) -> int | None:
         """The exit code torchrun reported for this rank's pid, if it has yet."""

@@ -65,3 +65,38 @@ def test_a_dead_ranks_own_error_is_found_after_the_other_ranks_buried_it(tmp_pat
     found = DeadRankDetector().observe_exit(1, exits[1].exitcode, 0.0, 14, log_lines=exits[1].log_tail)
     assert [f.kind for f in found] == [OOM]
     assert "OutOfMemoryError" in found[0].evidence["oom_log_line"]
+
+
+def _report(failures: list[tuple[int, int]], root: tuple[int, int]) -> str:
+    def entry(i, rank, code):
+        return (f"[{i}]:\n  time      : 2026-12-01_17:02:11\n  host      : localhost\n"
+                f"  rank      : {rank} (local_rank: {rank})\n  exitcode  : {code} (pid: {4000 + rank})\n"
+                f"  error_file: <N/A>\n")
+    body = "".join(entry(i + 1, r, c) for i, (r, c) in enumerate(failures)) or "  <NO_OTHER_FAILURES>\n"
+    return ("train.py FAILED\n----\nFailures:\n" + body + "----\nRoot Cause (first observed failure):\n"
+            + entry(0, *root) + "====\n")
+
+
+def test_a_sigkilled_rank_is_the_cause_when_torchrun_names_its_peer_first():
+    """CI, 2026-12-01: rank 1 SIGKILLed, rank 0's collective broke and it exited 1 in the same
+    second; torchrun's tie-break named rank 0. The signal death is the cause, the peer's exception
+    the symptom."""
+    from supervisor.launch.torchrun_report import root_cause
+
+    assert root_cause(_report([(1, -9)], (0, 1))) == (1, -9)
+    assert root_cause(_report([(0, 1)], (1, -9))) == (1, -9)  # torchrun right: unchanged
+    # a rank stopped by SIGTERM (torchrun, the daemon) is never the cause over an exception
+    assert root_cause(_report([(0, -15)], (1, 1))) == (1, 1)
+    assert root_cause(_report([], (1, 1))) == (1, 1)
+    assert root_cause("[titan] step: 3 loss: 7.1\n") is None
+    # the last report counts (an agent's log can hold one per attempt)
+    assert root_cause(_report([], (0, 1)) + _report([(0, 1)], (1, -6))) == (1, -6)
+
+
+def test_both_ranks_dead_in_one_poll_the_sigkilled_one_first_whatever_torchrun_named(tmp_path):
+    log = tmp_path / "generation-0.log"
+    log.write_text(_report([(1, -9)], (0, 1)))
+    gen = Generation(LaunchSpec(0, 2, "tiny", Path(tmp_path), "http://x", "r"), 999989, log, None)
+    gen.note_rank_pid(0, 4000)
+    gen.note_rank_pid(1, 4001)
+    assert [(e.rank, e.exitcode) for e in gen.poll()] == [(1, -9), (0, 1)]
