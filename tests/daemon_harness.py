@@ -63,6 +63,37 @@ def drill_config(workdir: Path, port: int, **run) -> dict:
     return cfg
 
 
+def merge_sections(cfg: dict, extra: dict | None) -> dict:
+    """``extra``'s sections into ``cfg``: a table's keys are updated, anything else replaced."""
+    for section, body in (extra or {}).items():
+        if isinstance(body, dict) and isinstance(cfg.get(section), dict):
+            cfg[section].update(body)
+        else:
+            cfg[section] = body
+    return cfg
+
+
+class DaemonFactory:
+    """Makes drill daemons under one test's tmp_path, each in its own directory, and cleans every
+    one up (the drills' ``make_daemon`` fixture)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = Path(tmp)
+        self.made: list[Daemon] = []
+
+    def __call__(self, extra: dict | None = None, **run) -> "Daemon":
+        n = len(self.made)
+        home = self.tmp / f"d{n}"
+        home.mkdir()
+        d = Daemon(home, merge_sections(drill_config(self.tmp / f"run{n}", free_port(), **run), extra))
+        self.made.append(d)
+        return d
+
+    def cleanup(self) -> None:
+        for d in self.made:
+            d.cleanup()
+
+
 class Daemon:
     def __init__(self, tmp: Path, cfg: dict) -> None:
         self.tmp = Path(tmp)

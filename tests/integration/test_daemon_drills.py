@@ -14,34 +14,15 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from tests.daemon_harness import Daemon, drill_config, free_port
-from tests.trainer_harness import ROOT, read_jsonl, spool, trainer_env
+from tests.trainer_harness import ROOT, spool, trainer_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
 
 
-@pytest.fixture
-def make_daemon(tmp_path):
-    made: list[Daemon] = []
-
-    def make(extra: dict | None = None, **run) -> Daemon:
-        cfg = drill_config(tmp_path / "run", free_port(), **run)
-        for section, body in (extra or {}).items():
-            if isinstance(body, dict) and isinstance(cfg.get(section), dict):
-                cfg[section].update(body)
-            else:
-                cfg[section] = body
-        d = Daemon(tmp_path, cfg)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.cleanup()
 
 
 def _decisions(d: Daemon) -> list[dict]:

@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 
-from tests.daemon_harness import Daemon, drill_config, free_port
+from tests.daemon_harness import Daemon
 from tests.trainer_harness import spool
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
@@ -18,22 +18,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.drill]
 HEAVY = ("rollback", "rollback_lr_down", "restart", "stop_page")
 
 
-@pytest.fixture
-def make_daemon(tmp_path):
-    made: list[Daemon] = []
-
-    def make(extra: dict | None = None, **run) -> Daemon:
-        cfg = drill_config(tmp_path / f"run{len(made)}", free_port(), **run)
-        for section, body in (extra or {}).items():
-            cfg.setdefault(section, {}).update(body)
-        (tmp_path / f"d{len(made)}").mkdir()
-        d = Daemon(tmp_path / f"d{len(made)}", cfg)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.cleanup()
 
 
 def decisions(d: Daemon) -> list[dict]:
