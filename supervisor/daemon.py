@@ -142,7 +142,8 @@ class Supervisor:
             return KubernetesLauncher(launch.kubernetes, stop_grace_s=launch.stop_grace_s)
         if launch.backend == "agents":
             return AgentLauncher(self.nodes, launch.agents, stop_grace_s=launch.stop_grace_s)
-        return LocalLauncher(self.workdir / "logs", launch.local)
+        return LocalLauncher(self.workdir / "logs", launch.local,
+                             spares_dir=self.workdir / "spares" if launch.warm_spare else None)
 
     # -- views of the owners' state, for the API, the CLI and tests ---------------------------------
     state = _delegate("status", "state")
@@ -165,6 +166,7 @@ class Supervisor:
         self.spawn(self.alerts.drain())
         last = self.journal.last_generation()
         adopted = False
+        self.generations.kill_stale_spare()
         if last is not None:
             self.generations.id = int(last["id"])
             self.status.lr_scale = float(last.get("lr_scale") or 1.0)
@@ -233,6 +235,7 @@ class Supervisor:
     async def stop(self) -> None:
         for t in list(self._tasks):
             t.cancel()
+        self.generations.keep_spare(keep=False, start=False)
         self._flush_steps()
         if self.annotator is not None:  # send what is queued, but never wait long for Grafana
             await asyncio.to_thread(self.annotator.close, self.settings.grafana.timeout_s)
@@ -566,6 +569,14 @@ class Supervisor:
                 self._on_generation_exit(gen)
         for f in self.suite.tick(time.time()):
             self.on_finding(f)
+        self._reconcile_spare()
+
+    def _reconcile_spare(self) -> None:
+        """A warm spare is kept while the run is active; a new one starts only once the current
+        generation trains and no action runs, so its start-up never competes with a restart's."""
+        keep = self.settings.launch.warm_spare and not self.status.at_rest
+        start = keep and self.status.state == "running" and self.generations.alive() and not self.runner.busy
+        self.generations.keep_spare(keep=keep, start=start)
 
     def _on_generation_exit(self, gen) -> None:
         finished, self.status.trainer_finished = self.status.trainer_finished, None

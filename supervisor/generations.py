@@ -10,6 +10,10 @@ Layout: a generation runs on `layout_index` (an index into `[preflight] layouts`
 preset's own parallelism). `launch(layout_index=i)` switches to layout i for this and every later
 generation (the repeated-OOM fallback); the journal's generation row names it.
 
+Warm spare (`[launch] warm_spare`, local launcher): `keep_spare` keeps one spare generation parked
+after its imports while the current one trains; a launch whose world matches is served by it
+(supervisor/launch/spare.py). Its pids are journaled (`spare` meta); a restarted daemon kills it.
+
 Failure model: the ranks run in their own session and outlive a daemon crash. The torchrun pid
 and the rank pids are journaled as soon as they are known, so a restarted daemon `adopt`s the
 running generation instead of starting a second one.
@@ -22,6 +26,7 @@ import time
 from typing import Callable, Protocol
 
 from supervisor.launch.base import Launcher, RunningGeneration
+from supervisor.launch.spare import kill_recorded
 
 
 class PreflightFailed(RuntimeError):
@@ -87,10 +92,12 @@ class Generations:
                                                       "label": self.layout_label,
                                                       **({"nodes": list(gen.nodes)} if hasattr(gen, "nodes") else {})})
         self._journal.set_meta(f"generation_{self.id}", {"torchrun_pid": gen.pid, "rank_pids": {}})
+        self._note_spare()  # a spare that became this generation, or was discarded, is no spare now
         self._metrics.generation.set(self.id)
         self._metrics.set_up(True)
         self._log.info("generation started", generation=self.id, load_step=load_step, skip_batches=skip_batches,
                        lr_scale=lr_scale, reason=reason, layout=self.layout_label, pid=gen.pid,
+                       warm_spare=getattr(gen, "spare", "off"),
                        command=getattr(gen, "command", "") or " ".join(spec.command()))
         return gen
 
@@ -125,6 +132,43 @@ class Generations:
         self.current = gen
         self._log.info("adopted generation", generation=self.id, pid=gen.pid, pids=last.get("pids") or [])
         return gen
+
+    def keep_spare(self, *, keep: bool, start: bool) -> None:
+        """Reconcile the warm spare (`[launch] warm_spare`, launchers that have one): started when
+        ``start`` (the current generation trains), discarded unless ``keep``. Its pids are journaled
+        (`spare` meta) like a generation's, so a restarted daemon can kill it (`kill_stale_spare`)."""
+        ensure = getattr(self.launcher, "ensure_spare", None)
+        if ensure is None:
+            return
+        if not keep:
+            reason = self.launcher.discard_spare("no spare wanted")
+            if reason is not None:
+                self._note_spare()
+                self._log.info("warm spare discarded", reason=reason)
+            return
+        if start and self.current is not None and hasattr(self.current, "spec"):
+            record = ensure(self.current.spec)
+            if record is not None:
+                self._note_spare()
+                self._log.info("warm spare started", pid=record.pid, folder=record.folder)
+
+    def _note_spare(self) -> None:
+        get = getattr(self.launcher, "spare_record", None)
+        if get is None:
+            return
+        record = get()
+        if (record.to_dict() if record else None) != self._journal.get_meta("spare"):
+            self._journal.set_meta("spare", record.to_dict() if record else None)
+
+    def kill_stale_spare(self) -> None:
+        """A spare journaled by an earlier daemon process is never adopted (its ranks hold that
+        daemon's trainer token): killed if that pid is still that spare, and forgotten."""
+        record = self._journal.get_meta("spare")
+        if record:
+            killed = kill_recorded(record)
+            self._journal.set_meta("spare", None)
+            self._log.info("warm spare of an earlier daemon", pid=record.get("pid"),
+                           action="killed" if killed else "already gone")
 
     def note_rank_pid(self, rank: int, pid: int, *, ranks: int) -> str | None:
         """A rank's pid, learned from its first heartbeat (journaled for re-adoption); or why the

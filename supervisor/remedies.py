@@ -131,7 +131,8 @@ class Remedies:
         await self.generations.launch(load_step=target, skip_batches=skip, lr_scale=scale,
                                       ramp_steps=ramp if lr_scale is not None else 0,
                                       reason=f"rollback (action {a.id})")
-        return {"mode": "cold", **out, "generation": self.generations.id, "detail": detail[1] if detail else ""}
+        return {"mode": "cold", **out, "generation": self.generations.id, "warm_spare": self._spare(),
+                "detail": detail[1] if detail else ""}
 
     async def _hot_rollback(self, a, target: int, skip: int, lr_scale, ramp: int) -> tuple[bool, str]:
         """Reload `target` in the running trainer: (acknowledged ok, detail)."""
@@ -194,7 +195,12 @@ class Remedies:
                                       reason=f"{a.kind} (action {a.id})",
                                       layout_index=None if layout is None else layout[0],
                                       layout_label=None if layout is None else layout[1])
-        return out | {"load_step": load, "generation": self.generations.id, "backoff_s": backoff, "lost_steps": lost}
+        return out | {"load_step": load, "generation": self.generations.id, "backoff_s": backoff, "lost_steps": lost,
+                      "warm_spare": self._spare()}
+
+    def _spare(self) -> str:
+        """How the new generation started: "used" (a warm spare became it), or why it started cold."""
+        return getattr(self.generations.current, "spare", "off")
 
     async def _restart_group(self, a) -> dict | None:
         """torchft mode (supervisor/launch/torchft.py): the failed rank's replica group alone is

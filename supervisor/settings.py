@@ -171,6 +171,11 @@ class LaunchSettings(_Section):
     backend: Literal["local", "kubernetes", "agents"] = Field(
         "local", description="Where generations run: local (torchrun on this machine), kubernetes (one JobSet per "
                              "generation) or agents (one `titan-supervisor agent` per node).")
+    warm_spare: bool = Field(
+        False, description="Keep a warm spare generation (torchrun up, torch/torchtitan imported in every rank, "
+                           "parked) while a generation trains, and hand it the next restart instead of a cold start "
+                           "(supervisor/launch/spare.py). Local launcher only (not torchft mode, not kubernetes/agents). "
+                           "Costs the parked ranks' memory (README, \"Goodput\").")
     local: LocalLauncher.Config = Field(default_factory=LocalLauncher.Config, description="The single-machine launcher.")
     kubernetes: KubernetesLauncher.Config = Field(default_factory=KubernetesLauncher.Config,
                                                   description="The Kubernetes launcher (supervisor/launch/kubernetes.py).")

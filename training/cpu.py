@@ -124,6 +124,9 @@ def enable() -> bool:
     global _enabled
     if torch.cuda.is_available():
         return False
+    # per thread (the FTZ/DAZ bits): set in every thread that calls this, so a warm spare that
+    # imported in a helper thread (training/spare.py) still trains with it in its main thread
+    torch.set_flush_denormal(True)  # diverged runs otherwise slow ~40% from subnormals
     if _enabled:
         return True
     # Import the modules that copy device globals so they can be patched in place.
@@ -134,7 +137,6 @@ def enable() -> bool:
     _patch_device_globals()
     _patch_fsdp_sum_reduction()
     _patch_set_timeout()
-    torch.set_flush_denormal(True)  # diverged runs otherwise slow ~40% from subnormals
     _enabled = True
     return True
 

@@ -1,5 +1,8 @@
 """Entry point of every trainer rank: ``torchrun ... -m training.run --preset tiny [--section.field v ...]``.
 
+``training.run --spare DIR`` is a warm spare rank (training/spare.py): it does the imports, then
+waits for its argv in ``DIR/launch.json`` and goes on exactly as a rank started with that argv.
+
 Validates the start options before anything is built (a bad preset, checkpoint step, skip
 count or fault spec exits with a message naming the problem and writes nothing), makes
 torchtitan CPU-ready when there is no GPU, points the config at the local assets, then runs
@@ -191,6 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the supervisor's hang stack dump
+    if argv[:1] == ["--spare"]:  # a warm spare (training/spare.py): import, then wait for the launch
+        from training import spare
+
+        try:
+            launched = spare.park(argv[1:])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if launched is None:
+            return spare.DISCARDED
+        argv = launched
     from training import cpu
 
     cpu.enable()

@@ -37,6 +37,7 @@ import psutil
 
 from supervisor.config_types import PositiveInt, Seconds, doc
 from supervisor.launch import stacks
+from supervisor.launch.spare import Spare, SpareRecord, WarmSpare
 from supervisor.launch.torchrun_report import root_cause
 
 
@@ -66,6 +67,9 @@ class LauncherConfig:
     reap_timeout_s: Annotated[Seconds, doc("wait for torchrun to be reaped after SIGKILL")] = 5.0
     stack_dump_timeout_s: Annotated[Seconds, doc(
         "py-spy dump timeout per rank; all ranks are dumped at once, so this bounds the whole dump")] = 5.0
+    spare_retry_s: Annotated[Seconds, doc(
+        "a warm spare that died while parked is not replaced before this many seconds (no spawn loop; "
+        "`[launch] warm_spare`)")] = 30.0
 
 
 @dataclass
@@ -89,9 +93,19 @@ class LaunchSpec:
     env: dict[str, str] = field(default_factory=dict)
 
     def command(self) -> list[str]:
-        py = self.python or _default_python()
-        cmd = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
-               "-m", "training.run", "--preset", self.preset, "--dump_folder", str(self.workdir),
+        return self.torchrun_prefix() + self.trainer_argv()
+
+    def interpreter(self) -> str:
+        return self.python or _default_python()
+
+    def torchrun_prefix(self) -> list[str]:
+        """torchrun and the module it runs: what a warm spare is started with (supervisor/launch/spare.py)."""
+        return [self.interpreter(), "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}",
+                "-m", "training.run"]
+
+    def trainer_argv(self) -> list[str]:
+        """The trainer's own flags: everything a warm spare learns only at its hand-off."""
+        cmd = ["--preset", self.preset, "--dump_folder", str(self.workdir),
                "--supervision.url", self.supervisor_url, "--supervision.run_id", self.run_id,
                "--supervision.generation", str(self.generation),
                "--supervision.skip_batches", str(self.skip_batches),
@@ -149,6 +163,7 @@ class Generation:
         self.exited: int | None = None
         self.started_at = time.time()
         self.exit_expected = False  # the trainer said it finished: rank exits are normal
+        self.spare = "off"  # "used": a warm spare became this generation; else why it started cold
         self.stopping = False  # the daemon is stopping it: rank exits are not findings
 
     @property
@@ -331,28 +346,69 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 class LocalLauncher:
-    """The daemon's node agent for a single machine."""
+    """The daemon's node agent for a single machine; with ``spares_dir`` it keeps a warm spare
+    generation (supervisor/launch/spare.py) and serves matching starts from it."""
 
     Config = LauncherConfig
 
-    def __init__(self, logs_dir: Path, config: LauncherConfig | None = None) -> None:
+    def __init__(self, logs_dir: Path, config: LauncherConfig | None = None, *,
+                 spares_dir: Path | None = None) -> None:
         self.logs_dir = Path(logs_dir)
         self.config = config or LauncherConfig()
+        self.spares = None if spares_dir is None else WarmSpare(
+            spares_dir, self.logs_dir, retry_s=self.config.spare_retry_s, reap_s=self.config.reap_timeout_s)
 
     def start(self, spec: LaunchSpec) -> Generation:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
+        why = "off"
+        if self.spares is not None:
+            spare, why = self.spares.take(spec.interpreter(), spec.nproc, spec.env)
+            if spare is not None:
+                return self._from_spare(spec, spare)
         log_path = self.logs_dir / f"generation-{spec.generation}.log"
+        proc = self._popen(spec.command(), log_path, spec.env)
+        gen = Generation(spec, proc.pid, log_path, proc, self.config)
+        gen.spare = why
+        return gen
+
+    def _popen(self, cmd: list[str], log_path: Path, extra_env: dict[str, str]) -> subprocess.Popen:
         env = dict(os.environ)
         env.update({"PYTHONUNBUFFERED": "1", "HF_DATASETS_OFFLINE": "1",
                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
-        env.update(spec.env)
+        env.update(extra_env)
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        log = open(log_path, "ab")
-        proc = subprocess.Popen(spec.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=root, start_new_session=True)
-        log.close()
-        return Generation(spec, proc.pid, log_path, proc, self.config)
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+                                    start_new_session=True)
+
+    def _from_spare(self, spec: LaunchSpec, spare: Spare) -> Generation:
+        """The spare becomes generation ``spec.generation``: its ranks read this argv and go on."""
+        spare.hand_off(spec.trainer_argv())
+        log_path = self.logs_dir / f"generation-{spec.generation}.log"
+        if log_path.exists():
+            log_path = spare.log_path  # never overwrite an older log
+        else:
+            os.replace(spare.log_path, log_path)  # torchrun keeps writing to the same open file
+        gen = Generation(spec, spare.pid, log_path, spare.proc, self.config)
+        gen.spare = "used"
+        return gen
+
+    def ensure_spare(self, spec: LaunchSpec) -> SpareRecord | None:
+        """Start a spare for generations like ``spec`` if none is parked; its record when started."""
+        if self.spares is None:
+            return None
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        s = self.spares.ensure(self._popen, spec.torchrun_prefix(), spec.interpreter(), spec.nproc, spec.env,
+                               spec.env)
+        return None if s is None else s.record
+
+    def discard_spare(self, reason: str) -> str | None:
+        return None if self.spares is None else self.spares.discard(reason)
+
+    def spare_record(self) -> SpareRecord | None:
+        s = None if self.spares is None else self.spares.spare
+        return None if s is None else s.record
 
     def adopt(self, spec: LaunchSpec, pid: int, rank_pids: dict[int, int]) -> Generation | None:
         """Re-attach to a generation started by a previous daemon process, if it still runs."""

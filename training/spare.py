@@ -1,0 +1,127 @@
+"""A warm spare rank: started ahead of need, parked after its imports, handed its launch later.
+
+Why: a cold restart spends its first seconds (~5 s on an idle 2-core machine, far more under
+load) on torchrun's start-up and rendezvous, `import torch` and torchtitan, none of which
+depends on what the restart is for. A spare generation is a ``torchrun ... -m training.run
+--spare DIR`` started by the daemon's launcher while the current generation trains: each rank
+does those imports (and CPU patching) and then waits for one file, ``DIR/launch.json``, the
+trainer argv of the generation it is to become (generation number, load step, data skip, LR
+scale, layout flags...). That file is written atomically by the launcher when a restart needs
+it; each rank then runs exactly what a cold rank would run with that argv. The process group,
+the model, the data and the checkpoint all come after the hand-off, so nothing run-specific is
+decided before it.
+
+Failure model: a spare is disposable. Nothing is written while parked. A rank exits by itself
+(``DISCARDED``) once the daemon that started it is gone (``OWNER_ENV`` names its pid and start
+time) or its torchrun is, so a SIGKILLed daemon leaves no parked spare behind for long; a rank that dies while
+parked ends the whole spare (torchrun), and the launcher then starts cold. A malformed launch
+file is an error naming the file (the rank exits non-zero), never a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+LAUNCH_FILE = "launch.json"
+OWNER_ENV = "TITAN_SPARE_OWNER"  # "<pid>:<process start time>" of the daemon that started the spare
+DISCARDED = 3  # exit code of a spare rank whose owner went away before a launch came
+
+
+def owner_alive(owner: str) -> bool:
+    """The process named ``"<pid>:<start time>"`` still runs (a reused pid does not count)."""
+    import psutil
+
+    try:
+        pid, started = owner.split(":", 1)
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 0.01
+    except (ValueError, psutil.Error):
+        return False
+
+
+def read_launch(path: Path) -> list[str]:
+    """The trainer argv in a launch file: ``{"argv": [str, ...]}``."""
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"spare launch file {path} is unreadable: {e}") from None
+    argv = body.get("argv") if isinstance(body, dict) else None
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise ValueError(f"spare launch file {path} must hold {{\"argv\": [strings]}}")
+    return argv
+
+
+def wait_for_launch(folder: Path, owner: str | None, *, poll_s: float = 0.02,
+                    owner_check_s: float = 1.0) -> list[str] | None:
+    """Block until ``folder/launch.json`` appears (its argv) or the owner is gone (None)."""
+    path = folder / LAUNCH_FILE
+    parent = os.getppid()  # torchrun: a rank whose torchrun is gone can never be launched
+    next_check = 0.0
+    while True:
+        if path.exists():
+            return read_launch(path)
+        now = time.monotonic()
+        if os.getppid() != parent:
+            return None
+        if owner and now >= next_check:
+            if not owner_alive(owner):
+                return None
+            next_check = now + owner_check_s
+        time.sleep(poll_s)
+
+
+def warm_up(idle_priority: bool = True) -> None:
+    """The imports a rank needs before it knows its launch, at the lowest CPU priority.
+
+    Linux nice values are per thread: the imports run in a helper thread at nice 19, so a spare
+    starting beside a training generation takes only CPU the generation leaves idle, while the
+    main thread (which will train after the hand-off) keeps the priority it was started with;
+    an unprivileged process could not raise it back. The modules are shared by every thread.
+    """
+    import threading
+
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            if idle_priority:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+                except (OSError, AttributeError):
+                    pass  # no per-thread nice here: import at the normal priority
+            from training import cpu
+
+            cpu.enable()
+            import training.presets  # noqa: F401 - the trainer, torchtitan's models and components, datasets
+            from torchtitan.config import ConfigManager  # noqa: F401
+        except BaseException as e:  # noqa: BLE001 - raised again in the main thread
+            error.append(e)
+
+    t = threading.Thread(target=work, name="spare-warm-up", daemon=True)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+
+
+def park(args: list[str]) -> list[str] | None:
+    """``--spare DIR``: warm up, then wait here for the launch."""
+    if len(args) != 1:
+        raise ValueError("--spare takes exactly one folder and nothing else (the argv comes in its launch file)")
+    warm_up()
+    rank = os.environ.get("RANK", "?")
+    print(f"[spare rank{rank}] parked {time.time() - _t0():.2f} s after start (pid {os.getpid()})",
+          file=sys.stderr, flush=True)
+    argv = wait_for_launch(Path(args[0]), os.environ.get(OWNER_ENV))
+    if argv is not None:
+        print(f"[spare rank{rank}] launched: {' '.join(argv[:12])} ...", file=sys.stderr, flush=True)
+    return argv
+
+
+def _t0() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
