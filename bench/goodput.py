@@ -8,6 +8,9 @@ interval, seed) clean and under a fault schedule, each way:
                         without it restarts hang in gloo's connectFullMesh here); it may hang or
                         crash-loop: every run is bounded by a wall-time limit, and that is reported
   supervisor            the `titan-supervisor run` daemon on its own workdir, default settings
+  supervisor-cold       the daemon with `[launch] warm_spare = false` (every restart cold)
+  supervisor-spare      the daemon with `[launch] warm_spare = true` (restarts served by a parked
+                        spare generation: supervisor/launch/spare.py)
   supervisor-torchft    the daemon with `[fault_tolerance] mode = "torchft"`: the job's ranks as
                         that many replica groups of one rank each (README, "torchft mode").
                         Not measured yet: the schedule's rank=1 faults name a rank inside a
@@ -199,6 +202,8 @@ class SupervisorWay:
 
 
 WAYS = {"torchrun": TorchrunWay(), "supervisor": SupervisorWay(),
+        "supervisor-cold": SupervisorWay("supervisor-cold", {"launch": {"warm_spare": False}}),
+        "supervisor-spare": SupervisorWay("supervisor-spare", {"launch": {"warm_spare": True}}),
         "supervisor-torchft": SupervisorWay("supervisor-torchft", {"fault_tolerance": {"mode": "torchft"}})}
 
 
@@ -355,7 +360,7 @@ def main() -> int:
             rows.append(summarize(job, clean, bad))
             print(f"{name} faulted: rc {bad.rc}, reached step {rows[-1]['max_step']}, "
                   f"ETTR {_f(rows[-1]['ettr'])}", flush=True)
-            if name == "supervisor" and hc is None:
+            if name.startswith("supervisor") and name != "supervisor-torchft" and hc is None:
                 hc = hot_vs_cold(job, bad, tmp / "hotcold")
         text = report(job, rows, hc)
         print("\n" + text)

@@ -281,8 +281,12 @@ class Generation:
         return None
 
     def stop(self, grace_s: float) -> None:
-        """SIGTERM the process group, SIGKILL what is left after ``grace_s``. Idempotent."""
-        pids = set(self.rank_pids.values()) | {self.pid}
+        """SIGTERM the process group, SIGKILL what is left after ``grace_s``. Idempotent.
+
+        The grace is for the ranks (a checkpoint being written, the spool flushed): once every
+        known rank is gone, torchrun holds nothing worth waiting for, and its own shutdown took
+        ~2 s of every restart (measured, bench/warm_spare.py), so it is killed at once."""
+        pids = set(self.rank_pids.values()) or {self.pid}
         _signal_group(self.pid, signal.SIGTERM)
         deadline = time.time() + grace_s
         while time.time() < deadline and any(_pid_alive(p) for p in pids):

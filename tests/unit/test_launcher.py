@@ -100,3 +100,36 @@ def test_both_ranks_dead_in_one_poll_the_sigkilled_one_first_whatever_torchrun_n
     gen.note_rank_pid(0, 4000)
     gen.note_rank_pid(1, 4001)
     assert [(e.rank, e.exitcode) for e in gen.poll()] == [(1, -9), (0, 1)]
+
+
+FAKE_TORCHRUN = """
+import signal, subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+print(rank.pid, flush=True)
+def term(*_):
+    rank.terminate()  # torchrun forwards SIGTERM to its ranks...
+    rank.wait()
+    time.sleep(30)  # ...then takes its time to shut itself down
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+time.sleep(60)
+"""
+
+
+def test_stop_waits_for_the_ranks_not_for_torchrun_s_own_shutdown(tmp_path):
+    """Real processes: a stand-in torchrun whose ranks stop on SIGTERM but which itself lingers.
+    Once every rank is gone the generation's torchrun is SIGKILLed, not waited for (the grace is
+    for the ranks); before, every restart waited out its shutdown (~2 s, bench/warm_spare.py)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_TORCHRUN], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    rank_pid = int(proc.stdout.readline())
+    gen = Generation(LaunchSpec(0, 1, "tiny", Path(tmp_path), "http://x", "r"), proc.pid, tmp_path / "g.log", proc)
+    gen.note_rank_pid(0, rank_pid)
+    gen.stop(60.0)
+    assert proc.returncode == -9  # killed once its rank was gone, not after its own 30 s shutdown
+    assert not psutil.pid_exists(rank_pid) or psutil.Process(rank_pid).status() == psutil.STATUS_ZOMBIE
