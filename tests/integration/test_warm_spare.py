@@ -23,7 +23,6 @@ import pytest
 
 from supervisor.launch.local import LaunchSpec, LocalLauncher
 from tests.daemon_harness import free_port
-from tests.integration.test_daemon_drills import make_daemon  # noqa: F401 - the fixture
 from tests.trainer_harness import spool
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
@@ -50,7 +49,7 @@ def _wait(pred, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_killed_rank_restart_is_served_by_the_warm_spare(make_daemon):  # noqa: F811
+def test_killed_rank_restart_is_served_by_the_warm_spare(make_daemon):
     # generation 0 sleeps 0.25 s per step on rank 0, so it is still training when the spare parks
     d = make_daemon({"launch": {"warm_spare": True}}, steps=STEPS, faults="slow@1:rank=0:seconds=0.25").start()
     logs = d.workdir / "logs"
