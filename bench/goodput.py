@@ -250,7 +250,7 @@ def summarize(job: Job, clean: Run, bad: Run) -> dict:
         "recomputed": bad.recomputed(), "per_fault": per_fault,
         "loss_clean": l_clean, "loss_faulted": l_bad,
         "loss_diff": (l_bad - l_clean) if l_clean is not None and l_bad is not None else None,
-        "loss_noise": noise,
+        "loss_noise": noise, "restart_timeline": restart_timeline(bad),
     }
 
 
@@ -293,6 +293,38 @@ def hot_vs_cold(job: Job, bad: Run, tmp: Path) -> dict | None:
             "hot_over_raw_read": hot["seconds"] / raw_read if raw_read else None}
 
 
+def restart_timeline(run: Run) -> list[dict]:
+    """Per new generation of a supervisor run (journal + spool): seconds from the old generation's
+    last step to the new one's launch (detection, dump, stop), to its trainer being ready (start-up,
+    checkpoint load) and to its first step; and whether a warm spare served it."""
+    path = Path(run.workdir) / "supervisor" / "journal.sqlite"
+    if not path.is_file():
+        return []
+    from supervisor.journal import Journal
+
+    j = Journal.open(path, readonly=True)
+    try:
+        gens = sorted(j.generations(), key=lambda g: g["id"])
+        actions = [a for a in j.actions(limit=1000) if isinstance(a.get("outcome"), dict)]
+    finally:
+        j.close()
+    by_gen = {a["outcome"].get("generation"): a for a in actions if a["outcome"].get("generation") is not None}
+    starts = sorted(e["wall_time"] for e in run.events if e.get("kind") == "started")
+    out = []
+    for g in gens[1:]:
+        before = [r["wall_time"] for r in run.records if r.get("generation") == g["id"] - 1]
+        mine = [r["wall_time"] for r in run.records if r.get("generation") == g["id"]]
+        if not before or not mine:
+            continue
+        last = max(before)
+        ready = next((t for t in starts if t >= g["started_at"]), None)
+        a = by_gen.get(g["id"], {})
+        out.append({"generation": g["id"], "action": a.get("kind"), "spare": (a.get("outcome") or {}).get("warm_spare"),
+                    "to_launch_s": g["started_at"] - last, "to_ready_s": (ready - last) if ready else None,
+                    "to_first_step_s": min(mine) - last})
+    return out
+
+
 def replace_steps(job: Job, steps: int) -> Job:
     return Job(job.preset, job.nproc, steps, job.interval, job.seed)
 
@@ -320,6 +352,14 @@ def report(job: Job, rows: list[dict], hc: dict | None) -> str:
     for r in rows:
         cells = [f"{_f(pf['lost_s'], '{:.1f}')} s / {pf['recomputed']}" for pf in r["per_fault"]]
         out.append(f"{r['way']:20s} " + " ".join(f"{c:>24s}" for c in cells))
+    timed = [r for r in rows if r.get("restart_timeline")]
+    if timed:
+        out += ["", "restarts (seconds from the old generation's last step; journal + spool):",
+                f"{'way':20s} {'gen':>3s} {'action':>16s} {'->launch':>8s} {'->ready':>8s} {'->step':>8s}  spare"]
+        for r in timed:
+            for t in r["restart_timeline"]:
+                out.append(f"{r['way']:20s} {t['generation']:3d} {str(t['action']):>16s} {t['to_launch_s']:8.2f} "
+                           f"{_f(t['to_ready_s'], '{:8.2f}'):>8s} {t['to_first_step_s']:8.2f}  {t['spare']}")
     if hc and "error" not in hc:
         out += ["", f"hot rollback vs cold restart (to step {hc['step']}, skipping {hc['skip_batches']} batches): "
                     f"hot {hc['hot_s']:.2f} s, cold {hc['cold_s']:.2f} s (spawn -> ready): "

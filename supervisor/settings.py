@@ -175,7 +175,7 @@ class LaunchSettings(_Section):
         False, description="Keep a warm spare generation (torchrun up, torch/torchtitan imported in every rank, "
                            "parked) while a generation trains, and hand it the next restart instead of a cold start "
                            "(supervisor/launch/spare.py). Local launcher only (not torchft mode, not kubernetes/agents). "
-                           "Costs the parked ranks' memory (README, \"Goodput\").")
+                           "Costs the parked ranks' memory (README, \"Benchmarks\": bench/warm_spare.py).")
     local: LocalLauncher.Config = Field(default_factory=LocalLauncher.Config, description="The single-machine launcher.")
     kubernetes: KubernetesLauncher.Config = Field(default_factory=KubernetesLauncher.Config,
                                                   description="The Kubernetes launcher (supervisor/launch/kubernetes.py).")
