@@ -17,6 +17,9 @@ interval, seed) clean and under a fault schedule, each way:
                         group (every group is rank 0 of its own torchrun), so they need mapping
                         to "group 1" before this row means anything
 
+For supervisor ways also a restart table from the journal: per new generation, seconds from
+the old generation's last step to the launch, to the trainer being ready and to its first step,
+and whether a warm spare served it (the least noisy measure of restart cost on a shared machine).
 For each way: time to the target step, ETTR = (clean time to target) / (faulted time to
 target) against its own clean run, restarts, hot rollbacks, the seconds each fault cost
 (the faulted run's wall time between two fault steps minus the clean run's for the same

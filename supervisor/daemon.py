@@ -9,6 +9,8 @@ wired here, each owning one concern: `Generations` (launch/stop/adopt), `Directi
 Reconcile loop: every `launch.poll_interval_s` the daemon compares what it wants (a generation
 running the run to its last step, or nothing when paused/stopped/finished) with what it observes
 (rank exits, heartbeats, step progress) and hands every difference to the policy as a finding.
+With `[launch] warm_spare` it also wants one spare generation parked while the run is active
+(started only once the current generation trains and no action runs; `_reconcile_spare`).
 
 Crash-only: durable state is the journal (SQLite) and the checkpoint folder. A daemon restarted
 after any crash re-reads the journal, re-adopts the running generation, journals what it missed

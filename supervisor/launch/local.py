@@ -285,8 +285,12 @@ class Generation:
 
         The grace is for the ranks (a checkpoint being written, the spool flushed): once every
         known rank is gone, torchrun holds nothing worth waiting for, and its own shutdown took
-        ~2 s of every restart (measured, bench/warm_spare.py), so it is killed at once."""
-        pids = set(self.rank_pids.values()) or {self.pid}
+        ~2 s of every restart (measured, bench/warm_spare.py), so it is killed at once. Until every
+        rank's pid is known torchrun is waited for too: it is what stops the ranks we cannot name
+        (they run in sessions of their own, out of reach of the group signal)."""
+        pids = set(self.rank_pids.values())
+        if len(self.rank_pids) < self.spec.nproc:
+            pids.add(self.pid)
         _signal_group(self.pid, signal.SIGTERM)
         deadline = time.time() + grace_s
         while time.time() < deadline and any(_pid_alive(p) for p in pids):

@@ -7,8 +7,9 @@ torchrun, real torchtitan ranks, real signals. Nothing is mocked.
 2. A spare whose world no longer matches (ranks per node changed: a reshard) is killed and the
    start is cold, with the reason; the daemon never signals anything but its own spare.
 
-CI cost (2 cores, idle): ~25 s for (1) (generation 0 is slowed so that the spare parks before the
-kill), ~8 s for (2).
+CI cost: measured 77 s for (1) and 14 s for (2) at a load average of ~5 on this 2-core machine
+(generation 0 is slowed to 1 s per step so that the spare parks before the kill; the kill comes
+as soon as it has, so an idle machine pays less: ~35 s and ~8 s expected, not measured).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tests.trainer_harness import spool
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
 
-STEPS = 80
+STEPS = 80  # generation 0 (1 s per step) gives the spare ~70 s to park; generation 1 runs at full speed
 
 
 def _parked(logs: Path) -> Path | None:
@@ -50,8 +51,8 @@ def _wait(pred, timeout: float, what: str):
 
 
 def test_killed_rank_restart_is_served_by_the_warm_spare(make_daemon):
-    # generation 0 sleeps 0.25 s per step on rank 0, so it is still training when the spare parks
-    d = make_daemon({"launch": {"warm_spare": True}}, steps=STEPS, faults="slow@1:rank=0:seconds=0.25").start()
+    # generation 0 sleeps 1 s per step on rank 0, so it is still training when the spare parks
+    d = make_daemon({"launch": {"warm_spare": True}}, steps=STEPS, faults="slow@1:rank=0:seconds=1.0").start()
     logs = d.workdir / "logs"
     spare_log = _wait(lambda: _parked(logs), 120, "a parked spare")
     st = d.wait_for(lambda s: s if s.get("trainer_pids", {}).get("1") and s.get("step", 0) >= 12 else None,
