@@ -58,6 +58,7 @@ class Generations:
         self.layout_label: str | None = journal.get_meta("layout_label")
         self.ranks: int | None = journal.get_meta("ranks")
         self._pids_dirty, self._pids_journaled_at = False, -1e9
+        self._taken: tuple[object, set[int]] = (None, set())
 
     def alive(self) -> bool:
         """A generation runs and its processes are there."""
@@ -149,13 +150,22 @@ class Generations:
         known = gen.rank_pids.get(rank)
         if known is not None:
             return None if known == pid else f"rank {rank} is pid {known}, not {pid}"
-        if not gen.owns(pid) or pid in gen.rank_pids.values():
+        taken = self._taken_pids(gen)
+        if pid in taken or not gen.owns(pid):
             return f"pid {pid} is not a trainer process of generation {gen.generation}"
         gen.note_rank_pid(rank, pid)
+        taken.add(pid)
         self._pids_dirty = True
         if len(gen.rank_pids) >= ranks or time.monotonic() - self._pids_journaled_at >= PIDS_JOURNAL_EVERY_S:
             self.flush_pids()
         return None
+
+    def _taken_pids(self, gen) -> set[int]:
+        """The pids already known as ranks of ``gen``, as a set (a scan of `rank_pids` per new rank
+        was O(ranks^2) for a start at 16,384 ranks); rebuilt if the launcher added pids itself."""
+        if self._taken[0] is not gen or len(self._taken[1]) != len(gen.rank_pids):
+            self._taken = (gen, set(gen.rank_pids.values()))
+        return self._taken[1]
 
     def flush_pids(self) -> None:
         """Journal the current generation's rank pids if some were learned since the last write
