@@ -101,12 +101,14 @@ class SimulatedLauncher:
 def serve_child(args) -> None:
     os.sched_setaffinity(0, {args.core})
     import supervisor.daemon as daemon
+    from supervisor import log
     from supervisor.service import serve
     from supervisor.settings import Settings
 
     daemon.LocalLauncher = SimulatedLauncher  # the only stand-in: no trainer processes here
     SimulatedGeneration.world_size = args.ranks * (args.agents if args.route == "node" else 1)
     out = Path(args.serve)
+    log.configure(os.environ.get("TITAN_SUPERVISOR_LOG_LEVEL", "info"))  # as `service.run` does
     server = {"port": 0, "rate_limit": {"trainer_per_s": 1e7, "read_per_s": 1e4}}
     if args.route == "node":
         server["token_file"] = str(out.parent / "tokens.jsonl")  # one agent token per simulated agent

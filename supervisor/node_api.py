@@ -34,6 +34,7 @@ from supervisor.protocol import NodeName, NodeReport, wire_context
 from supervisor.wire import WireError, inert, loads, read_body
 
 MAX_REPORT_BODY = 1024 * 1024
+REPORT_PATH = "/v1/nodes/report"  # dispatched to `report` without the router (supervisor/api.py)
 EXCLUDE_NODE = "exclude_node"
 _REFUSAL_FIELDS = {"heartbeats_refused", "heartbeat_refusal"}  # in a reply only when a heartbeat was refused
 
