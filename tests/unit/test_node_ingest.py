@@ -218,3 +218,21 @@ def test_a_heartbeat_with_a_pid_the_node_does_not_run_is_refused_and_counted(set
     assert r.status_code == 200, r.text
     assert r.json()["heartbeats_refused"] == 1 and "pid 999 is not a trainer process" in r.json()["heartbeat_refusal"]
     assert gen.rank_pids == {} and sup.nodes.get("node-a").report.ranks[0].pid == 4100
+
+
+def test_the_report_route_keeps_its_metrics_label_and_its_fault_answer(setup, monkeypatch):
+    """The report is dispatched past FastAPI's router (supervisor/api.py): it is still counted under
+    its route, and a journal or disk fault while taking it is still the 503 naming it."""
+    sup, client, tok = setup
+    assert post(client, tok["a"], report("node-a")).status_code == 200
+
+    def broken(rep):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sup.nodes, "ingest", broken)
+    r = post(client, tok["a"], report("node-a"))
+    assert r.status_code == 503 and "No space left on device" in r.text, r.text
+    assert sup.health.problems()
+    text = sup.metrics.render().decode()
+    for code in ("200", "503"):
+        assert f'titan_http_requests_total{{code="{code}",route="/v1/nodes/report"}} 1.0' in text
