@@ -258,6 +258,12 @@ class NodeAgent:
                        b'"gpus":[%s],"kernel":[]}' % gpus)
         self.rank_states = b",".join(b'{"rank":%d,"pid":%d,"state":"running"}' % (r, PID_BASE + r) for r in self.ranks)
 
+    def registration(self) -> bytes:
+        """The first report of an agent started before the run: idle, no ranks yet."""
+        return (b'{"run_id":"bench","agent_id":"%s","node":"%s","address":"10.1.%d.%d","seq":0,"wall_time":%.6f,'
+                b'"state":"idle","health":%s}' % (self.name, self.name, self.i // 256, self.i % 256, time.time(),
+                                                 self.health))
+
     def body(self, step: int, silent: int | None) -> bytes:
         now = time.time()
         gen = self.plan["generation"]
@@ -332,8 +338,22 @@ async def generate(plan: dict, index: int, out: Path) -> None:
     tokens = plan["agent_tokens"]
     mine = range(index, plan["agents"], plan["procs"])
     st = GenStats()
-    tasks = [asyncio.create_task(agent_loop(NodeAgent(i, plan), Conn(host, int(port), tokens[i]), plan, st))
-             for i in mine]
+    agents = [(NodeAgent(i, plan), Conn(host, int(port), tokens[i])) for i in mine]
+    gate = asyncio.Semaphore(32)  # connect and register a few at a time (no SYN storm at the daemon)
+
+    async def register(agent: NodeAgent, conn: Conn) -> None:
+        async with gate:
+            status = await conn.post("/v1/nodes/report", agent.registration())
+            if status != 200:
+                raise RuntimeError(f"agent {agent.i} registration answered {status}")
+
+    await asyncio.gather(*(register(a, c) for a, c in agents))
+    (out.parent / f"gen-{index}.ready").write_text("")
+    go = out.parent / "go.json"
+    while not go.exists():
+        await asyncio.sleep(0.05)
+    plan.update(json.loads(go.read_text()))
+    tasks = [asyncio.create_task(agent_loop(a, c, plan, st)) for a, c in agents]
     if index == 0:
         tasks.append(asyncio.create_task(telemetry_loop(Conn(host, int(port), plan["trainer_token"]), plan)))
     await asyncio.sleep(max(0.0, plan["warm_end"] - time.time()))
@@ -359,18 +379,28 @@ def write_agent_tokens(path: Path, agents: int) -> list[str]:
 
 async def drive_node(args, tmp: Path, child: subprocess.Popen, tokens: list[str]) -> dict:
     info = json.loads((tmp / "ready.json").read_text())
-    t0 = time.time() + 1.0 + args.agents / 2000  # the generators start and connect meanwhile
     plan = {"url": info["url"], "generation": info["generation"], "trainer_token": info["token"],
-            "agent_tokens": tokens, "agents": args.agents, "ranks": args.ranks, "procs": args.procs, "t0": t0,
-            "warm_end": t0 + args.warmup, "measure_end": t0 + args.warmup + args.seconds}
-    plan["silent_at"] = plan["measure_end"]
-    plan["end"] = plan["silent_at"] + args.silent_wait
+            "agent_tokens": tokens, "agents": args.agents, "ranks": args.ranks, "procs": args.procs}
     (tmp / "plan.json").write_text(json.dumps(plan))
     gens = [subprocess.Popen([sys.executable, __file__, "--generate", str(i), "--plan", str(tmp / "plan.json")]
                              + (["--uvloop"] if args.uvloop else []), stderr=open(tmp / f"gen-{i}.log", "w"))
             for i in range(args.procs)]
     spy = None
     try:
+        # every agent connects and registers (an idle report) first; then the load starts at t0
+        registering = time.time()
+        while not all((tmp / f"gen-{i}.ready").exists() for i in range(args.procs)):
+            if any(g.poll() is not None for g in gens) or time.time() - registering > 600:
+                raise RuntimeError("registration failed: " + " | ".join(
+                    (tmp / f"gen-{i}.log").read_text()[-500:] for i in range(args.procs)))
+            await asyncio.sleep(0.1)
+        registered_s = time.time() - registering
+        t0 = time.time() + 0.5
+        times = {"t0": t0, "warm_end": t0 + args.warmup, "measure_end": t0 + args.warmup + args.seconds}
+        times["silent_at"] = times["measure_end"]
+        times["end"] = times["silent_at"] + args.silent_wait
+        plan.update(times)
+        (tmp / "go.json").write_text(json.dumps(times))
         await asyncio.sleep(max(0.0, plan["warm_end"] - time.time()))
         if args.profile:  # py-spy (pinned in the lock file) samples the daemon over the measured window
             spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(child.pid),
@@ -412,6 +442,7 @@ async def drive_node(args, tmp: Path, child: subprocess.Popen, tokens: list[str]
     res["scheduled_per_s"] = float(args.agents)
     res["generator_cpu_share"] = [round(r["cpu_s"] / args.seconds, 2) for r in results]
     res["ranks_per_s"] = res["sustained_per_s"] * args.ranks
+    res["registration_s"] = registered_s  # every agent's first (idle) report, before the load
     return res
 
 
