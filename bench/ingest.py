@@ -603,8 +603,12 @@ def main() -> int:
     for k, v in res.items():
         print(f"  {k:26s} {v:.2f}" if isinstance(v, float) else f"  {k:26s} {v}")
     if args.route == "node" and res["offered_per_s"] < 0.95 * res["scheduled_per_s"]:
+        busy = max(res["generator_cpu_share"]) > 0.8
         print(f"  NOTE: the generators offered {res['offered_per_s']:.0f} of {res['scheduled_per_s']:.0f} req/s "
-              "scheduled: this run is client-bound (or the daemon's replies came late); read daemon CPU per request")
+              "scheduled: " + ("client-bound (a generator used its core)" if busy else
+                               "daemon-bound (each agent waits for its reply, as a real agent does, and the "
+                               f"daemon got {res['daemon_cpu_share']:.0%} of a core)")
+              + "; the load-independent figure is daemon CPU per request")
     return 0
 
 

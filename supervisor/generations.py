@@ -167,11 +167,14 @@ class Generations:
             self._taken = (gen, set(gen.rank_pids.values()))
         return self._taken[1]
 
-    def flush_pids(self) -> None:
+    def flush_pids(self, *, due_only: bool = False) -> None:
         """Journal the current generation's rank pids if some were learned since the last write
-        (the reconcile loop calls this every tick; `note_rank_pid` when the world is complete)."""
+        (`note_rank_pid` when the world is complete; the reconcile loop every tick with
+        ``due_only``: once `PIDS_JOURNAL_EVERY_S` has passed since the last write)."""
         gen = self.current
         if not self._pids_dirty or gen is None:
+            return
+        if due_only and time.monotonic() - self._pids_journaled_at < PIDS_JOURNAL_EVERY_S:
             return
         self._pids_dirty = False
         self._pids_journaled_at = time.monotonic()
