@@ -236,3 +236,24 @@ def test_the_report_route_keeps_its_metrics_label_and_its_fault_answer(setup, mo
     text = sup.metrics.render().decode()
     for code in ("200", "503"):
         assert f'titan_http_requests_total{{code="{code}",route="/v1/nodes/report"}} 1.0' in text
+
+
+def test_node_reports_have_their_own_rate_limit_bucket(tmp_path):
+    """2,048 agents at 1 Hz exceed the trainer's 2,000/s: reports are limited as their own class,
+    so a flood of them is refused without taking the trainer's heartbeats with it (and back)."""
+    f = tmp_path / "tokens.jsonl"
+    tok = add_token(f, "node-a", "agent")
+    s = Settings.load(run={"workdir": str(tmp_path / "run"), "run_id": "t", "nproc_per_node": 1},
+                      server={"port": 0, "token_file": str(f), "rate_limit": {"agent_per_s": 3, "burst_s": 1.0}},
+                      launch={"backend": "agents"})
+    sup = Supervisor(s)
+    try:
+        client = TestClient(build_app(sup))
+        codes = [post(client, tok, report("node-a")).status_code for _ in range(8)]
+        assert codes[:3] == [200] * 3 and codes[-1] == 429, codes
+        assert "too many agent requests (limit 3/s)" in post(client, tok, report("node-a")).text
+        auth = {"Authorization": f"Bearer {sup.trainer_token}"} if sup.trainer_token else {}
+        hb = beat(0, "h", 4242, run_id="t")
+        assert client.post("/v1/heartbeat", json=hb, headers=auth).status_code != 429  # the trainer's bucket is full
+    finally:
+        sup.journal.close()
