@@ -552,6 +552,7 @@ class Supervisor:
         """Observed vs desired: rank exits and silent deadlines become findings; a generation that
         ended is closed and, if the run should still be training, handed to the policy."""
         gen = self.gen
+        self.generations.flush_pids(due_only=True)  # rank pids still unjournaled (batched: see Generations)
         if gen is not None:
             for ex in gen.poll():
                 self.log.warning("rank exited", generation=gen.generation, rank=ex.rank, exitcode=ex.exitcode,

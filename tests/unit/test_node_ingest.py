@@ -151,3 +151,109 @@ def test_a_lost_claim_can_be_taken_over(setup):
     assert post(client, tok["a"], report("node-a")).status_code == 200
     sup.nodes.get("node-a").last_seen -= sup.nodes.config.lost_after_s + 1
     assert post(client, tok["b"], report("node-b", node="node-a")).status_code == 200
+
+
+# --- heartbeats batched in the node's report (issue 13: 2,048 requests/s, not 16,384) -------------
+
+def running_generation(sup, tmp_path):
+    """Generation 0 on node-a (rank 0) and node-b (rank 1) as the real `AgentGeneration` sees it:
+    a pid is a rank's only if its node's agent reports it (no process runs here)."""
+    from supervisor.launch.agents import AgentGeneration, _Member
+    from supervisor.launch.local import LaunchSpec
+
+    spec = LaunchSpec(generation=0, nproc=1, preset="tiny", workdir=tmp_path, supervisor_url="", run_id="t")
+    gen = AgentGeneration(sup.generations.launcher, spec, [_Member("node-a", "node-a", 0), _Member("node-b", "node-b", 1)])
+    sup.generations.current, sup.generations.id = gen, 0
+    sup.journal.record_generation_start(generation=0, run_id="t", load_step=0, skip_batches=0, lr_scale=1.0,
+                                        layout={"nodes": ["node-a", "node-b"]})
+    sup.suite.reset_generation(0, time.time(), world_size=2)
+    return gen
+
+
+def beat(rank, node, pid, step=5, **kw):
+    hb = {"run_id": "t", "generation": 0, "rank": rank, "step": step, "pid": pid, "host": node,
+          "phase": "train_step", "wall_time": time.time()}
+    hb.update(kw)
+    return hb
+
+
+def node_report(agent, rank, pid, heartbeats):
+    return report(agent, generation=0, state="running", ranks=[{"rank": rank, "pid": pid, "state": "running"}],
+                  heartbeats=heartbeats)
+
+
+def test_heartbeats_in_a_report_keep_ranks_alive_and_a_silent_one_is_found(setup, tmp_path):
+    """The batched route feeds the same detector as /v1/heartbeat: both ranks beat inside their
+    nodes' reports; then node-b's report leaves rank 1's heartbeat out (the rank is still listed:
+    the process is there, its heartbeat thread is not) and rank 1 alone is found missing."""
+    sup, client, tok = setup
+    gen = running_generation(sup, tmp_path)
+    for agent, rank, pid in (("a", 0, 4100), ("b", 1, 4200)):
+        r = post(client, tok[agent], node_report(f"node-{agent}", rank, pid, [beat(rank, f"node-{agent}", pid)]))
+        assert r.status_code == 200 and "heartbeats_refused" not in r.json(), r.text
+    assert gen.rank_pids == {0: 4100, 1: 4200}  # learned from the heartbeats, checked against the reports
+    silent_since = time.time()
+    assert post(client, tok["b"], node_report("node-b", 1, 4200, [])).status_code == 200
+    later = silent_since + sup.suite.stall.config.heartbeat_timeout + 0.5
+    assert post(client, tok["a"], node_report("node-a", 0, 4100, [beat(0, "node-a", 4100, wall_time=later - 0.2)])
+                ).status_code == 200
+    found = [f for f in sup.suite.tick(later) if f.kind == "missing_heartbeat"]
+    assert [(f.rank, f.evidence["host"]) for f in found] == [(1, "node-b")]
+
+
+def test_a_heartbeat_of_another_node_or_run_refuses_the_report_and_changes_nothing(setup, tmp_path):
+    sup, client, tok = setup
+    gen = running_generation(sup, tmp_path)
+    for hb, why in ((beat(1, "node-b", 4200), "names host 'node-b'"), (beat(0, "node-a", 4100, run_id="x"), "run 'x'")):
+        r = post(client, tok["a"], node_report("node-a", 0, 4100, [hb]))
+        assert r.status_code == 400 and why in r.text, r.text
+    assert sup.nodes.get("node-a") is None and sup.nodes.reports == 0 and gen.rank_pids == {}
+
+
+def test_a_heartbeat_with_a_pid_the_node_does_not_run_is_refused_and_counted(setup, tmp_path):
+    """A forged pid (one the node's own report does not list) never gets in; the report is taken."""
+    sup, client, tok = setup
+    gen = running_generation(sup, tmp_path)
+    r = post(client, tok["a"], node_report("node-a", 0, 4100, [beat(0, "node-a", 999)]))
+    assert r.status_code == 200, r.text
+    assert r.json()["heartbeats_refused"] == 1 and "pid 999 is not a trainer process" in r.json()["heartbeat_refusal"]
+    assert gen.rank_pids == {} and sup.nodes.get("node-a").report.ranks[0].pid == 4100
+
+
+def test_the_report_route_keeps_its_metrics_label_and_its_fault_answer(setup, monkeypatch):
+    """The report is dispatched past FastAPI's router (supervisor/api.py): it is still counted under
+    its route, and a journal or disk fault while taking it is still the 503 naming it."""
+    sup, client, tok = setup
+    assert post(client, tok["a"], report("node-a")).status_code == 200
+
+    def broken(rep):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sup.nodes, "ingest", broken)
+    r = post(client, tok["a"], report("node-a"))
+    assert r.status_code == 503 and "No space left on device" in r.text, r.text
+    assert sup.health.problems()
+    text = sup.metrics.render().decode()
+    for code in ("200", "503"):
+        assert f'titan_http_requests_total{{code="{code}",route="/v1/nodes/report"}} 1.0' in text
+
+
+def test_node_reports_have_their_own_rate_limit_bucket(tmp_path):
+    """2,048 agents at 1 Hz exceed the trainer's 2,000/s: reports are limited as their own class,
+    so a flood of them is refused without taking the trainer's heartbeats with it (and back)."""
+    f = tmp_path / "tokens.jsonl"
+    tok = add_token(f, "node-a", "agent")
+    s = Settings.load(run={"workdir": str(tmp_path / "run"), "run_id": "t", "nproc_per_node": 1},
+                      server={"port": 0, "token_file": str(f), "rate_limit": {"agent_per_s": 3, "burst_s": 1.0}},
+                      launch={"backend": "agents"})
+    sup = Supervisor(s)
+    try:
+        client = TestClient(build_app(sup))
+        codes = [post(client, tok, report("node-a")).status_code for _ in range(8)]
+        assert codes[:3] == [200] * 3 and codes[-1] == 429, codes
+        assert "too many agent requests (limit 3/s)" in post(client, tok, report("node-a")).text
+        auth = {"Authorization": f"Bearer {sup.trainer_token}"} if sup.trainer_token else {}
+        hb = beat(0, "h", 4242, run_id="t")
+        assert client.post("/v1/heartbeat", json=hb, headers=auth).status_code != 429  # the trainer's bucket is full
+    finally:
+        sup.journal.close()
