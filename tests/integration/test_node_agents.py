@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent_harness import cluster
+from tests.data_position import LOSS_RTOL, dp_of, samples_by_step, unbroken_run, worst_loss_gap
 from tests.trainer_harness import ROOT, spool, trainer_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
@@ -43,6 +44,12 @@ def nodes(tmp_path):
         for a in agents:
             a.cleanup()
         d.cleanup()
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+    """The reference of the node-kill drill: an unbroken 2-rank run, same seed and config."""
+    return unbroken_run(tmp_path_factory.mktemp("unbroken"), steps=60, interval=10)
 
 
 def _wait_running(d, step: int, nodes: list[str], timeout: float = 600.0) -> dict:
@@ -94,9 +101,10 @@ def _losses(records) -> dict[tuple[int, int], float]:
     return {(r["generation"], r["step"]): r["loss"] for r in records}
 
 
-def test_dead_rank_then_a_dead_node_the_run_restarts_on_the_remaining_node_and_finishes(nodes):
-    # rank 0 sleeps 0.15 s per step in generation 0: the kill lands between two checkpoints
-    d, (a, b) = nodes(steps=60, faults="slow@1:rank=0:seconds=0.15")
+def test_dead_rank_then_a_dead_node_the_run_restarts_on_the_remaining_node_and_finishes(nodes, unbroken):
+    # rank 0 sleeps 0.15 s per step in generation 0: the kill lands between two checkpoints. The run
+    # asks for a global batch of 8 (2 nodes x 1 rank x 4): on one node it accumulates 2 microbatches.
+    d, (a, b) = nodes(steps=60, faults="slow@1:rank=0:seconds=0.15", extra={"training": {"global_batch_size": 8}})
     d.start()
     a.start(), b.start()
     st = _wait_running(d, 15, ["node-a", "node-b"])
@@ -151,6 +159,20 @@ def test_dead_rank_then_a_dead_node_the_run_restarts_on_the_remaining_node_and_f
     saved = {p.name for p in (d.workdir / "checkpoint").glob("step-*")}
     assert {"step-10", "step-20", "step-60"} <= saved | {p.name.split(".")[0] for p in
                                                         (d.workdir / "quarantine").glob("step-*")}
+    # 3. the data position across the reshard (DP 2 -> 1, global batch kept by accumulation): every
+    # step trained on exactly the unbroken 2-rank run's samples, and the loss stays within noise of it
+    resharded_at = gens[-1]["load_step"]
+    assert dp_of(d.workdir, last_gen) == {1}
+    started = [(e["step"], e["dp_degree"], e["batches_per_step"], e["samples_consumed"])
+               for e in spool(d.workdir)[1] if e["kind"] == "started"]
+    assert started[-1] == (resharded_at, 1, 2, resharded_at * 8), started
+    want, got = samples_by_step(unbroken), samples_by_step(d.workdir)
+    assert sorted(got) == list(range(1, 61)) and all(len(ids) == 8 for ids in got.values())
+    assert got == want, [s for s in got if got[s] != want.get(s)]
+    worst = worst_loss_gap(unbroken, d.workdir, range(1, 61))
+    assert worst <= LOSS_RTOL, f"loss differs from the unbroken run by {worst:.2e} relative"
+    print(f"node-kill drill: resharded to 1 node at step {resharded_at}; worst relative loss "
+          f"difference {worst:.2e} over steps 1..60")
 
 
 def test_spike_hang_and_xid_on_two_nodes_the_bad_node_is_excluded_and_the_run_finishes(nodes):
