@@ -84,6 +84,7 @@ class Supervisor:
         self.nodes = NodeRegistry(s.launch.agents.registry_config(), journal=j, log=self.log,
                                   on_kernel_event=self._on_kernel_event)
         self.grow = GrowBack(s.launch.agents.grow_config())  # pure: fed by _reconcile_nodes
+        self._grows: list[PastGrow] | None = None  # the journal's grow actions, read once when first needed
         self.metrics.set_excluded_nodes(self._excluded_nodes() | self.nodes.excluded)
         self.annotator, annotations = self._annotations()  # None, None unless [grafana] url is set
         self.incidents = IncidentTracker(j, self.metrics, listener=annotations, log=self.log)
@@ -592,12 +593,14 @@ class Supervisor:
         self.grow.started(plan)
         self.log.warning("growing back", reason=plan.reason, nodes_from=plan.nodes_from, nodes_to=plan.nodes_to)
         self.runner.start(GROW, plan.params(), actor="policy", request_id=None)
+        self._past_grows().append(PastGrow(time.time(), plan.returned))
 
     def _past_grows(self) -> list[PastGrow]:
-        window = self.settings.launch.agents.grow_window_s
-        return [PastGrow(float(a.get("created_at") or 0.0), tuple((a.get("params") or {}).get("returned") or ()))
-                for a in self.journal.actions(limit=1000)
-                if a["kind"] == GROW and time.time() - float(a.get("created_at") or 0.0) <= window]
+        """The grow-backs the anti-flap budget counts (`GrowBack` applies the window)."""
+        if self._grows is None:
+            self._grows = [PastGrow(float(a.get("created_at") or 0.0), tuple((a.get("params") or {}).get("returned") or ()))
+                           for a in self.journal.actions(limit=10_000) if a["kind"] == GROW]
+        return self._grows
 
     def _on_generation_exit(self, gen) -> None:
         finished, self.status.trainer_finished = self.status.trainer_finished, None

@@ -6,7 +6,10 @@ SIGKILL of its agent and of its ranks' process group (what a dead machine looks 
 daemon: reports stop). Kernel-log lines are appended to each agent's kernel-log file (this machine
 has no GPU and no Xid in its real kernel log; NVML is absent here, so the agents report no GPUs).
 
-CI cost (2 cores, idle): about a minute each; they are the only multi-node drills.
+CI cost (2 cores, idle): about a minute each; they are the only multi-node drills. Measured on the
+loaded 2-core machine (load average ~5-6): the node-kill drill 240 s plus 66 s for its unbroken
+2-rank reference run (it was 169 s before it proved the data position and grew back); the xid drill
+152-172 s (unchanged by the hardware threshold).
 """
 
 from __future__ import annotations
