@@ -85,3 +85,22 @@ def test_registry_live_since_restarts_when_an_agent_returns_after_being_lost():
     assert reg.live_since() == {"node-b": 1010.0}  # back: it settles from now
     reg.exclude("node-b")
     assert reg.live_since() == {}  # excluded nodes are never desired
+
+
+def test_status_shows_why_a_returned_node_is_not_in_the_run_yet():
+    import time
+
+    from rich.console import Console
+
+    from supervisor.oncall import render_status
+
+    g = GrowBack(GrowBack.Config(settle_s=30.0))
+    tick(g, now=110.0, step=33, ckpt=30, live={"node-a": 0.0, "node-b": 100.0})
+    st = {"schema": 1, "run_id": "r", "state": "running", "mode": "auto", "generation": 2, "step": 33,
+          "total_steps": 60, "loss": 2.0, "grad_norm": 0.9, "tokens_per_s": 1.0, "lr": 1e-4, "lr_scale": 1.0,
+          "last_known_good": 30, "newest_checkpoint": 30, "action": None, "policy_now": "watching",
+          "open_incidents": [], "proposals": 0, "pending_directives": [], "trainer_pids": {}, "updated_at": time.time(),
+          "nodes": {"excluded": [], "live": ["node-a", "node-b"], "in_generation": ["node-a"], "returning": g.view()}}
+    con = Console(width=100, record=True, color_system=None)
+    con.print(render_status(st))
+    assert "node-b: settling: live 10s of 30s" in con.export_text()
