@@ -27,7 +27,7 @@ the node as newly live, so it settles again: a later checkpoint, never a wrong o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated
 
 from supervisor.config_types import NonNegativeInt, Seconds, SecondsOrZero, doc
