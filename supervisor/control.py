@@ -538,7 +538,8 @@ class ControlPlane:
             "trainer_pids": dict(sup.gen.rank_pids) if sup.gen else {},
             "layout": sup.generations.layout_label,  # None: the preset's own parallelism
             "nodes": {"excluded": sorted(sup.nodes.excluded), "live": [v.node for v in sup.nodes.live()],
-                      "in_generation": list(getattr(sup.gen, "nodes", ()) or ())},
+                      "in_generation": list(getattr(sup.gen, "nodes", ()) or ()),
+                      "returning": sup.grow.view()},
             "checkpoint_interval": sup.interval.current,
             "recommended_checkpoint_interval": sup.interval.view(),
             "updated_at": r.wall_time if r else None,

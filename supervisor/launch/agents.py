@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from supervisor.config_types import PositiveInt, Seconds, Strings, doc
+from supervisor.config_types import NonNegativeInt, PositiveInt, Seconds, SecondsOrZero, Strings, doc
+from supervisor.grow import GrowBack
 from supervisor.launch.local import LaunchSpec, RankExit
 from supervisor.nodes import NodeRegistry, NodeView
 from supervisor.protocol import NodeOrder
@@ -85,10 +86,24 @@ class AgentsConfig:
         "is global and in the trainer's own state: only torchtitan's per-rank loader state, empty, is skipped)")] = (
         "--checkpoint.exclude_from_loading", "dataloader")
     poll_s: Annotated[Seconds, doc("how often start/stop check the agents' reports")] = 0.05
+    grow_back: Annotated[bool, doc(
+        "a lost node whose agent returns (not one excluded by the policy or an operator) rejoins the run at "
+        "the next checkpoint: the generation stops and the next starts on every desired node from it "
+        "(supervisor/grow.py)")] = True
+    grow_settle_s: Annotated[SecondsOrZero, doc(
+        "a returned node's agent must have been live this long before the grow-back is planned")] = 30.0
+    grow_max_per_node: Annotated[NonNegativeInt, doc(
+        "grow-backs onto one node within grow_window_s; past it the node stays out until the window passes "
+        "(a node that keeps coming back and dying must not flap the run)")] = 3
+    grow_window_s: Annotated[Seconds, doc("the window grow_max_per_node counts over")] = 3600.0
 
     def registry_config(self) -> NodeRegistry.Config:
         return NodeRegistry.Config(lost_after_s=self.lost_after_s, report_interval_s=self.report_interval_s,
                                    max_exits_per_node=self.max_exits_per_node)
+
+    def grow_config(self) -> GrowBack.Config:
+        return GrowBack.Config(enabled=self.grow_back, settle_s=self.grow_settle_s,
+                               max_per_node=self.grow_max_per_node, window_s=self.grow_window_s)
 
 
 def written_world(workdir: Path, step: int | None) -> int | None:
