@@ -309,3 +309,16 @@ def test_node_reports_have_their_own_rate_limit_bucket(tmp_path):
         assert client.post("/v1/heartbeat", json=hb, headers=auth).status_code != 429  # the trainer's bucket is full
     finally:
         sup.journal.close()
+
+
+def test_a_report_interval_too_long_for_the_heartbeat_timeout_is_a_config_error(tmp_path):
+    """Relayed heartbeats arrive once per report: an interval near the heartbeat timeout would make
+    healthy ranks look silent, so it is refused at load (naming both fields)."""
+    run = {"workdir": str(tmp_path / "run"), "run_id": "t"}
+    with pytest.raises(Exception, match=r"report_interval_s \(3\) must be at most half of detect.stall.heartbeat_timeout"):
+        Settings.load(run=run, launch={"backend": "agents", "agents": {"report_interval_s": 3.0}},
+                      detect={"stall": {"heartbeat_timeout": 5.0}})
+    Settings.load(run=run, launch={"backend": "agents", "agents": {"report_interval_s": 2.5}},
+                  detect={"stall": {"heartbeat_timeout": 5.0}})
+    Settings.load(run=run, launch={"backend": "local", "agents": {"report_interval_s": 3.0}},
+                  detect={"stall": {"heartbeat_timeout": 5.0}})  # no agents: no relay
