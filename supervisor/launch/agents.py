@@ -170,6 +170,7 @@ class AgentGeneration:
         self._fault_stop = False
         self._held: list[tuple[float, str, RankExit]] = []  # (since, agent, exit): a peer's loss suspected
         self._dumps = 0
+        self._member_ids: tuple[list | None, frozenset] = (None, frozenset())  # (members, their agent ids)
 
     @property
     def generation(self) -> int:
@@ -206,7 +207,9 @@ class AgentGeneration:
         (O(ranks of that node): the check for heartbeats relayed in a node's report)."""
         if not self.members:
             self._adopting()  # adopted: the members are whoever reports the generation
-        if not any(m.agent_id == agent_id for m in self.members):
+        if self._member_ids[0] is not self.members:  # the member list was (re)assigned
+            self._member_ids = (self.members, frozenset(m.agent_id for m in self.members))
+        if agent_id not in self._member_ids[1]:
             return False
         v = self._reg.get(agent_id)
         return (v is not None and v.report.generation == self.generation
