@@ -14,16 +14,16 @@ agent starts gets a fresh random secret, handed to its ranks in their environmen
 (``TITAN_SUPERVISOR_RELAY_SOCKET`` and ``TITAN_SUPERVISOR_RELAY_TOKEN``, never on a command line):
 a rank of an older generation, or a careless script, is refused (401); the daemon trusts that
 secret for nothing. Ranks adopted by a restarted agent keep their socket and secret (saved in
-the run's 0600 state file). A heartbeat is kept only for a rank this
-agent runs, with the pid this agent found for that rank in /proc (the child of its own torchrun
-whose ``RANK`` it is): the relay holds at most one heartbeat per rank of its node, and never
-vouches for a process it did not start. The agent stamps its own node name as the heartbeat's
+the run's 0600 state file). A heartbeat is kept only for a rank this agent runs, with the pid
+this agent found for that rank in /proc (the child of its own torchrun whose ``RANK`` it is):
+the relay holds at most one heartbeat per rank of its node, and never vouches for a process it
+did not start. The agent stamps its own node name as the heartbeat's
 ``host`` (the daemon accepts only its own node's heartbeats in a report).
 
 Bad input changes nothing and gets a specific answer: a body over `MAX_BODY` (413), not JSON or
 not a `Heartbeat` (400 naming the field), another run or generation (409), a rank or pid this
 node does not run (403). Connections are bounded (`MAX_CONNECTIONS`, idle ones time out), so a
-local process cannot tie up the agent.
+careless process of the same user cannot tie up the agent either.
 
 Failure model: the relay runs in the agent's process. If the agent dies, its ranks' heartbeats
 stop reaching the daemon (they are not sent anywhere else: the daemon refuses per-rank
@@ -33,7 +33,8 @@ path, never two. A rank that cannot reach its agent drops the beat and goes on t
 
 Promptness: the agent reports every ``report_interval_s`` (1 s, the ranks' beat), so a heartbeat
 reaches the daemon at most one interval later than it would directly; the stall detector times
-silence from the heartbeat's own ``wall_time``, so this delays no finding by more than that. A
+silence from the heartbeat's own ``wall_time``, so this delays no finding by more than that (the
+settings refuse a report interval over half of ``detect.stall.heartbeat_timeout``). A
 rank entering or leaving a phase (``checkpoint``, ``loading``, ...) wakes the agent to report at
 once (`on_change`, at most every `EARLY_REPORT_GAP_S`): a slow phase must reach the daemon before
 the hang timeout it lengthens runs out.
