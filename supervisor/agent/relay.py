@@ -7,8 +7,8 @@ interval; the relay keeps each of its ranks' latest heartbeat and `take`s them i
 ``/v1/heartbeat`` (supervisor/node_api.py).
 
 Who can post: the relay listens on a unix socket in a directory only the agent's user can enter
-(``<agent dir>/relay/``, mode 0700; a private ``/tmp/titan-relay-*`` one when that path is too
-long for a socket): no other user can even connect, so none can tie it up or feed it. The same
+(``<agent dir>/relay/``, mode 0700; ``/tmp/titan-relay-<uid>-<hash of the agent dir>/``, the
+user's own, when that path is too long for a socket): no other user can even connect, so none can tie it up or feed it. The same
 user can kill the ranks anyway (outside the threat model, README "Security"). Each generation the
 agent starts gets a fresh random secret, handed to its ranks in their environment
 (``TITAN_SUPERVISOR_RELAY_SOCKET`` and ``TITAN_SUPERVISOR_RELAY_TOKEN``, never on a command line):
@@ -42,6 +42,7 @@ the hang timeout it lengthens runs out.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import secrets
@@ -107,7 +108,16 @@ class HeartbeatRelay:
         when that path is too long for a unix socket."""
         d = Path(agent_dir) / "relay"
         if len(str(d / "relay.sock")) > MAX_SOCKET_PATH:
-            d = Path(tempfile.mkdtemp(prefix="titan-relay-"))  # created 0700
+            # one per agent dir (a restarted agent finds the same), the user's own, or a fresh one
+            key = hashlib.sha256(str(Path(agent_dir).resolve()).encode()).hexdigest()[:12]
+            d = Path(tempfile.gettempdir()) / f"titan-relay-{os.getuid()}-{key}"
+            try:
+                d.mkdir(mode=0o700, exist_ok=True)
+                st = os.lstat(d)
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                    raise OSError(f"{d} is not a directory of this user")
+            except OSError:
+                d = Path(tempfile.mkdtemp(prefix="titan-relay-"))  # created 0700
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(d, 0o700)
         return d / "relay.sock"

@@ -73,8 +73,17 @@ def test_only_the_agents_user_can_reach_the_socket(relay, tmp_path):
 
 
 def test_a_long_agent_dir_gets_a_private_short_socket_dir(tmp_path):
+    """Too long for a socket: a 0700 directory of this user in /tmp, the same for the same agent dir
+    (a restarted agent binds the socket its adopted ranks know), another for another agent dir."""
     p = HeartbeatRelay.socket_path(tmp_path / ("x" * 120))
-    assert len(str(p)) <= 100 and stat.S_IMODE(os.stat(p.parent).st_mode) == 0o700
+    try:
+        assert len(str(p)) <= 100 and stat.S_IMODE(os.stat(p.parent).st_mode) == 0o700
+        assert os.stat(p.parent).st_uid == os.getuid()
+        assert HeartbeatRelay.socket_path(tmp_path / ("x" * 120)) == p
+        assert HeartbeatRelay.socket_path(tmp_path / ("y" * 120)).parent != p.parent
+    finally:
+        for d in {p.parent, HeartbeatRelay.socket_path(tmp_path / ("y" * 120)).parent}:
+            d.rmdir()  # the test's own empty directories
 
 
 def test_a_heartbeat_is_kept_once_per_rank_with_the_agents_node_name(relay):
