@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import stat
 import sys
@@ -203,3 +204,55 @@ def test_a_real_ranks_telemetry_client_beats_to_its_agent_through_the_environmen
         assert run.state()[0] == "running" and r.take() == []
     finally:
         run.stop(2.0)
+
+
+def _wait_beats(agent, timeout=60.0) -> list[dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        body = agent.report()
+        if body["heartbeats"]:
+            return body
+        time.sleep(0.2)
+    raise AssertionError("no heartbeat reached the agent")
+
+
+def test_an_agent_reports_its_ranks_beats_keeps_them_while_the_daemon_is_away_and_a_restarted_agent_adopts_them(
+        tmp_path):
+    """The real `Agent` (no daemon: its url is a closed port, as when the daemon is down): a generation
+    it starts beats to its relay through the environment; a report carries the beats with the rank
+    listed; a report that does not get through puts them back; a second agent process (the first one
+    gone) adopts the running ranks and takes their beats on the same socket with the same secret."""
+    from supervisor.agent.main import Agent, AgentConfig
+
+    cfg = AgentConfig(daemon_url="http://127.0.0.1:9", run_id="t", agent_id="node-a", node="node-a",
+                      workdir=tmp_path, kernel_log="none", request_timeout_s=1.0)
+    logs: list[str] = []
+    agent = Agent(cfg, log=lambda msg, **kw: logs.append(msg))
+    agent.apply({"generation": 0, "argv": [sys.executable, "-c", SCRIPT], "node_rank": 0, "nnodes": 1})
+    try:
+        body = _wait_beats(agent)
+        assert [b["rank"] for b in body["heartbeats"]] == [3] and body["heartbeats"][0]["host"] == "node-a"
+        assert {(r["rank"], r["pid"]) for r in body["ranks"]} >= {(3, body["heartbeats"][0]["pid"])}
+        rank_pid = body["heartbeats"][0]["pid"]
+        os.kill(rank_pid, signal.SIGSTOP)  # no new beat from here on: what the report holds is the old one
+        try:
+            time.sleep(0.5)
+            agent.report()  # drains a beat sent before the stop
+            agent.relay.put_back(body["heartbeats"])  # a beat waiting for the next report
+            agent.tick()  # the daemon is away: the report fails and the beat is put back
+            assert "daemon unreachable" in logs, logs
+            assert agent.report()["heartbeats"] == body["heartbeats"]
+            assert agent.report()["heartbeats"] == []  # sent once: a stopped rank is silent
+        finally:
+            os.kill(rank_pid, signal.SIGCONT)
+        # the agent process goes away (its ranks keep running: crash-only); the next one adopts them
+        agent.relay.close()
+        again = Agent(cfg, log=lambda msg, **kw: logs.append(msg))
+        try:
+            assert again.run is not None and again.run.generation == 0 and again.relay.path == agent.relay.path
+            body = _wait_beats(again)
+            assert [b["rank"] for b in body["heartbeats"]] == [3]
+        finally:
+            again.relay.close()
+    finally:
+        agent.run.stop(2.0)
