@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.agent.ranks import NodeRun
-from supervisor.agent.relay import ENV_SOCKET, ENV_TOKEN, MAX_BODY, HeartbeatRelay
+from supervisor.agent.relay import ENV_TOKEN, MAX_BODY, HeartbeatRelay
 from supervisor.protocol import NodeOrder
 
 
