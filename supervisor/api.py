@@ -156,6 +156,10 @@ def build_app(sup) -> FastAPI:
     async def heartbeat(request: Request):
         if not _trainer_allowed(request):
             return _trainer_refused()
+        if sup.settings.launch.backend == "agents":  # one path: a dead agent must silence its ranks
+            return JSONResponse({"error": "under launch.backend = agents a rank's heartbeats go to its node's "
+                                          "agent (TITAN_SUPERVISOR_RELAY_URL), which sends them in its report; "
+                                          "this route takes none", "details": []}, status_code=409)
         hb = await _parse(request, Heartbeat, sup)
         why = sup.heartbeat(hb)
         if why is not None:

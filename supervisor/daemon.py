@@ -387,24 +387,29 @@ class Supervisor:
             return True
         return bool(presented) and token_matches(presented, self._trainer_hashes)
 
-    def heartbeat(self, hb: Heartbeat) -> str | None:
+    def heartbeat(self, hb: Heartbeat, *, agent: str | None = None) -> str | None:
         """Feed a heartbeat of the current generation; a refusal reason for a rank or pid that is not
-        one of this generation's (nothing is recorded then: a forged pid must never be signalled)."""
+        one of this generation's (nothing is recorded then: a forged pid must never be signalled).
+        ``agent``: relayed in that node agent's report, which must run the rank (`note_rank_pid`)."""
         if hb.run_id != self.settings.run.run_id or hb.generation != self.generation:
             return None
-        why = self.generations.note_rank_pid(hb.rank, hb.pid, ranks=self.ranks)
+        why = self.generations.note_rank_pid(hb.rank, hb.pid, ranks=self.ranks, agent=agent)
         if why is not None:
-            self.health.metrics_only("heartbeat_refused")
-            self._refused += 1
-            if time.monotonic() - self._refused_logged_at >= 10.0:  # a flood must not fill the log
-                self.log.warning("heartbeat refused", rank=hb.rank, pid=hb.pid, why=why,
-                                 refused_since_last_log=self._refused)
-                self._refused, self._refused_logged_at = 0, time.monotonic()
+            self.heartbeat_refused(hb, why)
             return why
         self.metrics.observe_heartbeat(hb)
         for f in self.suite.observe_heartbeat(hb):
             self.on_finding(f)
         return None
+
+    def heartbeat_refused(self, hb: Heartbeat, why: str) -> None:
+        """Count a refused heartbeat (and log it, at most every 10 s: a flood must not fill the log)."""
+        self.health.metrics_only("heartbeat_refused")
+        self._refused += 1
+        if time.monotonic() - self._refused_logged_at >= 10.0:
+            self.log.warning("heartbeat refused", rank=hb.rank, pid=hb.pid, why=why,
+                             refused_since_last_log=self._refused)
+            self._refused, self._refused_logged_at = 0, time.monotonic()
 
     def _on_record(self, rec: StepRecord) -> None:
         if self.state in ("starting", "recovering") and self._last_record_generation != self.generation:

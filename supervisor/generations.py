@@ -136,22 +136,28 @@ class Generations:
         self._log.info("adopted generation", generation=self.id, pid=gen.pid, pids=last.get("pids") or [])
         return gen
 
-    def note_rank_pid(self, rank: int, pid: int, *, ranks: int) -> str | None:
+    def note_rank_pid(self, rank: int, pid: int, *, ranks: int, agent: str | None = None) -> str | None:
         """A rank's pid, learned from its first heartbeat (journaled for re-adoption); or why the
         heartbeat is refused. A pid from a request is only believed when the launcher confirms
         the process is one it started for this generation (its process tree, its start time):
-        the daemon signals these pids, so a forged one must never get in."""
+        the daemon signals these pids, so a forged one must never get in. A heartbeat relayed by
+        node agent ``agent`` is believed only if that agent runs the rank with that pid in this
+        generation (`AgentGeneration.vouches`: its own report, not every node's)."""
         gen = self.current
         if gen is None:
             return "no generation is running"
         ranks = getattr(gen, "world_size", ranks)  # nodes x ranks per node under node agents
         if not 0 <= rank < ranks:
             return f"rank {rank} is not a rank of this run (0..{ranks - 1})"
+        if agent is not None:
+            vouches = getattr(gen, "vouches", None)
+            if vouches is None or not vouches(agent, rank, pid):
+                return f"agent {agent} does not run rank {rank} as pid {pid} in generation {gen.generation}"
         known = gen.rank_pids.get(rank)
         if known is not None:
             return None if known == pid else f"rank {rank} is pid {known}, not {pid}"
         taken = self._taken_pids(gen)
-        if pid in taken or not gen.owns(pid):
+        if pid in taken or (agent is None and not gen.owns(pid)):
             return f"pid {pid} is not a trainer process of generation {gen.generation}"
         gen.note_rank_pid(rank, pid)
         taken.add(pid)

@@ -14,9 +14,12 @@ lookup is O(1) (`TokenStore.lookup`): this route takes thousands of requests a s
 
 Bad input changes nothing: a body that is not a `NodeReport` is a 400 naming the field, a
 heartbeat in it of another node or run a 400, a report of another run a 409, before the
-registry is touched. Heartbeats in a report go through `Supervisor.heartbeat` one by one (the
-per-rank route's path): one of a rank or pid not of the running generation is refused and
-counted in the reply (``heartbeats_refused``), the rest of the report is taken. The commands run through the
+registry is touched. Heartbeats in a report (the agent's relay, supervisor/agent/relay.py) go
+through `Supervisor.heartbeat` one by one (the per-rank route's path), stricter: a heartbeat is
+taken only for a (rank, pid) that the same report lists, of the report's generation, from an
+agent that is a member of the running generation (O(ranks of the node), not a scan of every
+node's report); a refused one is counted in the reply (``heartbeats_refused``) and in
+``titan_supervisor_errors_total{kind="heartbeat_refused"}``, the rest of the report is taken. The commands run through the
 `ControlPlane` pipeline (auth, validation, dry run, audit) like every other command.
 """
 
@@ -92,8 +95,14 @@ def node_routes(r: APIRouter, cp: ControlPlane, cred_dep) -> None:
             return Refusal(409, claim).response()
         reply = sup.nodes.ingest(rep)
         refused, first = 0, None
+        listed = {(r.rank, r.pid) for r in rep.ranks} if rep.heartbeats else set()
         for hb in rep.heartbeats:  # the per-rank route's own path: pid ownership, detectors, metrics
-            why = sup.heartbeat(hb)
+            if hb.generation != rep.generation or (hb.rank, hb.pid) not in listed:
+                why = (f"rank {hb.rank} with pid {hb.pid} of generation {hb.generation} is not among the ranks "
+                       f"this report lists (generation {rep.generation})")
+                sup.heartbeat_refused(hb, why)
+            else:
+                why = sup.heartbeat(hb, agent=rep.agent_id)
             if why is not None:
                 refused, first = refused + 1, first or f"rank {hb.rank}: {why}"
         if refused:

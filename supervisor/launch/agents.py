@@ -22,7 +22,8 @@ Failure model: agents outlive the daemon. A restarted daemon `adopt`s the journa
 without waiting (the HTTP server must keep taking reports): the generation is whatever nodes
 report running it; if none does within `lost_after_s`, it is lost (a dead-rank finding, and the
 policy restarts). Pids never cross from a request to a signal here: agents signal their own
-process trees; `owns` only checks a heartbeat's pid against what the agents report.
+process trees; `owns` only checks a heartbeat's pid against what the agents report, and
+`vouches` a relayed heartbeat against its own node's report.
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ class AgentGeneration:
         self._fault_stop = False
         self._held: list[tuple[float, str, RankExit]] = []  # (since, agent, exit): a peer's loss suspected
         self._dumps = 0
+        self._member_ids: tuple[list | None, frozenset] = (None, frozenset())  # (members, their agent ids)
 
     @property
     def generation(self) -> int:
@@ -199,6 +201,19 @@ class AgentGeneration:
             if v is not None and v.report.generation == self.generation and any(r.pid == pid for r in v.report.ranks):
                 return True
         return False
+
+    def vouches(self, agent_id: str, rank: int, pid: int) -> bool:
+        """``agent_id`` is a member of this generation and its latest report lists ``rank`` as ``pid``
+        (O(ranks of that node): the check for heartbeats relayed in a node's report)."""
+        if not self.members:
+            self._adopting()  # adopted: the members are whoever reports the generation
+        if self._member_ids[0] is not self.members:  # the member list was (re)assigned
+            self._member_ids = (self.members, frozenset(m.agent_id for m in self.members))
+        if agent_id not in self._member_ids[1]:
+            return False
+        v = self._reg.get(agent_id)
+        return (v is not None and v.report.generation == self.generation
+                and any(r.rank == rank and r.pid == pid for r in v.report.ranks))
 
     def alive(self) -> bool:
         if self.exited is not None:

@@ -99,6 +99,16 @@ def _wait_action(d, kind: str, states: tuple[str, ...], timeout: float = 300.0) 
     raise AssertionError(f"no {kind} action in {states} after {timeout}s\n{d.log_tail()}")
 
 
+def _heartbeats_came_through_the_agents(d, nodes: list[str]) -> None:
+    """Every rank's heartbeats reached the daemon inside its agent's report: the daemon's per-rank
+    route took no request at all, and each rank's heartbeat carries its agent's node name (the
+    relay stamps it; a rank itself knows only this machine's host name)."""
+    text = d.get("/metrics")
+    assert 'route="/v1/heartbeat"' not in text, [x for x in text.splitlines() if "/v1/heartbeat" in x]
+    ages = [x for x in text.splitlines() if x.startswith("titan_rank_heartbeat_age_seconds{")]
+    assert sorted({x.split('node="')[1].split('"')[0] for x in ages}) == sorted(nodes), ages
+
+
 def _losses(records) -> dict[tuple[int, int], float]:
     """(generation, step) -> loss."""
     return {(r["generation"], r["step"]): r["loss"] for r in records}
@@ -129,6 +139,7 @@ def test_dead_rank_then_a_dead_node_then_it_returns_the_run_reshards_grows_back_
     time.sleep(1.0)
     d.start()  # same port: the agents' reports reach the new daemon
     _wait_running(d, 32, ["node-a", "node-b"])
+    _heartbeats_came_through_the_agents(d, ["node-a", "node-b"])
     gens = _generations(d)
     assert len(gens) == 2 and gens[1]["layout"]["nodes"] == ["node-a", "node-b"]
     # 2. a dead node: node-b's agent and ranks SIGKILLed -> restart on node-a alone (smaller world)
@@ -222,6 +233,7 @@ def test_spike_hang_and_xid_on_two_nodes_the_bad_node_is_excluded_and_the_run_fi
     # which node runs rank 1 is the rendezvous' choice: ask the agents' view
     hung_node = next(n["node"] for n in d.get("/v1/nodes")["nodes"] if "1" in (n.get("ranks") or {}))
     other_node = "node-a" if hung_node == "node-b" else "node-b"
+    _heartbeats_came_through_the_agents(d, ["node-a", "node-b"])
     os.kill(victim, signal.SIGSTOP)
     try:
         hang = _wait_action(d, "kill_restart_hang", ("done",))
@@ -252,6 +264,7 @@ def test_spike_hang_and_xid_on_two_nodes_the_bad_node_is_excluded_and_the_run_fi
     findings, actions = _findings_and_actions(d)
     hangs = [f for f in findings if f["kind"] == "hang"]
     assert hangs and hangs[0]["rank"] == 1
+    assert hangs[0]["evidence"]["basis"] == "heartbeat", hangs[0]  # its relayed heartbeats fell silent
     hw = [f for f in findings if f["kind"] == "hardware"]
     assert len(hw) >= 2 and {f["evidence"]["host"] for f in hw} == {"node-b"}
     # repeated findings exclude (policy.exclude_hardware_after = 2): the first is recorded with its count

@@ -210,14 +210,66 @@ def test_a_heartbeat_of_another_node_or_run_refuses_the_report_and_changes_nothi
     assert sup.nodes.get("node-a") is None and sup.nodes.reports == 0 and gen.rank_pids == {}
 
 
+def _refused_count(sup) -> float:
+    for line in sup.metrics.render().decode().splitlines():
+        if line.startswith('titan_supervisor_errors_total{kind="heartbeat_refused"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_a_heartbeat_with_a_pid_the_node_does_not_run_is_refused_and_counted(setup, tmp_path):
     """A forged pid (one the node's own report does not list) never gets in; the report is taken."""
     sup, client, tok = setup
     gen = running_generation(sup, tmp_path)
     r = post(client, tok["a"], node_report("node-a", 0, 4100, [beat(0, "node-a", 999)]))
     assert r.status_code == 200, r.text
-    assert r.json()["heartbeats_refused"] == 1 and "pid 999 is not a trainer process" in r.json()["heartbeat_refusal"]
+    assert r.json()["heartbeats_refused"] == 1
+    assert "rank 0 with pid 999 of generation 0 is not among the ranks this report lists" in r.json()["heartbeat_refusal"]
     assert gen.rank_pids == {} and sup.nodes.get("node-a").report.ranks[0].pid == 4100
+    assert _refused_count(sup) == 1
+
+
+def test_a_relayed_heartbeat_is_checked_against_its_own_node_only(setup, tmp_path, monkeypatch):
+    """The stricter check for relayed heartbeats (issue 13): a heartbeat in node X's report is taken
+    only for a (rank, pid) that X's own report lists, of X's generation, from a member of the
+    running generation; no scan of every node's report (`owns`) happens on this path."""
+    sup, client, tok = setup
+    gen = running_generation(sup, tmp_path)
+
+    def scan(pid):
+        raise AssertionError("a relayed heartbeat must not scan every node's report")
+
+    monkeypatch.setattr(gen, "owns", scan)
+    assert post(client, tok["b"], node_report("node-b", 1, 4200, [beat(1, "node-b", 4200)])).json().get(
+        "heartbeats_refused") is None
+    assert gen.rank_pids == {1: 4200}
+    # node-a relays node-b's rank with node-b's (known) pid, listing it in its own report as well:
+    # node-a is a member, but the daemon's view of node-a must run it -- refused, rank 1 unchanged
+    forged = report("node-a", generation=0, state="running", ranks=[{"rank": 0, "pid": 4100, "state": "running"}],
+                    heartbeats=[beat(1, "node-a", 4200)])
+    r = post(client, tok["a"], forged)
+    assert r.json()["heartbeats_refused"] == 1 and "not among the ranks this report lists" in r.json()["heartbeat_refusal"]
+    # a heartbeat of another generation than the report's is refused too
+    r = post(client, tok["a"], node_report("node-a", 0, 4100, [beat(0, "node-a", 4100, generation=1)]))
+    assert r.json()["heartbeats_refused"] == 1 and "generation 1" in r.json()["heartbeat_refusal"]
+    assert gen.rank_pids == {1: 4200}
+    # an agent that is not a member of the generation cannot vouch for a rank, even one it lists
+    tok_c = add_token(sup.settings.server.token_file, "node-c", "agent")  # the store re-reads its file
+    r = post(client, tok_c, node_report("node-c", 0, 4300, [beat(0, "node-c", 4300)]))
+    assert r.status_code == 200, r.text
+    assert r.json()["heartbeats_refused"] == 1 and "agent node-c does not run rank 0" in r.json()["heartbeat_refusal"]
+    assert 0 not in gen.rank_pids and _refused_count(sup) == 3
+
+
+def test_per_rank_heartbeats_are_refused_under_node_agents(setup, tmp_path):
+    """One path only: under the agents backend ranks beat to their agent; a direct heartbeat is a 409
+    (else a rank of a dead agent could look alive) and feeds nothing."""
+    sup, client, tok = setup
+    gen = running_generation(sup, tmp_path)
+    auth = {"Authorization": f"Bearer {sup.trainer_token}"} if sup.trainer_token else {}
+    r = client.post("/v1/heartbeat", json=beat(0, "node-a", 4100), headers=auth)
+    assert r.status_code == 409 and "go to its node's agent" in r.text, r.text
+    assert gen.rank_pids == {} and "titan_rank_heartbeat_age_seconds{" not in sup.metrics.render().decode()
 
 
 def test_the_report_route_keeps_its_metrics_label_and_its_fault_answer(setup, monkeypatch):
@@ -258,3 +310,16 @@ def test_node_reports_have_their_own_rate_limit_bucket(tmp_path):
         assert client.post("/v1/heartbeat", json=hb, headers=auth).status_code != 429  # the trainer's bucket is full
     finally:
         sup.journal.close()
+
+
+def test_a_report_interval_too_long_for_the_heartbeat_timeout_is_a_config_error(tmp_path):
+    """Relayed heartbeats arrive once per report: an interval near the heartbeat timeout would make
+    healthy ranks look silent, so it is refused at load (naming both fields)."""
+    run = {"workdir": str(tmp_path / "run"), "run_id": "t"}
+    with pytest.raises(Exception, match=r"report_interval_s \(3\) must be at most half of detect.stall.heartbeat_timeout"):
+        Settings.load(run=run, launch={"backend": "agents", "agents": {"report_interval_s": 3.0}},
+                      detect={"stall": {"heartbeat_timeout": 5.0}})
+    Settings.load(run=run, launch={"backend": "agents", "agents": {"report_interval_s": 2.5}},
+                  detect={"stall": {"heartbeat_timeout": 5.0}})
+    Settings.load(run=run, launch={"backend": "local", "agents": {"report_interval_s": 3.0}},
+                  detect={"stall": {"heartbeat_timeout": 5.0}})  # no agents: no relay
