@@ -20,9 +20,12 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(VENV)/bin/titan-supervisor demo
 
-# The whole suite, drills included (what CI runs).
+# The whole suite, drills included (what CI runs). The unit tests run on two workers (they are
+# independent and mostly wait on subprocesses and sockets); the drills one at a time, since each
+# trains real ranks on both cores and several are timing-sensitive.
 test: setup obs-tools deploy-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 tests/unit
+	$(PY) -m pytest -q tests/integration tests/e2e
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not drill and not integration"

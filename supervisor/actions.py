@@ -58,10 +58,13 @@ class DecisionLoop:
         self.in_flight = None  # the heavy action in flight (the driver's object; has a .kind)
 
     def decide(self, finding: Finding, state: RunState) -> Decision | None:
-        """The policy's decision, or None while a heavy action owns the incident."""
+        """The policy's decision, or None while a heavy action owns the incident. A hardware
+        finding naming a host is counted either way (the policy excludes on repeated ones)."""
         if self.in_flight is not None:
+            self.history.record_hardware(finding)
             return None
         d = self.policy.decide(finding, state, self.history)
+        self.history.record_hardware(finding)
         if d.acts and d.action in LR_ACTIONS:  # light and synchronous: carried out as decided
             self.history.record_lr(finding, d, state.lr_scale)
         return d

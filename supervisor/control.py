@@ -538,7 +538,8 @@ class ControlPlane:
             "trainer_pids": dict(sup.gen.rank_pids) if sup.gen else {},
             "layout": sup.generations.layout_label,  # None: the preset's own parallelism
             "nodes": {"excluded": sorted(sup.nodes.excluded), "live": [v.node for v in sup.nodes.live()],
-                      "in_generation": list(getattr(sup.gen, "nodes", ()) or ())},
+                      "in_generation": list(getattr(sup.gen, "nodes", ()) or ()),
+                      "returning": sup.grow.view()},
             "checkpoint_interval": sup.interval.current,
             "recommended_checkpoint_interval": sup.interval.view(),
             "updated_at": r.wall_time if r else None,
@@ -687,12 +688,13 @@ def build_router(sup, tokens: TokenStore | None = None, *, extra_specs: tuple[Co
     bearer = HTTPBearer(auto_error=False, description="A token from `titan-supervisor token add`.")
     r = APIRouter(prefix="/v1")
     cred_dep = Security(bearer)
+    if extra_routes is not None:
+        # first: routes are matched in order, twice per request, and the node agents' report is
+        # the hot route (thousands a second; 50 regex matches before it cost more than its work)
+        extra_routes(r, cp, cred_dep)
     _read_routes(r, cp, cred_dep)
     for spec in COMMAND_SPECS + tuple(extra_specs):
         _command_route(r, cp, spec, cred_dep)
-    if extra_routes is not None:
-        extra_routes(r, cp, cred_dep)
-
     _unknown_command_route(r, cp, cred_dep)
     _alert_route(r, cp, cred_dep)
     return r

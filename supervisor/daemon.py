@@ -32,13 +32,14 @@ from supervisor import log
 from supervisor.actions import ActionRunner, DecisionLoop
 from supervisor.interval_advisor import IntervalAdvisor
 from supervisor.checkpoints import Catalog
-from supervisor.detect.findings import CRITICAL, DEAD_RANK, SPIKE_RECOVERED, Finding
+from supervisor.detect.findings import CRITICAL, DEAD_RANK, HARDWARE, SPIKE_RECOVERED, Finding
 from supervisor.detect.suite import DetectorSuite
 from supervisor.directives import DirectiveChannel
 from supervisor.alert_receiver import AlertReceiver
 from supervisor.auth import token_matches, trainer_token_hashes
 from supervisor.dead_letter import DeadLetters, private_dirs
 from supervisor.generations import Generations, PreflightFailed
+from supervisor.grow import GROW, GrowBack, PastGrow
 from supervisor.health import Health, LoopLagGuard
 from supervisor.incidents import IncidentTracker
 from supervisor.journal import Journal
@@ -84,6 +85,8 @@ class Supervisor:
         j.on_write_error = self._journal_write_error
         self.nodes = NodeRegistry(s.launch.agents.registry_config(), journal=j, log=self.log,
                                   on_kernel_event=self._on_kernel_event)
+        self.grow = GrowBack(s.launch.agents.grow_config())  # pure: fed by _reconcile_nodes
+        self._grows: list[PastGrow] | None = None  # the journal's grow actions, read once when first needed
         self.metrics.set_excluded_nodes(self._excluded_nodes() | self.nodes.excluded)
         self.annotator, annotations = self._annotations()  # None, None unless [grafana] url is set
         self.incidents = IncidentTracker(j, self.metrics, listener=annotations, log=self.log)
@@ -389,24 +392,29 @@ class Supervisor:
             return True
         return bool(presented) and token_matches(presented, self._trainer_hashes)
 
-    def heartbeat(self, hb: Heartbeat) -> str | None:
+    def heartbeat(self, hb: Heartbeat, *, agent: str | None = None) -> str | None:
         """Feed a heartbeat of the current generation; a refusal reason for a rank or pid that is not
-        one of this generation's (nothing is recorded then: a forged pid must never be signalled)."""
+        one of this generation's (nothing is recorded then: a forged pid must never be signalled).
+        ``agent``: relayed in that node agent's report, which must run the rank (`note_rank_pid`)."""
         if hb.run_id != self.settings.run.run_id or hb.generation != self.generation:
             return None
-        why = self.generations.note_rank_pid(hb.rank, hb.pid, ranks=self.ranks)
+        why = self.generations.note_rank_pid(hb.rank, hb.pid, ranks=self.ranks, agent=agent)
         if why is not None:
-            self.health.metrics_only("heartbeat_refused")
-            self._refused += 1
-            if time.monotonic() - self._refused_logged_at >= 10.0:  # a flood must not fill the log
-                self.log.warning("heartbeat refused", rank=hb.rank, pid=hb.pid, why=why,
-                                 refused_since_last_log=self._refused)
-                self._refused, self._refused_logged_at = 0, time.monotonic()
+            self.heartbeat_refused(hb, why)
             return why
         self.metrics.observe_heartbeat(hb)
         for f in self.suite.observe_heartbeat(hb):
             self.on_finding(f)
         return None
+
+    def heartbeat_refused(self, hb: Heartbeat, why: str) -> None:
+        """Count a refused heartbeat (and log it, at most every 10 s: a flood must not fill the log)."""
+        self.health.metrics_only("heartbeat_refused")
+        self._refused += 1
+        if time.monotonic() - self._refused_logged_at >= 10.0:
+            self.log.warning("heartbeat refused", rank=hb.rank, pid=hb.pid, why=why,
+                             refused_since_last_log=self._refused)
+            self._refused, self._refused_logged_at = 0, time.monotonic()
 
     def _on_record(self, rec: StepRecord) -> None:
         if self.state in ("starting", "recovering") and self._last_record_generation != self.generation:
@@ -512,6 +520,8 @@ class Supervisor:
                                        rank=f.rank, wall_time=f.wall_time)
         self.log.info("finding", kind=f.kind, step=f.step, severity=f.severity, rank=f.rank, evidence=f.evidence)
         decision = self.decisions.decide(f, self.run_state())
+        if f.kind == HARDWARE:  # counted per host by the history: durable before the next one comes
+            self.journal.set_meta("policy_history", self.decisions.history.to_dict())
         if decision is None:
             self.log.info("finding while an action runs: recorded, no new decision", kind=f.kind,
                           action=self.decisions.in_flight.kind)
@@ -557,6 +567,7 @@ class Supervisor:
         """Observed vs desired: rank exits and silent deadlines become findings; a generation that
         ended is closed and, if the run should still be training, handed to the policy."""
         gen = self.gen
+        self.generations.flush_pids(due_only=True)  # rank pids still unjournaled (batched: see Generations)
         if gen is not None:
             for ex in gen.poll():
                 self.log.warning("rank exited", generation=gen.generation, rank=ex.rank, exitcode=ex.exitcode,
@@ -569,6 +580,7 @@ class Supervisor:
                         self.on_finding(f)
             if gen.exited is not None and self.gen is gen and not self.runner.busy:
                 self._on_generation_exit(gen)
+        self._reconcile_nodes()
         for f in self.suite.tick(time.time()):
             self.on_finding(f)
         self._reconcile_spare()
@@ -579,6 +591,35 @@ class Supervisor:
         keep = self.settings.launch.warm_spare and not self.status.at_rest
         start = keep and self.status.state == "running" and self.generations.alive() and not self.runner.busy
         self.generations.keep_spare(keep=keep, start=start)
+
+    def _reconcile_nodes(self) -> None:
+        """Desired nodes (live agents, not excluded) vs the running generation's: a node that
+        returned grows the run back at the next checkpoint (`GrowBack` decides, purely; the `grow`
+        remedy stops and restarts). Only for node agents, only while training runs undisturbed."""
+        gen = self.gen
+        s = self.settings
+        if (s.launch.backend != "agents" or s.fault_tolerance.mode == "torchft" or gen is None
+                or self.runner.busy or self.state != "running" or self.mode != "auto" or not gen.alive()):
+            return
+        live, have = self.nodes.live_since(), tuple(getattr(gen, "nodes", ()) or ())
+        past = self._past_grows() if set(live) - set(have) else []
+        valid = self.ledger.valid_steps()
+        plan = self.grow.tick(now=time.time(), step=self.last_step, newest_checkpoint=valid[-1] if valid else None,
+                              in_generation=have, live_since=live, expected=tuple(s.launch.agents.nodes), past=past,
+                              final_step=self.total_steps)
+        if plan is None:
+            return
+        self.grow.started(plan)
+        self.log.warning("growing back", reason=plan.reason, nodes_from=plan.nodes_from, nodes_to=plan.nodes_to)
+        self.runner.start(GROW, plan.params(), actor="policy", request_id=None)
+        self._past_grows().append(PastGrow(time.time(), plan.returned))
+
+    def _past_grows(self) -> list[PastGrow]:
+        """The grow-backs the anti-flap budget counts (`GrowBack` applies the window)."""
+        if self._grows is None:
+            self._grows = [PastGrow(float(a.get("created_at") or 0.0), tuple((a.get("params") or {}).get("returned") or ()))
+                           for a in self.journal.actions(limit=10_000) if a["kind"] == GROW]
+        return self._grows
 
     def _on_generation_exit(self, gen) -> None:
         finished, self.status.trainer_finished = self.status.trainer_finished, None

@@ -15,8 +15,12 @@ after its imports while the current one trains; a launch whose world matches is 
 (supervisor/launch/spare.py). Its pids are journaled (`spare` meta); a restarted daemon kills it.
 
 Failure model: the ranks run in their own session and outlive a daemon crash. The torchrun pid
-and the rank pids are journaled as soon as they are known, so a restarted daemon `adopt`s the
-running generation instead of starting a second one.
+is journaled at launch and the rank pids as they are learned, so a restarted daemon `adopt`s the
+running generation instead of starting a second one. Rank pids are written when the world is
+complete, else at most once per `PIDS_JOURNAL_EVERY_S` (and by the reconcile loop's
+`flush_pids`): one write per first heartbeat cost O(ranks) each, O(ranks^2) for a start at
+16,384 ranks (bench/ingest.py). A pid learned within that second and lost to a daemon crash is
+learned again from the rank's next heartbeat.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from typing import Callable, Protocol
 
 from supervisor.launch.base import Launcher, RunningGeneration
 from supervisor.launch.spare import kill_recorded
+
+
+#: while a world's rank pids are still arriving, they are journaled at most this often
+PIDS_JOURNAL_EVERY_S = 1.0
 
 
 class PreflightFailed(RuntimeError):
@@ -54,6 +62,8 @@ class Generations:
         self.layout_index: int | None = journal.get_meta("layout_index")
         self.layout_label: str | None = journal.get_meta("layout_label")
         self.ranks: int | None = journal.get_meta("ranks")
+        self._pids_dirty, self._pids_journaled_at = False, -1e9
+        self._taken: tuple[object, set[int]] = (None, set())
 
     def alive(self) -> bool:
         """A generation runs and its processes are there."""
@@ -170,23 +180,53 @@ class Generations:
             self._log.info("warm spare of an earlier daemon", pid=record.get("pid"),
                            action="killed" if killed else "already gone")
 
-    def note_rank_pid(self, rank: int, pid: int, *, ranks: int) -> str | None:
+    def note_rank_pid(self, rank: int, pid: int, *, ranks: int, agent: str | None = None) -> str | None:
         """A rank's pid, learned from its first heartbeat (journaled for re-adoption); or why the
         heartbeat is refused. A pid from a request is only believed when the launcher confirms
         the process is one it started for this generation (its process tree, its start time):
-        the daemon signals these pids, so a forged one must never get in."""
+        the daemon signals these pids, so a forged one must never get in. A heartbeat relayed by
+        node agent ``agent`` is believed only if that agent runs the rank with that pid in this
+        generation (`AgentGeneration.vouches`: its own report, not every node's)."""
         gen = self.current
         if gen is None:
             return "no generation is running"
         ranks = getattr(gen, "world_size", ranks)  # nodes x ranks per node under node agents
         if not 0 <= rank < ranks:
             return f"rank {rank} is not a rank of this run (0..{ranks - 1})"
+        if agent is not None:
+            vouches = getattr(gen, "vouches", None)
+            if vouches is None or not vouches(agent, rank, pid):
+                return f"agent {agent} does not run rank {rank} as pid {pid} in generation {gen.generation}"
         known = gen.rank_pids.get(rank)
         if known is not None:
             return None if known == pid else f"rank {rank} is pid {known}, not {pid}"
-        if not gen.owns(pid) or pid in gen.rank_pids.values():
+        taken = self._taken_pids(gen)
+        if pid in taken or (agent is None and not gen.owns(pid)):
             return f"pid {pid} is not a trainer process of generation {gen.generation}"
         gen.note_rank_pid(rank, pid)
+        taken.add(pid)
+        self._pids_dirty = True
+        if len(gen.rank_pids) >= ranks or time.monotonic() - self._pids_journaled_at >= PIDS_JOURNAL_EVERY_S:
+            self.flush_pids()
+        return None
+
+    def _taken_pids(self, gen) -> set[int]:
+        """The pids already known as ranks of ``gen``, as a set (a scan of `rank_pids` per new rank
+        was O(ranks^2) for a start at 16,384 ranks); rebuilt if the launcher added pids itself."""
+        if self._taken[0] is not gen or len(self._taken[1]) != len(gen.rank_pids):
+            self._taken = (gen, set(gen.rank_pids.values()))
+        return self._taken[1]
+
+    def flush_pids(self, *, due_only: bool = False) -> None:
+        """Journal the current generation's rank pids if some were learned since the last write
+        (`note_rank_pid` when the world is complete; the reconcile loop every tick with
+        ``due_only``: once `PIDS_JOURNAL_EVERY_S` has passed since the last write)."""
+        gen = self.current
+        if not self._pids_dirty or gen is None:
+            return
+        if due_only and time.monotonic() - self._pids_journaled_at < PIDS_JOURNAL_EVERY_S:
+            return
+        self._pids_dirty = False
+        self._pids_journaled_at = time.monotonic()
         self._journal.set_meta(f"generation_{self.id}", {"torchrun_pid": gen.pid, "rank_pids": gen.rank_pids})
         self._journal.set_generation_pids(self.id, sorted(gen.rank_pids.values()))
-        return None

@@ -12,8 +12,14 @@ credential per agent: a stolen one speaks for one node only); with no tokens con
 daemon is loopback-only and accepts any agent id (the settings refuse anything else). The
 lookup is O(1) (`TokenStore.lookup`): this route takes thousands of requests a second.
 
-Bad input changes nothing: a body that is not a `NodeReport` is a 400 naming the field, a report
-of another run a 409, before the registry is touched. The commands run through the
+Bad input changes nothing: a body that is not a `NodeReport` is a 400 naming the field, a
+heartbeat in it of another node or run a 400, a report of another run a 409, before the
+registry is touched. Heartbeats in a report (the agent's relay, supervisor/agent/relay.py) go
+through `Supervisor.heartbeat` one by one (the per-rank route's path), stricter: a heartbeat is
+taken only for a (rank, pid) that the same report lists, of the report's generation, from an
+agent that is a member of the running generation (O(ranks of the node), not a scan of every
+node's report); a refused one is counted in the reply (``heartbeats_refused``) and in
+``titan_supervisor_errors_total{kind="heartbeat_refused"}``, the rest of the report is taken. The commands run through the
 `ControlPlane` pipeline (auth, validation, dry run, audit) like every other command.
 """
 
@@ -28,10 +34,12 @@ from pydantic import Field, ValidationError
 
 from supervisor.control import Command, CommandSpec, ControlPlane, Refusal
 from supervisor.protocol import NodeName, NodeReport, wire_context
-from supervisor.wire import WireError, loads, read_body
+from supervisor.wire import WireError, inert, loads, read_body
 
 MAX_REPORT_BODY = 1024 * 1024
+REPORT_PATH = "/v1/nodes/report"  # dispatched to `report` without the router (supervisor/api.py)
 EXCLUDE_NODE = "exclude_node"
+_REFUSAL_FIELDS = {"heartbeats_refused", "heartbeat_refusal"}  # in a reply only when a heartbeat was refused
 
 
 def _agent_refusal(cp: ControlPlane, request: Request):
@@ -77,10 +85,30 @@ def node_routes(r: APIRouter, cp: ControlPlane, cred_dep) -> None:
             return Refusal(403, f"token {name!r} may only report as agent {name!r}, not {rep.agent_id!r}").response()
         if rep.run_id != sup.settings.run.run_id:
             return Refusal(409, f"this supervisor runs {sup.settings.run.run_id!r}, not {rep.run_id!r}").response()
+        stray = next((hb for hb in rep.heartbeats if hb.host != rep.node or hb.run_id != rep.run_id), None)
+        if stray is not None:
+            return JSONResponse({"error": f"heartbeat of rank {stray.rank} names host {inert(stray.host)!r} and run "
+                                          f"{inert(stray.run_id)!r}; a node's report carries only its own node's "
+                                          f"({rep.node!r}) heartbeats of its run", "details": []}, status_code=400)
         claim = sup.nodes.claim_refusal(rep)
         if claim is not None:
             return Refusal(409, claim).response()
-        return JSONResponse(sup.nodes.ingest(rep).model_dump(mode="json"))
+        reply = sup.nodes.ingest(rep)
+        refused, first = 0, None
+        listed = {(r.rank, r.pid) for r in rep.ranks} if rep.heartbeats else set()
+        for hb in rep.heartbeats:  # the per-rank route's own path: pid ownership, detectors, metrics
+            if hb.generation != rep.generation or (hb.rank, hb.pid) not in listed:
+                why = (f"rank {hb.rank} with pid {hb.pid} of generation {hb.generation} is not among the ranks "
+                       f"this report lists (generation {rep.generation})")
+                sup.heartbeat_refused(hb, why)
+            else:
+                why = sup.heartbeat(hb, agent=rep.agent_id)
+            if why is not None:
+                refused, first = refused + 1, first or f"rank {hb.rank}: {why}"
+        if refused:
+            return JSONResponse(reply.model_copy(update={"heartbeats_refused": refused, "heartbeat_refusal": first})
+                                .model_dump(mode="json"))
+        return JSONResponse(reply.model_dump(mode="json", exclude=_REFUSAL_FIELDS))
 
     @r.get("/nodes", tags=["read"], summary="Node agents: state, ranks, health, exclusions")
     async def nodes(cred=cred_dep):

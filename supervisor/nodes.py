@@ -8,7 +8,8 @@ exclude one is the policy's.
 
 Hot path (issue 13, 2,048 agents x 8 ranks at 1 Hz): `ingest` updates one dict entry under a
 lock and returns the order already built for the node. No journal write, no fsync, no
-allocation proportional to the cluster: a report costs O(ranks of that node). Rank exits are
+allocation proportional to the cluster: a report costs O(ranks of that node) (the node-claim
+check included: an index from node to its agents, not a scan of every agent). Rank exits are
 queued per node, bounded (`Config.max_exits_per_node`; the oldest are dropped and counted), and
 taken by the launcher's poll; kernel-log events go to a callback (rare by nature).
 
@@ -51,6 +52,7 @@ class NodeView:
     exits: deque = field(default_factory=deque)  # (generation, NodeRankExit) not yet taken
     exits_dropped: int = 0
     stacks: dict[str, str] = field(default_factory=dict)  # stacks_id -> dump
+    live_since: float = 0.0  # the daemon's wall clock when this agent last became live (grow-back settles on it)
 
 
 class NodeRegistry:
@@ -66,13 +68,14 @@ class NodeRegistry:
 
     def __init__(self, config: "NodeRegistry.Config | None" = None, *, journal=None, log=None,
                  on_kernel_event: Callable[[str, KernelEvent], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.config = config or NodeRegistry.Config()
         self._journal, self._log = journal, log
         self._on_kernel = on_kernel_event
-        self._clock = clock
+        self._clock, self._wall = clock, wall
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeView] = {}  # by agent id
+        self._agents_of: dict[str, set[str]] = {}  # node -> the agents whose view is on it (claims in O(1))
         self._excluded: set[str] = set(journal.get_meta(EXCLUDED_META) or []) if journal is not None else set()
         self.reports = 0
 
@@ -91,8 +94,9 @@ class NodeRegistry:
             if mine is not None and mine.node != report.node and not self.lost(mine, now):
                 return (f"agent {report.agent_id!r} reports node {mine.node!r}; it may not switch to "
                         f"{report.node!r} while that claim is live (silent for {self.config.lost_after_s:g} s frees it)")
-            for v in self._nodes.values():
-                if v.node == report.node and v.agent_id != report.agent_id and not self.lost(v, now):
+            for agent in sorted(self._agents_of.get(report.node, ())):
+                v = self._nodes[agent]
+                if agent != report.agent_id and not self.lost(v, now):
                     return f"node {report.node!r} is reported by live agent {v.agent_id!r}"
         return None
 
@@ -104,11 +108,16 @@ class NodeRegistry:
             if v is None or v.node != report.node:
                 new = True
                 old = v
-                v = NodeView(report.agent_id, report.node, report.address, now, now, time.time(), report)
+                v = NodeView(report.agent_id, report.node, report.address, now, now, self._wall(), report,
+                             live_since=self._wall())
                 if old is not None:
                     v.order = old.order
+                    self._agents_of[old.node].discard(old.agent_id)
                 self._nodes[report.agent_id] = v
-            v.last_seen, v.last_wall, v.report, v.address = now, time.time(), report, report.address
+                self._agents_of.setdefault(v.node, set()).add(v.agent_id)
+            elif self.lost(v, now):  # back after being lost (a restarted agent, a rebooted machine)
+                v.live_since = self._wall()
+            v.last_seen, v.last_wall, v.report, v.address = now, self._wall(), report, report.address
             for ex in report.exits:
                 if len(v.exits) >= self.config.max_exits_per_node:
                     v.exits.popleft()
@@ -139,6 +148,10 @@ class NodeRegistry:
         with self._lock:
             return [v for _, v in sorted(self._nodes.items())
                     if not self.lost(v, now) and v.node not in self._excluded]
+
+    def live_since(self) -> dict[str, float]:
+        """Each live, non-excluded node -> when its agent became live (wall seconds)."""
+        return {v.node: v.live_since for v in self.live()}
 
     def get(self, agent_id: str) -> NodeView | None:
         with self._lock:
@@ -218,7 +231,7 @@ class NodeRegistry:
                     "last_report_at": v.last_wall, "generation": r.generation, "node_rank": r.node_rank,
                     "nnodes": r.nnodes, "ranks": {str(x.rank): {"pid": x.pid, "state": x.state} for x in r.ranks},
                     "health": r.health.model_dump(mode="json", exclude={"kernel"}) if r.health else None,
-                    "exits_dropped": v.exits_dropped,
+                    "exits_dropped": v.exits_dropped, "live_since": v.live_since,
                     "ordered_generation": v.order.generation if v.order is not None else None})
             for node in sorted(self._excluded - {v.node for v in self._nodes.values()}):
                 rows.append({"agent_id": None, "node": node, "state": "excluded", "excluded": True})

@@ -111,6 +111,8 @@ def render_status(st: dict):
         _add(w, "nodes", inert(f"{', '.join(nodes.get('in_generation') or []) or '-'}"
                                + (f"  excluded: {', '.join(nodes['excluded'])}" if nodes.get("excluded") else ""),
                                markup=False))
+    for node, why in sorted((nodes.get("returning") or {}).items()):
+        _add(w, "returning", inert(f"{node}: {why}", markup=False))
     inc = st.get("open_incidents") or []
     if inc:
         lines = [f"#{i['id']} {i['kind']} @{i.get('onset_step')} {i['state']}"

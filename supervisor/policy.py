@@ -154,13 +154,34 @@ class CoolEntry:
     action: str = COOL_LR
 
 
+@dataclass(frozen=True)
+class HardwareEntry:
+    """A hardware finding naming a host (Xid / ECC log line, an Alertmanager or NVML alert)."""
+
+    wall_time: float
+    host: str
+    pattern: str = ""
+
+
 @dataclass
 class History:
-    """The carried-out actions that budgets count; rebuilt by the daemon from its journal."""
+    """The carried-out actions that budgets count, and the hardware findings per host that
+    exclusion counts; rebuilt by the daemon from its journal."""
 
     rollbacks: list[RollbackEntry] = field(default_factory=list)
     restarts: list[RestartEntry] = field(default_factory=list)
     cools: list[CoolEntry] = field(default_factory=list)
+    hardware: list[HardwareEntry] = field(default_factory=list)
+
+    def hardware_on(self, host: str, since: float) -> list[HardwareEntry]:
+        return [h for h in self.hardware if h.host == host and h.wall_time >= since]
+
+    def record_hardware(self, finding: Finding, keep: int = 1000) -> None:
+        """Count a hardware finding naming a host (whatever was decided about it; the newest `keep`)."""
+        host = finding.evidence.get("host")
+        if finding.kind == HARDWARE and host:
+            self.hardware.append(HardwareEntry(finding.wall_time, str(host), str(finding.evidence.get("pattern", ""))))
+            del self.hardware[:-keep]
 
     def open_cool(self, onset_step: int) -> CoolEntry | None:
         """The cool for this spike's onset that no rewarm has undone yet."""
@@ -221,13 +242,14 @@ class History:
     def to_dict(self) -> dict:
         return {"rollbacks": [asdict(r) for r in self.rollbacks],
                 "restarts": [asdict(r) for r in self.restarts],
-                "cools": [asdict(c) for c in self.cools]}
+                "cools": [asdict(c) for c in self.cools], "hardware": [asdict(h) for h in self.hardware]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "History":
         return cls(rollbacks=[RollbackEntry(**r) for r in d.get("rollbacks", [])],
                    restarts=[RestartEntry(**r) for r in d.get("restarts", [])],
-                   cools=[CoolEntry(**c) for c in d.get("cools", [])])
+                   cools=[CoolEntry(**c) for c in d.get("cools", [])],
+                   hardware=[HardwareEntry(**h) for h in d.get("hardware", [])])
 
 
 def onset_of(finding: Finding) -> int:
@@ -286,7 +308,13 @@ class Policy:
         exclude_node_after: Annotated[NonNegativeInt, doc(
             "the n-th crash on one host within the window excludes that host (0 = never)")] = 0
         exclude_on_hardware: Annotated[bool, doc(
-            "a hardware finding naming a host excludes it (else it is recorded)")] = False
+            "repeated hardware findings naming a host exclude it (else they are recorded)")] = False
+        exclude_hardware_after: Annotated[PositiveInt, doc(
+            "with exclude_on_hardware: the n-th hardware finding naming one host (distinct patterns or "
+            "alerts: each pattern reports once per host and generation) within hardware_window_seconds "
+            "excludes it; the ones before are recorded")] = 2
+        hardware_window_seconds: Annotated[Seconds, doc(
+            "the window exclude_hardware_after counts over")] = 86400.0
         cool_lr_factor: Annotated[Fraction, doc(
             "a spike slow to recover (slow_recovery) multiplies the LR scale by this at once ...")] = 0.5
         rewarm_steps: Annotated[NonNegativeInt, doc(
@@ -347,10 +375,21 @@ class Policy:
         if k in (DEAD_RANK, OOM, HANG):
             return self._restart(f, state, history)
         if k == HARDWARE and self.config.exclude_on_hardware and ev.get("host"):
-            return self._restart(f, state, history)
+            return self._hardware(f, state, history)
         if k in (STRAGGLER, HARDWARE, MISSING_HEARTBEAT, SLOW_CONVERGENCE):
             return Decision(RECORD, f"{self._describe(f)}; recorded for a human", RUNG_RECORD)
         return Decision(NONE, f"no rule for finding kind {k!r}", RUNG_NONE)
+
+    def _hardware(self, f: Finding, state: RunState, history: History) -> Decision:
+        """Repeated hardware findings on one host exclude it; one alone is recorded (a single Xid
+        line or a flapping alert should not cost a restart)."""
+        c, host = self.config, f.evidence["host"]
+        n = len(history.hardware_on(host, f.wall_time - c.hardware_window_seconds)) + 1
+        if n >= c.exclude_hardware_after:
+            return self._restart(replace(f, evidence=dict(f.evidence, hardware_count=n)), state, history)
+        return Decision(RECORD, (
+            f"{self._describe(f)}; hardware finding {n} on host {host} within "
+            f"{_secs(c.hardware_window_seconds)}: recorded (excluded at {c.exclude_hardware_after})"), RUNG_RECORD)
 
     def _recovered(self, f: Finding, state: RunState, history: History) -> Decision:
         ev = f.evidence
@@ -474,7 +513,9 @@ class Policy:
         common = dict(target_step=target, lr_scale=state.lr_scale, backoff_seconds=backoff)
         host = f.evidence.get("host")
         if f.kind == HARDWARE:
-            return Decision(EXCLUDE_NODE, f"{what}; excluding host {host} and restarting {tail}",
+            n = f.evidence.get("hardware_count", 1)
+            return Decision(EXCLUDE_NODE, (f"{what}; hardware finding {n} on host {host} within "
+                                           f"{_secs(c.hardware_window_seconds)}: excluding it and restarting {tail}"),
                             RUNG_ESCALATE, node=host, **common)
         if c.exclude_node_after and host:
             same = [r for r in recent if r.host == host]
@@ -627,6 +668,11 @@ def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
         f"next layout        OOM number {p.oom_layout_fallback_after or 'never (off)'} within the window: restart on "
         f"the next [preflight] layout that passes preflight (journaled by name; none left -> same layout + page).",
         f"exclude_node       crash number {p.exclude_node_after or 'never (off)'} on one host"
-        f"{', or a hardware alert naming it' if p.exclude_on_hardware else ''}: on one node, refused with a page "
-        f"naming the node and a restart there.",
+        + (f", or hardware finding number {p.exclude_hardware_after} naming it within "
+           f"{_secs(p.hardware_window_seconds)} (Xid / ECC log patterns, each once per host and generation; "
+           f"Alertmanager / NVML alerts; the ones before are recorded)" if p.exclude_on_hardware
+           else "; hardware findings are recorded (policy.exclude_on_hardware is off)")
+        + ": the node is drained and the run restarts on the rest (a lost node that returns grows back at the "
+        "next checkpoint, an excluded one only when readmitted); on one node, refused with a page naming the "
+        "node and a restart there.",
     ])

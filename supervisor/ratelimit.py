@@ -7,7 +7,8 @@ limit is answered 429 before its body is read (cheap), and counted.
 
 Failure model: the buckets are in memory and per process; a restarted daemon starts full. The
 limits are generous for legitimate use (a 64-rank node beats ~64 times a second; rank 0 posts
-a few telemetry batches a second; an on-call human issues a few commands a minute).
+a few telemetry batches a second; each node agent reports once a second, 2,048 of them at
+16,384 ranks; an on-call human issues a few commands a minute).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Annotated, Callable
 from supervisor.config_types import PositiveFloat, doc
 
 #: route classes: path prefix -> class (first match wins; anything else is "read")
-ROUTE_CLASSES = (("/v1/heartbeat", "trainer"), ("/v1/telemetry", "trainer"), ("/v1/nodes/report", "trainer"), ("/v1/alerts", "alerts"),
+ROUTE_CLASSES = (("/v1/heartbeat", "trainer"), ("/v1/telemetry", "trainer"), ("/v1/nodes/report", "agent"), ("/v1/alerts", "alerts"),
                  ("/v1/commands", "command"), ("/v1/policy", "command"), ("/v1/proposals/", "command"),
                  ("/v1/incidents/", "command"))
 
@@ -35,6 +36,9 @@ class RateLimiter:
     @dataclass
     class Config:
         trainer_per_s: Annotated[PositiveFloat, doc("heartbeats + telemetry posts per second")] = 2000.0
+        agent_per_s: Annotated[PositiveFloat, doc(
+            "node agents' reports per second (one per node per report interval: 2,048 nodes at 1 Hz "
+            "are 2,048 a second)")] = 5000.0
         command_per_s: Annotated[PositiveFloat, doc("operator commands per second")] = 20.0
         alerts_per_s: Annotated[PositiveFloat, doc("Alertmanager webhook posts per second")] = 20.0
         read_per_s: Annotated[PositiveFloat, doc("reads (status, audit, /metrics, ...) per second")] = 200.0

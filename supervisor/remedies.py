@@ -21,6 +21,7 @@ import asyncio
 import statistics
 import time
 
+from supervisor.grow import GROW
 from supervisor.policy import (COOL_LR, EXCLUDE_NODE, KILL_RESTART_HANG, RECORD, RESTART, REWARM_LR, ROLLBACK,
                                ROLLBACK_LR_DOWN, SKIP_UPDATE, STOP_PAGE)
 
@@ -49,7 +50,7 @@ class Remedies:
             ROLLBACK: self.rollback, ROLLBACK_LR_DOWN: self.rollback,
             RESTART: self.restart, KILL_RESTART_HANG: self.kill_restart_hang,
             EXCLUDE_NODE: self.exclude_node, STOP_PAGE: self.stop_and_page,
-            PAUSE: self.pause, RESUME: self.resume_run, RESHARD: self.reshard,
+            PAUSE: self.pause, RESUME: self.resume_run, RESHARD: self.reshard, GROW: self.grow,
         }
         #: light actions: synchronous, never wait
         self.light_table = {RECORD: self.record, SKIP_UPDATE: self.skip_update,
@@ -332,6 +333,32 @@ class Remedies:
                                       reason=f"reshard {old} -> {new} ranks (action {a.id})", ranks=new)
         return {"ranks_from": old, "ranks_to": new, "load_step": load, "checkpoint_now": saved,
                 "generation": self.generations.id, "lost_steps": lost}
+
+    async def grow(self, a) -> dict:
+        """Grow the run back onto returned nodes. `supervisor/grow.py` planned it only once a
+        checkpoint newer than the nodes' readiness was saved, so this stops the generation at once and
+        starts the next on every live, non-excluded node (the launcher's choice) from the newest valid
+        checkpoint: DP back up, accumulation back down, same global batch and data position. Safe to
+        repeat: a resumed action that finds a generation running on the wanted nodes is done; one that
+        finds none running starts it."""
+        p = a.params
+        want, returned = sorted(p.get("nodes_to") or []), list(p.get("returned") or [])
+        gen = self.generations.current
+        if self.generations.alive() and sorted(getattr(gen, "nodes", ()) or ()) == want:
+            return {"nodes_from": p.get("nodes_from"), "nodes_to": want, "returned": returned,
+                    "generation": self.generations.id, "note": f"generation {self.generations.id} already runs on {want}"}
+        self.status.set("recovering")
+        await self.generations.stop(f"grow back onto {', '.join(returned)} (action {a.id})")
+        load = self.ledger.load_target()
+        lost = self._count_lost(self.status.last_step - (load or 0))
+        await self.generations.launch(load_step=load, skip_batches=0, lr_scale=self.status.lr_scale,
+                                      reason=f"grow back: {p.get('reason', '')} (action {a.id})"[:500])
+        got = sorted(getattr(self.generations.current, "nodes", ()) or ())
+        if got != want:
+            self._log.warning("grew back onto fewer nodes than planned (a node was lost again while starting)",
+                              planned=want, got=got, action_id=a.id)
+        return {"nodes_from": p.get("nodes_from"), "nodes_to": got, "returned": [n for n in returned if n in got],
+                "load_step": load, "generation": self.generations.id, "lost_steps": lost}
 
     def _send(self, a, **fields):
         d = self.directives.send(a.id, **fields)

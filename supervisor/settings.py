@@ -348,6 +348,12 @@ class Settings(BaseSettings):
         if self.fault_tolerance.mode == "torchft" and self.launch.backend != "local":
             raise ValueError(f"fault_tolerance.mode = \"torchft\" runs replica groups with the local launcher; "
                              f"launch.backend is {self.launch.backend!r}")
+        if self.launch.backend == "agents" and \
+                2 * self.launch.agents.report_interval_s > self.detect.stall.heartbeat_timeout:
+            # heartbeats reach the daemon inside the agents' reports: a healthy rank must not look silent
+            raise ValueError(f"launch.agents.report_interval_s ({self.launch.agents.report_interval_s:g}) must be at "
+                             f"most half of detect.stall.heartbeat_timeout ({self.detect.stall.heartbeat_timeout:g}): "
+                             "the ranks' heartbeats reach the daemon in their agent's reports")
         if not self.server.loopback and self.server.token_file is None:
             raise ValueError(f"server.host {self.server.host} is not loopback: set server.token_file "
                              "(bearer tokens) before exposing the supervisor beyond this machine")

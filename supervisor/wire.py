@@ -28,6 +28,8 @@ import math
 import re
 from typing import Any
 
+import msgspec
+
 #: steps, sample counts and other integers from the wire stay below this (JSON-safe, SQLite-safe)
 MAX_WIRE_INT = 2**53
 
@@ -71,7 +73,16 @@ def _no_constant(name: str):
 
 
 def loads(raw: bytes, *, allow_nan: bool = False) -> Any:
-    """Parse a JSON body (see the module docstring); `WireError(400)` if it is not acceptable."""
+    """Parse a JSON body (see the module docstring); `WireError(400)` if it is not acceptable.
+
+    msgspec first (a C parser, ~6x the stdlib's speed on a node report): it accepts only strict
+    JSON in valid UTF-8 with finite numbers and no lone surrogates, and on such input gives what
+    `json.loads` gives. Anything it refuses (NaN literals, 1e400, a lone surrogate, UTF-16, a
+    BOM, garbage) takes the stdlib path below, which decides as it always did."""
+    try:
+        return msgspec.json.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        pass
     try:
         obj = json.loads(raw, parse_float=_finite_float,
                          **({} if allow_nan else {"parse_constant": _no_constant}))

@@ -7,6 +7,13 @@ full the newest record is dropped and counted, and the count rides on the next r
 gets through. Directives from the reply are kept for the training thread to take at its next
 step boundary. The spool is complete even when the network is not, so a restarted daemon can
 re-read what it missed.
+
+Heartbeats go to the daemon (``/v1/heartbeat``), or, when the rank's node agent put
+``TITAN_SUPERVISOR_RELAY_SOCKET`` and ``TITAN_SUPERVISOR_RELAY_TOKEN`` in its environment
+(`launch.backend = "agents"`), to that agent's relay (a unix socket), which sends them in its node's
+report (supervisor/agent/relay.py). A beat the relay does not take (agent gone, refused) is
+dropped and counted (`heartbeats_dropped`), with one short try per beat: it never holds up the
+records, and it never falls back to the daemon (two paths would hide a dead agent).
 """
 
 from __future__ import annotations
@@ -23,6 +30,24 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (the node agent's heartbeat relay)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(self._path)
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+
+
 @dataclass
 class TelemetryConfig:
     url: str = ""  # http://127.0.0.1:PORT ; empty: no supervisor
@@ -35,6 +60,7 @@ class TelemetryConfig:
     post_timeout_s: float = 2.0
     heartbeat_s: float = 1.0
     retry_backoff_s: float = 0.5
+    relay_timeout_s: float = 0.5  # one heartbeat to the node agent's relay
 
 
 class TelemetryClient:
@@ -47,6 +73,7 @@ class TelemetryClient:
         self.dropped = 0
         self._dropped_reported = 0
         self.sent = 0
+        self.heartbeats_dropped = 0
         self.last_step = 0
         self.phase = "starting"
         self.host = socket.gethostname()
@@ -66,6 +93,13 @@ class TelemetryClient:
             if token:
                 self._headers["Authorization"] = f"Bearer {token}"
             self._conn: http.client.HTTPConnection | None = None
+            self._relay = None  # (socket path, headers) of the node agent's relay, if it gave us one
+            relay_socket, relay_token = os.environ.get("TITAN_SUPERVISOR_RELAY_SOCKET"), os.environ.get(
+                "TITAN_SUPERVISOR_RELAY_TOKEN")
+            if relay_socket and relay_token:
+                self._relay = (relay_socket, {"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {relay_token}"})
+            self._relay_conn: http.client.HTTPConnection | None = None
             self._thread = threading.Thread(target=self._run, name="titan-telemetry", daemon=True)
             self._thread.start()
 
@@ -133,10 +167,29 @@ class TelemetryClient:
 
     def _heartbeat(self) -> None:
         c = self.config
-        self._post("/v1/heartbeat", {
-            "run_id": c.run_id, "generation": c.generation, "rank": c.rank, "step": self.last_step,
-            "pid": os.getpid(), "host": self.host, "wall_time": time.time(), "phase": self.phase,
-        })
+        body = {"run_id": c.run_id, "generation": c.generation, "rank": c.rank, "step": self.last_step,
+                "pid": os.getpid(), "host": self.host, "wall_time": time.time(), "phase": self.phase}
+        if self._relay is None:
+            self._post("/v1/heartbeat", body)
+        else:
+            self._relay_beat(body)
+
+    def _relay_beat(self, body: dict) -> None:
+        """One try at the node agent's relay; a beat it does not take is dropped and counted."""
+        path, headers = self._relay
+        try:
+            if self._relay_conn is None:
+                self._relay_conn = _UnixHTTPConnection(path, timeout=self.config.relay_timeout_s)
+            self._relay_conn.request("POST", "/v1/heartbeat", body=json.dumps(body).encode(), headers=headers)
+            resp = self._relay_conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                self.heartbeats_dropped += 1
+        except (OSError, http.client.HTTPException):
+            self.heartbeats_dropped += 1
+            if self._relay_conn is not None:
+                self._relay_conn.close()
+            self._relay_conn = None
 
     def _run(self) -> None:
         c = self.config

@@ -17,6 +17,10 @@ Failure model:
   (`NodeRun.adopt`: the torchrun pid and its start time, so a reused pid is never adopted). If
   no agent comes back, the daemon takes the silent node for lost and stops the job everywhere.
 - Only its own process tree is ever signalled (see `supervisor.agent.ranks`).
+- Heartbeats: its ranks beat to the agent's relay (`supervisor.agent.relay`: a unix socket in a
+  0700 directory, a fresh secret per generation in their environment), and each report carries
+  the latest beat of each rank. A dead agent silences its ranks at the daemon too (the daemon
+  takes no per-rank heartbeats under this backend): the node is lost, never half-alive.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Annotated
 
 from supervisor.agent.health import HealthProbe
 from supervisor.agent.ranks import NodeRun
+from supervisor.agent.relay import ENV_SOCKET, ENV_TOKEN, HeartbeatRelay
 from supervisor.config_types import PositiveInt, Seconds, doc
 from supervisor.launch.local import LauncherConfig
 
@@ -117,10 +122,29 @@ class Agent:
         self._stacks_done: set[str] = set()
         self._seq = 0
         self.stop_event = threading.Event()
+        self._wake = threading.Event()  # set on stop and when the relay wants an early report
         self.run = NodeRun.adopt(self.dir, config=c.launcher)  # ranks a previous agent process left running
         if self.run is not None:
             self.started.add((self.run.generation, tuple(self.run.order.argv)))
             self._log("adopted running generation", generation=self.run.generation, torchrun_pid=self.run.torchrun_pid)
+        self.relay = self._start_relay(c)
+
+    def _start_relay(self, c: AgentConfig) -> HeartbeatRelay:
+        """The heartbeat relay, on the socket an adopted run's ranks were given if there is one."""
+        adopted = self.run.relay_env if self.run is not None else {}
+        kw = dict(run_id=c.run_id, node=self.node, rank_pid=self._rank_pid, on_change=self._wake.set)
+        try:
+            relay = HeartbeatRelay(path=adopted.get(ENV_SOCKET) or HeartbeatRelay.socket_path(self.dir), **kw)
+        except OSError as e:  # the adopted ranks' socket cannot be bound: they will be found silent
+            self._log("heartbeat relay socket unavailable", path=adopted.get(ENV_SOCKET), error=str(e)[:200])
+            relay = HeartbeatRelay(path=HeartbeatRelay.socket_path(self.dir), **kw)
+        if self.run is not None:
+            relay.open(self.run.generation, secret=adopted.get(ENV_TOKEN))
+        return relay.start()
+
+    def _rank_pid(self, rank: int) -> int | None:
+        run = self.run
+        return run.rank_pid(rank) if run is not None else None
 
     # -- one round ----------------------------------------------------------------------------------
     def report(self) -> dict:
@@ -136,7 +160,7 @@ class Agent:
                 "nnodes": run.order.nnodes if run is not None else None,
                 "torchrun_pid": run.torchrun_pid if run is not None else None, "exit_code": code,
                 "ranks": run.ranks() if run is not None else [], "exits": list(self._pending_exits),
-                "health": self.health.collect()}
+                "heartbeats": self.relay.take(), "health": self.health.collect()}
         if self._stacks is not None:
             body["stacks_id"], body["stacks"] = self._stacks[0], self._stacks[1][-200_000:]
         return body
@@ -160,6 +184,7 @@ class Agent:
         self._seq += 1
         reply = self.post(body)
         if reply is None:
+            self.relay.put_back(body["heartbeats"])
             return
         self._pending_exits = self._pending_exits[len(body["exits"]):]  # delivered
         if body.get("stacks_id") and self._stacks is not None and self._stacks[0] == body["stacks_id"]:
@@ -192,7 +217,8 @@ class Agent:
         key = (o.generation, tuple(o.argv))
         if o.generation >= 0 and o.argv and key not in self.started:
             self.started.add(key)
-            self.run = NodeRun(o, self.dir, python=self.config.python, config=self.config.launcher)
+            self.run = NodeRun(o, self.dir, python=self.config.python, config=self.config.launcher,
+                               relay_env=self.relay.open(o.generation))
             self.run.start()
             self._log("generation started", generation=o.generation, node_rank=o.node_rank, nnodes=o.nnodes,
                       torchrun_pid=self.run.torchrun_pid, failed=self.run.failed)
@@ -219,18 +245,24 @@ class Agent:
                 self.tick()
             except Exception as e:  # noqa: BLE001 - one bad round must not end the agent
                 self._log("agent round failed", error=repr(e)[:500])
-            self.stop_event.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            self._wake.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            self._wake.clear()
         if self.run is not None and self.run.state()[0] == "running":
             # Crash-only, like the daemon (systemd KillMode=process): the ranks keep training and the
             # next agent process adopts them; the daemon stops them if this node stays silent.
             self._log("agent exiting; its ranks keep running", generation=self.run.generation)
         if self._stopper is not None:
             self._stopper.join()
+        self.relay.close()
         return 0
+
+    def shutdown(self) -> None:
+        self.stop_event.set()
+        self._wake.set()
 
 
 def run_agent(config: AgentConfig) -> int:
     agent = Agent(config)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stop_event.set())
+        signal.signal(sig, lambda *_: agent.shutdown())
     return agent.serve()

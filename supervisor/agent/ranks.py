@@ -54,8 +54,10 @@ def classify(exitcode: int, log_tail: list[str]) -> tuple[str, str | None]:
 class NodeRun:
     """The node's part of one generation."""
 
-    def __init__(self, order, logs_dir: Path, *, python: str = "", config: LauncherConfig | None = None) -> None:
+    def __init__(self, order, logs_dir: Path, *, python: str = "", config: LauncherConfig | None = None,
+                 relay_env: dict[str, str] | None = None) -> None:
         self.order = order
+        self.relay_env = dict(relay_env or {})  # the heartbeat relay's url and this generation's secret
         self.generation = order.generation
         self.config = config or LauncherConfig()
         self.logs_dir = Path(logs_dir)
@@ -75,6 +77,7 @@ class NodeRun:
         env = dict(os.environ)
         env.update({"PYTHONUNBUFFERED": "1", "HF_DATASETS_OFFLINE": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
         env.update(self.order.env)
+        env.update(self.relay_env)  # the agent's own, after the daemon's: ranks beat to their agent
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         spec = LaunchSpec(generation=self.generation, nproc=0, preset="", workdir=self.logs_dir, supervisor_url="",
                           run_id="")
@@ -92,9 +95,12 @@ class NodeRun:
     def _save_state(self, log_path: Path) -> None:
         """What a restarted agent needs to adopt this run (written atomically)."""
         state = {"order": self.order.model_dump(mode="json"), "torchrun_pid": self.gen.pid,
-                 "create_time": psutil.Process(self.gen.pid).create_time(), "log": str(log_path)}
+                 "create_time": psutil.Process(self.gen.pid).create_time(), "log": str(log_path),
+                 "relay_env": self.relay_env}
         tmp = self.logs_dir / "current.json.tmp"
-        tmp.write_text(json.dumps(state))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the relay secret
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(state))
         os.replace(tmp, self.logs_dir / "current.json")
 
     @classmethod
@@ -110,7 +116,7 @@ class NodeRun:
                 return None
         except (OSError, ValueError, KeyError, TypeError, psutil.Error):
             return None
-        run = cls(order, logs_dir, config=config)
+        run = cls(order, logs_dir, config=config, relay_env=state.get("relay_env") or {})
         spec = LaunchSpec(generation=order.generation, nproc=0, preset="", workdir=Path(logs_dir), supervisor_url="",
                           run_id="")
         run.gen = Generation(spec, proc.pid, Path(state["log"]), None, run.config)
@@ -134,6 +140,28 @@ class NodeRun:
         if self.stopping or self.stopped:
             return "stopped", code
         return "exited", code
+
+    def rank_pid(self, rank: int) -> int | None:
+        """The pid of ``rank`` on this node: the one already learned, else the child of our torchrun
+        whose environment says ``RANK=rank`` (read-only: called from the relay's threads; the agent's
+        own loop records it in `discover`)."""
+        gen = self.gen
+        if gen is None:
+            return None
+        known = gen.rank_pids.get(rank)
+        if known is not None:
+            return known
+        try:
+            children = psutil.Process(gen.pid).children(recursive=False)
+        except psutil.Error:
+            return None
+        for child in children:
+            try:
+                if child.environ().get("RANK") == str(rank):
+                    return child.pid
+            except psutil.Error:
+                continue
+        return None
 
     def discover(self) -> None:
         """Learn which child of torchrun is which rank (``RANK`` in its environment)."""

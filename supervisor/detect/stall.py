@@ -39,6 +39,7 @@ After `end()` (the generation exited or finished) nothing fires until `reset`.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from collections import deque
@@ -102,9 +103,11 @@ class StallDetector:
         self._pause_until: float | None = None
         self._hang_reported = False
         self._beats: dict[int, _Beat] = {}
+        self._slow: dict[int, _Beat] = {}  # the beats whose phase is a slow one (a subset of _beats)
         self._expected: set[int] = set(range(world_size)) if world_size else set()
         self._missing_reported: set[int] = set()
         self._ended = False
+        self._quiet_until = -math.inf  # see `_rank_deadlines_from`: no rank deadline comes before it
 
     def end(self) -> None:
         """The generation is over (a rank exited, or training finished): stop firing."""
@@ -119,6 +122,7 @@ class StallDetector:
             return []
         if self._started_at is None:
             self._started_at = record.wall_time
+            self._quiet_until = -math.inf
         self._step_times.append(float(record.step_seconds))
         if self._started_at is not None and record.wall_time < self._started_at:
             # From before this watch began: a late record of the trajectory a rollback abandoned, or
@@ -136,11 +140,18 @@ class StallDetector:
             return []
         if self._started_at is None:
             self._started_at = hb.wall_time
+            self._quiet_until = -math.inf
         prev = self._beats.get(hb.rank)
         if prev is None or hb.wall_time >= prev.wall_time:
-            self._beats[hb.rank] = _Beat(hb.wall_time, hb.step, getattr(hb, "host", None),
-                                         getattr(hb, "pid", None), getattr(hb, "phase", "") or "")
+            beat = self._beats[hb.rank] = _Beat(hb.wall_time, hb.step, getattr(hb, "host", None),
+                                                getattr(hb, "pid", None), getattr(hb, "phase", "") or "")
+            if beat.phase in self.config.slow_phases:
+                self._slow[hb.rank] = beat
+            elif self._slow:
+                self._slow.pop(hb.rank, None)
             self._missing_reported.discard(hb.rank)
+            # this rank's deadlines are no earlier than this (both are heartbeat_timeout after >= its beat)
+            self._quiet_until = min(self._quiet_until, hb.wall_time + self.config.heartbeat_timeout)
         if self._progress_step is not None:  # startup is over: heartbeats count as progress
             self._progress(hb.step, hb.wall_time)
         return []
@@ -155,6 +166,8 @@ class StallDetector:
             self._mark_progress(step, wall_time)
 
     def _mark_progress(self, step: int, wall_time: float) -> None:
+        if self._hang_reported or self._progress_time is None or wall_time < self._progress_time:
+            self._quiet_until = -math.inf  # silent-rank deadlines come back, or move earlier
         self._progress_step = step
         self._progress_time = wall_time
         self._hang_reported = False
@@ -183,7 +196,7 @@ class StallDetector:
             basis = "steps"
             if timeout is None:
                 timeout, basis = c.startup_timeout, "startup"
-            slow = [b for b in self._beats.values() if b.phase in c.slow_phases]
+            slow = list(self._slow.values())
             if slow and c.slow_phase_timeout > timeout:
                 # A slow phase only counts while its rank keeps beating: a rank that went
                 # silent mid-save (SIGSTOP, a wedged driver) is hung, not saving.
@@ -233,8 +246,30 @@ class StallDetector:
 
     # --- the clock --------------------------------------------------------------------------
     def tick(self, now: float) -> list[Finding]:
+        """Findings due at ``now``. O(1) while nothing can be due (`_quiet_until`, the stall's
+        deadline); a full pass over the ranks otherwise (at 16,384 ranks and 10 ticks a second a
+        pass per tick was most of the daemon's core: bench/ingest.py)."""
         if self._ended:
             return []
+        if now < self._quiet_until:
+            hang = self._hang_deadline()
+            if hang is None or now < hang[0]:
+                return []
+        out = self._tick_ranks(now)
+        self._quiet_until = self._rank_deadlines_from()
+        return out
+
+    def _rank_deadlines_from(self) -> float:
+        """The earliest per-rank deadline (a heartbeat not yet reported missing, a silent rank that
+        would make the stall a hang): until then only the stall's own deadline can fire. Kept a lower
+        bound between passes: a beat lowers it to its own deadline, a progress that could bring
+        deadlines earlier (or back) resets it."""
+        times = list(self._silent_rank_deadlines().values())
+        times += [d for rank in self._expected | set(self._beats) if rank not in self._missing_reported
+                  and (d := self._heartbeat_deadline(rank)) is not None]
+        return min(times, default=math.inf)
+
+    def _tick_ranks(self, now: float) -> list[Finding]:
         out: list[Finding] = []
         step = self._progress_step if self._progress_step is not None else 0
         silent: list[int] = []

@@ -22,7 +22,8 @@ Failure model: agents outlive the daemon. A restarted daemon `adopt`s the journa
 without waiting (the HTTP server must keep taking reports): the generation is whatever nodes
 report running it; if none does within `lost_after_s`, it is lost (a dead-rank finding, and the
 policy restarts). Pids never cross from a request to a signal here: agents signal their own
-process trees; `owns` only checks a heartbeat's pid against what the agents report.
+process trees; `owns` only checks a heartbeat's pid against what the agents report, and
+`vouches` a relayed heartbeat against its own node's report.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from supervisor.config_types import PositiveInt, Seconds, Strings, doc
+from supervisor.config_types import NonNegativeInt, PositiveInt, Seconds, SecondsOrZero, Strings, doc
+from supervisor.grow import GrowBack
 from supervisor.launch.local import LaunchSpec, RankExit
 from supervisor.nodes import NodeRegistry, NodeView
 from supervisor.protocol import NodeOrder
@@ -85,10 +87,24 @@ class AgentsConfig:
         "is global and in the trainer's own state: only torchtitan's per-rank loader state, empty, is skipped)")] = (
         "--checkpoint.exclude_from_loading", "dataloader")
     poll_s: Annotated[Seconds, doc("how often start/stop check the agents' reports")] = 0.05
+    grow_back: Annotated[bool, doc(
+        "a lost node whose agent returns (not one excluded by the policy or an operator) rejoins the run at "
+        "the next checkpoint: the generation stops and the next starts on every desired node from it "
+        "(supervisor/grow.py)")] = True
+    grow_settle_s: Annotated[SecondsOrZero, doc(
+        "a returned node's agent must have been live this long before the grow-back is planned")] = 30.0
+    grow_max_per_node: Annotated[NonNegativeInt, doc(
+        "grow-backs onto one node within grow_window_s; past it the node stays out until the window passes "
+        "(a node that keeps coming back and dying must not flap the run)")] = 3
+    grow_window_s: Annotated[Seconds, doc("the window grow_max_per_node counts over")] = 3600.0
 
     def registry_config(self) -> NodeRegistry.Config:
         return NodeRegistry.Config(lost_after_s=self.lost_after_s, report_interval_s=self.report_interval_s,
                                    max_exits_per_node=self.max_exits_per_node)
+
+    def grow_config(self) -> GrowBack.Config:
+        return GrowBack.Config(enabled=self.grow_back, settle_s=self.grow_settle_s,
+                               max_per_node=self.grow_max_per_node, window_s=self.grow_window_s)
 
 
 def written_world(workdir: Path, step: int | None) -> int | None:
@@ -154,6 +170,7 @@ class AgentGeneration:
         self._fault_stop = False
         self._held: list[tuple[float, str, RankExit]] = []  # (since, agent, exit): a peer's loss suspected
         self._dumps = 0
+        self._member_ids: tuple[list | None, frozenset] = (None, frozenset())  # (members, their agent ids)
 
     @property
     def generation(self) -> int:
@@ -184,6 +201,19 @@ class AgentGeneration:
             if v is not None and v.report.generation == self.generation and any(r.pid == pid for r in v.report.ranks):
                 return True
         return False
+
+    def vouches(self, agent_id: str, rank: int, pid: int) -> bool:
+        """``agent_id`` is a member of this generation and its latest report lists ``rank`` as ``pid``
+        (O(ranks of that node): the check for heartbeats relayed in a node's report)."""
+        if not self.members:
+            self._adopting()  # adopted: the members are whoever reports the generation
+        if self._member_ids[0] is not self.members:  # the member list was (re)assigned
+            self._member_ids = (self.members, frozenset(m.agent_id for m in self.members))
+        if agent_id not in self._member_ids[1]:
+            return False
+        v = self._reg.get(agent_id)
+        return (v is not None and v.report.generation == self.generation
+                and any(r.rank == rank and r.pid == pid for r in v.report.ranks))
 
     def alive(self) -> bool:
         if self.exited is not None:

@@ -15,11 +15,11 @@ daemon; 4 min 8 s wall on this 2-core machine at load average ~12, 2 min 8 s of 
 from __future__ import annotations
 
 import shutil
-from collections import defaultdict
 
 import pytest
 
-from tests.trainer_harness import losses_by_step, read_jsonl, run_trainer, spool
+from tests.data_position import LOSS_RTOL, dp_of, samples_by_step
+from tests.trainer_harness import losses_by_step, run_trainer, spool
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
 
@@ -27,30 +27,6 @@ STEPS, SHRINK_AT, GROW_AT = 20, 4, 8
 # What the daemon drill's config renders too ([training] seed 42, global_batch_size 8; interval 4).
 COMMON = ["--training.global_batch_size", "8", "--debug.seed", "42", "--checkpoint.interval", "4",
           "--training.steps", str(STEPS)]
-# DP 2 × 1 microbatch and DP 1 × 2 microbatches sum the same per-token losses and gradients in a
-# different order (gloo all-reduce vs local accumulation), so float32 rounding differs at ~1e-7
-# relative per step and compounds through Adam over a few steps; a wrong sample moves the loss by
-# ~1e-2 relative on this model, so 1e-4 separates the two by two orders of magnitude.
-LOSS_RTOL = 1e-4
-
-
-def samples_by_step(dump, generation: int | None = None) -> dict[int, list[tuple[int, str]]]:
-    """Every rank's logged rows, merged per step and ordered by global sample index; for a step
-    trained more than once, the last generation's rows."""
-    rows: dict[tuple[int, int], list] = defaultdict(list)
-    for path in sorted((dump / "samples").glob("rank-*.jsonl")):
-        for line in read_jsonl(path):
-            if generation is None or line["generation"] == generation:
-                rows[(line["step"], line["generation"])] += [tuple(i) for i in line["ids"]]
-    out: dict[int, list] = {}
-    for (step, _gen), ids in sorted(rows.items()):
-        out[step] = sorted(ids)
-    return out
-
-
-def dp_of(dump, generation: int) -> set[int]:
-    return {line["dp"] for p in (dump / "samples").glob("rank-*.jsonl") for line in read_jsonl(p)
-            if line["generation"] == generation}
 
 
 @pytest.fixture(scope="module")

@@ -151,3 +151,175 @@ def test_a_lost_claim_can_be_taken_over(setup):
     assert post(client, tok["a"], report("node-a")).status_code == 200
     sup.nodes.get("node-a").last_seen -= sup.nodes.config.lost_after_s + 1
     assert post(client, tok["b"], report("node-b", node="node-a")).status_code == 200
+
+
+# --- heartbeats batched in the node's report (issue 13: 2,048 requests/s, not 16,384) -------------
+
+def running_generation(sup, tmp_path):
+    """Generation 0 on node-a (rank 0) and node-b (rank 1) as the real `AgentGeneration` sees it:
+    a pid is a rank's only if its node's agent reports it (no process runs here)."""
+    from supervisor.launch.agents import AgentGeneration, _Member
+    from supervisor.launch.local import LaunchSpec
+
+    spec = LaunchSpec(generation=0, nproc=1, preset="tiny", workdir=tmp_path, supervisor_url="", run_id="t")
+    gen = AgentGeneration(sup.generations.launcher, spec, [_Member("node-a", "node-a", 0), _Member("node-b", "node-b", 1)])
+    sup.generations.current, sup.generations.id = gen, 0
+    sup.journal.record_generation_start(generation=0, run_id="t", load_step=0, skip_batches=0, lr_scale=1.0,
+                                        layout={"nodes": ["node-a", "node-b"]})
+    sup.suite.reset_generation(0, time.time(), world_size=2)
+    return gen
+
+
+def beat(rank, node, pid, step=5, **kw):
+    hb = {"run_id": "t", "generation": 0, "rank": rank, "step": step, "pid": pid, "host": node,
+          "phase": "train_step", "wall_time": time.time()}
+    hb.update(kw)
+    return hb
+
+
+def node_report(agent, rank, pid, heartbeats):
+    return report(agent, generation=0, state="running", ranks=[{"rank": rank, "pid": pid, "state": "running"}],
+                  heartbeats=heartbeats)
+
+
+def test_heartbeats_in_a_report_keep_ranks_alive_and_a_silent_one_is_found(setup, tmp_path):
+    """The batched route feeds the same detector as /v1/heartbeat: both ranks beat inside their
+    nodes' reports; then node-b's report leaves rank 1's heartbeat out (the rank is still listed:
+    the process is there, its heartbeat thread is not) and rank 1 alone is found missing."""
+    sup, client, tok = setup
+    gen = running_generation(sup, tmp_path)
+    for agent, rank, pid in (("a", 0, 4100), ("b", 1, 4200)):
+        r = post(client, tok[agent], node_report(f"node-{agent}", rank, pid, [beat(rank, f"node-{agent}", pid)]))
+        assert r.status_code == 200 and "heartbeats_refused" not in r.json(), r.text
+    assert gen.rank_pids == {0: 4100, 1: 4200}  # learned from the heartbeats, checked against the reports
+    silent_since = time.time()
+    assert post(client, tok["b"], node_report("node-b", 1, 4200, [])).status_code == 200
+    later = silent_since + sup.suite.stall.config.heartbeat_timeout + 0.5
+    assert post(client, tok["a"], node_report("node-a", 0, 4100, [beat(0, "node-a", 4100, wall_time=later - 0.2)])
+                ).status_code == 200
+    found = [f for f in sup.suite.tick(later) if f.kind == "missing_heartbeat"]
+    assert [(f.rank, f.evidence["host"]) for f in found] == [(1, "node-b")]
+
+
+def test_a_heartbeat_of_another_node_or_run_refuses_the_report_and_changes_nothing(setup, tmp_path):
+    sup, client, tok = setup
+    gen = running_generation(sup, tmp_path)
+    for hb, why in ((beat(1, "node-b", 4200), "names host 'node-b'"), (beat(0, "node-a", 4100, run_id="x"), "run 'x'")):
+        r = post(client, tok["a"], node_report("node-a", 0, 4100, [hb]))
+        assert r.status_code == 400 and why in r.text, r.text
+    assert sup.nodes.get("node-a") is None and sup.nodes.reports == 0 and gen.rank_pids == {}
+
+
+def _refused_count(sup) -> float:
+    for line in sup.metrics.render().decode().splitlines():
+        if line.startswith('titan_supervisor_errors_total{kind="heartbeat_refused"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_heartbeat_with_a_pid_the_node_does_not_run_is_refused_and_counted(setup, tmp_path):
+    """A forged pid (one the node's own report does not list) never gets in; the report is taken."""
+    sup, client, tok = setup
+    gen = running_generation(sup, tmp_path)
+    r = post(client, tok["a"], node_report("node-a", 0, 4100, [beat(0, "node-a", 999)]))
+    assert r.status_code == 200, r.text
+    assert r.json()["heartbeats_refused"] == 1
+    assert "rank 0 with pid 999 of generation 0 is not among the ranks this report lists" in r.json()["heartbeat_refusal"]
+    assert gen.rank_pids == {} and sup.nodes.get("node-a").report.ranks[0].pid == 4100
+    assert _refused_count(sup) == 1
+
+
+def test_a_relayed_heartbeat_is_checked_against_its_own_node_only(setup, tmp_path, monkeypatch):
+    """The stricter check for relayed heartbeats (issue 13): a heartbeat in node X's report is taken
+    only for a (rank, pid) that X's own report lists, of X's generation, from a member of the
+    running generation; no scan of every node's report (`owns`) happens on this path."""
+    sup, client, tok = setup
+    gen = running_generation(sup, tmp_path)
+
+    def scan(pid):
+        raise AssertionError("a relayed heartbeat must not scan every node's report")
+
+    monkeypatch.setattr(gen, "owns", scan)
+    assert post(client, tok["b"], node_report("node-b", 1, 4200, [beat(1, "node-b", 4200)])).json().get(
+        "heartbeats_refused") is None
+    assert gen.rank_pids == {1: 4200}
+    # node-a relays node-b's rank with node-b's (known) pid, listing it in its own report as well:
+    # node-a is a member, but the daemon's view of node-a must run it -- refused, rank 1 unchanged
+    forged = report("node-a", generation=0, state="running", ranks=[{"rank": 0, "pid": 4100, "state": "running"}],
+                    heartbeats=[beat(1, "node-a", 4200)])
+    r = post(client, tok["a"], forged)
+    assert r.json()["heartbeats_refused"] == 1 and "not among the ranks this report lists" in r.json()["heartbeat_refusal"]
+    # a heartbeat of another generation than the report's is refused too
+    r = post(client, tok["a"], node_report("node-a", 0, 4100, [beat(0, "node-a", 4100, generation=1)]))
+    assert r.json()["heartbeats_refused"] == 1 and "generation 1" in r.json()["heartbeat_refusal"]
+    assert gen.rank_pids == {1: 4200}
+    # an agent that is not a member of the generation cannot vouch for a rank, even one it lists
+    tok_c = add_token(sup.settings.server.token_file, "node-c", "agent")  # the store re-reads its file
+    r = post(client, tok_c, node_report("node-c", 0, 4300, [beat(0, "node-c", 4300)]))
+    assert r.status_code == 200, r.text
+    assert r.json()["heartbeats_refused"] == 1 and "agent node-c does not run rank 0" in r.json()["heartbeat_refusal"]
+    assert 0 not in gen.rank_pids and _refused_count(sup) == 3
+
+
+def test_per_rank_heartbeats_are_refused_under_node_agents(setup, tmp_path):
+    """One path only: under the agents backend ranks beat to their agent; a direct heartbeat is a 409
+    (else a rank of a dead agent could look alive) and feeds nothing."""
+    sup, client, tok = setup
+    gen = running_generation(sup, tmp_path)
+    auth = {"Authorization": f"Bearer {sup.trainer_token}"} if sup.trainer_token else {}
+    r = client.post("/v1/heartbeat", json=beat(0, "node-a", 4100), headers=auth)
+    assert r.status_code == 409 and "go to its node's agent" in r.text, r.text
+    assert gen.rank_pids == {} and "titan_rank_heartbeat_age_seconds{" not in sup.metrics.render().decode()
+
+
+def test_the_report_route_keeps_its_metrics_label_and_its_fault_answer(setup, monkeypatch):
+    """The report is dispatched past FastAPI's router (supervisor/api.py): it is still counted under
+    its route, and a journal or disk fault while taking it is still the 503 naming it."""
+    sup, client, tok = setup
+    assert post(client, tok["a"], report("node-a")).status_code == 200
+
+    def broken(rep):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sup.nodes, "ingest", broken)
+    r = post(client, tok["a"], report("node-a"))
+    assert r.status_code == 503 and "No space left on device" in r.text, r.text
+    assert sup.health.problems()
+    text = sup.metrics.render().decode()
+    for code in ("200", "503"):
+        assert f'titan_http_requests_total{{code="{code}",route="/v1/nodes/report"}} 1.0' in text
+
+
+def test_node_reports_have_their_own_rate_limit_bucket(tmp_path):
+    """2,048 agents at 1 Hz exceed the trainer's 2,000/s: reports are limited as their own class,
+    so a flood of them is refused without taking the trainer's heartbeats with it (and back)."""
+    f = tmp_path / "tokens.jsonl"
+    tok = add_token(f, "node-a", "agent")
+    s = Settings.load(run={"workdir": str(tmp_path / "run"), "run_id": "t", "nproc_per_node": 1},
+                      server={"port": 0, "token_file": str(f), "rate_limit": {"agent_per_s": 0.05, "burst_s": 60.0}},
+                      launch={"backend": "agents"})
+    sup = Supervisor(s)
+    try:
+        client = TestClient(build_app(sup))
+        # a bucket of 3 (0.05/s x 60 s) that refills one token in 20 s: no timing in the outcome
+        codes = [post(client, tok, report("node-a")).status_code for _ in range(8)]
+        assert codes == [200] * 3 + [429] * 5, codes
+        assert "too many agent requests (limit 0.05/s)" in post(client, tok, report("node-a")).text
+        auth = {"Authorization": f"Bearer {sup.trainer_token}"} if sup.trainer_token else {}
+        hb = beat(0, "h", 4242, run_id="t")
+        assert client.post("/v1/heartbeat", json=hb, headers=auth).status_code != 429  # the trainer's bucket is full
+    finally:
+        sup.journal.close()
+
+
+def test_a_report_interval_too_long_for_the_heartbeat_timeout_is_a_config_error(tmp_path):
+    """Relayed heartbeats arrive once per report: an interval near the heartbeat timeout would make
+    healthy ranks look silent, so it is refused at load (naming both fields)."""
+    run = {"workdir": str(tmp_path / "run"), "run_id": "t"}
+    with pytest.raises(Exception, match=r"report_interval_s \(3\) must be at most half of detect.stall.heartbeat_timeout"):
+        Settings.load(run=run, launch={"backend": "agents", "agents": {"report_interval_s": 3.0}},
+                      detect={"stall": {"heartbeat_timeout": 5.0}})
+    Settings.load(run=run, launch={"backend": "agents", "agents": {"report_interval_s": 2.5}},
+                  detect={"stall": {"heartbeat_timeout": 5.0}})
+    Settings.load(run=run, launch={"backend": "local", "agents": {"report_interval_s": 3.0}},
+                  detect={"stall": {"heartbeat_timeout": 5.0}})  # no agents: no relay

@@ -326,3 +326,62 @@ def test_record_and_skip_do_not_spend_budget():
         h.record(f, P.decide(f, state(), h))
     assert h == History()
     assert P.decide(finding(DEAD_RANK), state(), h).action == RESTART
+
+
+# --- exclusion after repeated hardware findings on one host ------------------------------------
+def hw(host, pattern="xid", wall=T0) -> Finding:
+    return finding(HARDWARE, 120, wall=wall, severity="warning", pattern=pattern, source="log",
+                   detail="NVRM: Xid 79", host=host)
+
+
+def test_repeated_hardware_findings_on_one_host_exclude_it_single_ones_are_recorded():
+    from supervisor.actions import DecisionLoop
+
+    loop = DecisionLoop(Policy(Policy.Config(exclude_on_hardware=True, exclude_hardware_after=2,
+                                             hardware_window_seconds=3600.0)))
+    first = loop.decide(hw("node-b"), state())
+    assert first.action == RECORD and "hardware finding 1 on host node-b" in first.reason
+    assert "excluded at 2" in first.reason
+    # another host's finding is its own count
+    assert loop.decide(hw("node-c", wall=T0 + 10), state()).action == RECORD
+    second = loop.decide(hw("node-b", "fell_off_bus", wall=T0 + 20), state())
+    assert second.action == EXCLUDE_NODE and second.node == "node-b" and second.target_step == 150
+    assert "hardware finding 2 on host node-b" in second.reason
+    # a finding outside the window does not count: node-c's first is an hour and more before
+    late = loop.decide(hw("node-c", wall=T0 + 10 + 3601), state())
+    assert late.action == RECORD and "hardware finding 1 on host node-c" in late.reason
+
+
+def test_hardware_findings_are_counted_while_an_action_runs_and_survive_a_daemon_restart():
+    from supervisor.actions import DecisionLoop
+
+    cfg = Policy.Config(exclude_on_hardware=True, exclude_hardware_after=3)
+    loop = DecisionLoop(Policy(cfg))
+    loop.in_flight = object()  # a restart runs: no decision, but the finding counts
+    assert loop.decide(hw("node-b"), state()) is None
+    loop.in_flight = None
+    assert loop.decide(hw("node-b", "ecc", wall=T0 + 1), state()).action == RECORD
+    # the daemon journals History.to_dict(); a restarted daemon reads it back
+    again = DecisionLoop(Policy(cfg), History.from_dict(loop.history.to_dict()))
+    d = again.decide(hw("node-b", "fell_off_bus", wall=T0 + 2), state())
+    assert d.action == EXCLUDE_NODE and "hardware finding 3" in d.reason
+
+
+def test_hardware_exclusion_threshold_one_and_off():
+    assert P.decide(hw("node-b"), state(), History()).action == RECORD  # exclude_on_hardware off (default)
+    one = Policy(Policy.Config(exclude_on_hardware=True, exclude_hardware_after=1))
+    assert one.decide(hw("node-b"), state(), History()).action == EXCLUDE_NODE
+    # no host named (a single-node run's log line): recorded, never an exclusion
+    assert one.decide(finding(HARDWARE, 120, severity="warning", pattern="xid"), state(), History()).action == RECORD
+
+
+def test_policy_explain_states_the_hardware_threshold():
+    from supervisor.detect.loss_spike import LossSpikeDetector
+    from supervisor.detect.non_finite import NonFiniteDetector
+    from supervisor.policy import explain
+
+    text = explain(Policy.Config(exclude_on_hardware=True, exclude_hardware_after=3,
+                                 hardware_window_seconds=7200.0), LossSpikeDetector.Config(), NonFiniteDetector.Config())
+    assert "hardware finding number 3 naming it within 2h" in text
+    off = explain(Policy.Config(), LossSpikeDetector.Config(), NonFiniteDetector.Config())
+    assert "policy.exclude_on_hardware is off" in off

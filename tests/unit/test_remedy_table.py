@@ -199,3 +199,29 @@ def test_unknown_action_is_refused_with_its_name(tmp_path):
     remedies, _, _ = build(tmp_path)
     with pytest.raises(ValueError, match="no remedy for action 'teleport'"):
         asyncio.run(remedies.carry_out(ActiveAction(9, "teleport", {})))
+
+
+def test_grow_restarts_on_the_returned_nodes_from_the_newest_checkpoint_and_a_resumed_one_is_done_once(tmp_path):
+    remedies, launcher, journal = build(tmp_path)
+    remedies.generations.current.nodes = ("node-a",)  # the run shrank to node-a; node-b returned
+    remedies.status.last_step = 23
+    start = launcher.start
+
+    def start_on_the_live_nodes(spec):  # what AgentLauncher does: every live, non-excluded node
+        g = start(spec)
+        g.nodes = ("node-a", "node-b")
+        return g
+
+    launcher.start = start_on_the_live_nodes
+    plan = {"nodes_from": ["node-a"], "nodes_to": ["node-a", "node-b"], "returned": ["node-b"], "checkpoint": 20,
+            "reason": "node-b returned"}
+    first = remedies.generations.current
+    out = asyncio.run(remedies.carry_out(ActiveAction(1, "grow", dict(plan))))
+    assert first.exited is not None, "the shrunk generation was not stopped"
+    assert (out["nodes_to"], out["returned"], out["load_step"], out["lost_steps"]) == \
+        (["node-a", "node-b"], ["node-b"], 20, 3)
+    assert len(launcher.specs) == 2 and launcher.specs[-1]["load_step"] == 20
+    assert journal.last_generation()["layout"]["nodes"] == ["node-a", "node-b"]
+    # resumed after a daemon crash that came after the launch: nothing is stopped or started again
+    again = asyncio.run(remedies.carry_out(ActiveAction(1, "grow", dict(plan))))
+    assert "already runs on ['node-a', 'node-b']" in again["note"] and len(launcher.specs) == 2
