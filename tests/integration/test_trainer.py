@@ -6,9 +6,11 @@ so the trainer is tested on its own; the daemon drills drive the same code with 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -165,20 +167,52 @@ def test_resume_with_load_step_reproduces_uninterrupted_run(tmp_path):
     assert {s: ga[s] for s in gb} == gb
 
 
-@pytest.mark.parametrize("args, needle", [
+BAD_STARTS = [
     (["--preset", "no-such-model"], "unknown preset 'no-such-model'"),
     (["--checkpoint.load_step", "7"], "no complete checkpoint step-7"),
     (["--supervision.skip_batches", "-3"], "skip_batches must be >= 0"),
     (["--supervision.faults", "meltdown@3"], "unknown kind 'meltdown'"),
     (["--supervision.lr_scale", "0"], "lr_scale must be a positive number"),
     (["--checkpoint.async_mode", "async_with_pinned_mem"], "needs a GPU"),  # this machine has none
-])
-def test_bad_start_input_is_a_clear_error_and_writes_nothing(tmp_path, args, needle):
-    dump = tmp_path / "dump"
-    proc = subprocess.run([sys.executable, "-m", "training.run", "--dump_folder", str(dump), *args],
+]
+# every bad start through the trainer's own main(), one interpreter for all (each `python -m
+# training.run` pays ~8 s of torch/torchtitan imports before it can refuse); the real CLI's exit
+# status is checked once below
+_BAD_START_DRIVER = """
+import json, os, sys, tempfile
+from training.run import main
+out = []
+for dump, args in json.loads(sys.argv[1]):
+    with tempfile.TemporaryFile() as err:  # the case's stderr, at the fd (faulthandler needs one)
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            code = main(["--dump_folder", dump, *args])
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        out.append([code, err.read().decode(errors="replace")])
+print(json.dumps(out))
+"""
+
+
+def test_bad_start_input_is_a_clear_error_and_writes_nothing(tmp_path):
+    cases = [(str(tmp_path / f"dump{i}"), args) for i, (args, _) in enumerate(BAD_STARTS)]
+    proc = subprocess.run([sys.executable, "-c", _BAD_START_DRIVER, json.dumps(cases)],
+                          env=trainer_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (dump, args), (_, needle), (code, err) in zip(cases, BAD_STARTS, results):
+        assert code == 2 and needle in err, (args, code, err[-2000:])
+        assert not Path(dump).exists(), args
+    # the command line itself: exit status 2, the message on stderr, nothing written
+    dump = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "training.run", "--dump_folder", str(dump), *BAD_STARTS[0][0]],
                           env=trainer_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert needle in proc.stderr
+    assert proc.returncode == 2 and BAD_STARTS[0][1] in proc.stderr
     assert not dump.exists()
 
 
