@@ -21,6 +21,7 @@ from tests.daemon_harness import Daemon, drill_config, free_port
 from tests.trainer_harness import ROOT, spool, trainer_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
+STEPS = 300  # the clean baseline and the unrecovered spike: ~0.2 s a step here
 
 
 
@@ -62,9 +63,9 @@ def _replay_actions(d: Daemon) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory):
-    """A clean 500-step supervised run: the false-alarm baseline and the loss reference."""
+    """A clean 300-step supervised run: the false-alarm baseline and the loss reference."""
     tmp = tmp_path_factory.mktemp("clean")
-    d = Daemon(tmp, drill_config(tmp / "run", free_port(), steps=500))
+    d = Daemon(tmp, drill_config(tmp / "run", free_port(), steps=STEPS))
     try:
         d.start()
         assert d.wait_exit(300) == 0, d.log_tail()
@@ -77,18 +78,18 @@ def test_clean_run_raises_no_finding(clean_run):
     d = clean_run["daemon"]
     j = d.journal()
     try:
-        assert j.findings(limit=100) == []  # false-alarm rate 0 over 500 steps
+        assert j.findings(limit=100) == []  # false-alarm rate 0 over 300 steps
         assert j.counts()["incidents"] == 0
         assert len(j.generations()) == 1
     finally:
         j.close()
-    assert max(r["step"] for r in clean_run["records"]) == 500
+    assert max(r["step"] for r in clean_run["records"]) == STEPS
 
 
 def test_unrecovered_spike_is_rolled_back_hot_and_the_run_finishes(clean_run, make_daemon):
     # rank=0: the spike on one rank's shard, as this drill was timed (a job-wide x1000 spike is a
     # severe blow-up rolled back before the step-40 checkpoint the quarantine check below needs)
-    d = make_daemon(steps=500, faults="spike@35:lr=1000:steps=3:rank=0").start()
+    d = make_daemon(steps=STEPS, faults="spike@35:lr=1000:steps=3:rank=0").start()
     assert d.wait_exit(300) == 0, d.log_tail()
     decs = _decisions(d)
     first = next(x for x in decs if x["finding_kind"] == "loss_spike")
@@ -108,7 +109,7 @@ def test_unrecovered_spike_is_rolled_back_hot_and_the_run_finishes(clean_run, ma
     finally:
         j.close()
     records = spool(d.workdir)[0]
-    assert max(r["step"] for r in records) == 500
+    assert max(r["step"] for r in records) == STEPS
     assert [r["step"] for r in records].count(31) == 2  # rewound exactly once
     # recovered: the final loss is within noise of the clean run's
     clean, drilled = _tail_loss(clean_run["records"]), _tail_loss(records)
