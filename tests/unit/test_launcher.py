@@ -105,13 +105,13 @@ def test_both_ranks_dead_in_one_poll_the_sigkilled_one_first_whatever_torchrun_n
 FAKE_TORCHRUN = """
 import signal, subprocess, sys, time
 rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-print(rank.pid, flush=True)
 def term(*_):
     rank.terminate()  # torchrun forwards SIGTERM to its ranks...
     rank.wait()
     time.sleep(30)  # ...then takes its time to shut itself down
     sys.exit(0)
 signal.signal(signal.SIGTERM, term)
+print(rank.pid, flush=True)  # after the handler: the test's SIGTERM may follow at once
 time.sleep(60)
 """
 
