@@ -25,7 +25,9 @@ to the next rung, ending with "stop, keep everything, page a human":
                           and fewer than `crash_loop_healthy_steps` steps past its checkpoint);
                           kill_restart_hang for a hang (same budget)
   rung 4  rollback_lr_down  divergence again in the same region: roll back and scale the LR
-                          down with a re-warm (OPT); repeated OOM -> next safer layout;
+                          down with a re-warm (OPT); a sudden poisoned update (a non-finite
+                          gradient out of a normal loss: a batch or hardware) neither
+                          triggers this nor counts towards it; repeated OOM -> next safer layout;
                           repeated crashes on one host -> exclude_node (opt-in)
   rung 5  stop_page       budget exhausted, nothing valid to roll back to
 
@@ -130,6 +132,9 @@ class RollbackEntry:
     wall_time: float
     lr_scale: float
     cause: str = ""
+    # False for a divergence that came out of a normal loss (a sudden poisoned update: a bad
+    # batch or hardware); only suspects make a later divergence in the region cost LR
+    lr_suspect: bool = True
 
 
 @dataclass(frozen=True)
@@ -224,7 +229,8 @@ class History:
                 onset_step=onset_of(finding), target_step=decision.target_step,
                 wall_time=finding.wall_time,
                 lr_scale=decision.lr_scale if decision.lr_scale is not None else 1.0,
-                cause=str(finding.evidence.get("cause", finding.kind))))
+                cause=str(finding.evidence.get("cause", finding.kind)),
+                lr_suspect=not sudden(finding)))
         elif decision.action in RESTART_ACTIONS:
             self.restarts.append(RestartEntry(
                 wall_time=finding.wall_time, kind=finding.kind, step=finding.step,
@@ -250,6 +256,11 @@ class History:
                    restarts=[RestartEntry(**r) for r in d.get("restarts", [])],
                    cools=[CoolEntry(**c) for c in d.get("cools", [])],
                    hardware=[HardwareEntry(**h) for h in d.get("hardware", [])])
+
+
+def sudden(finding: Finding) -> bool:
+    """A divergence out of a normal loss (a poisoned update with nothing growing before it)."""
+    return bool(finding.evidence.get("sudden"))
 
 
 def onset_of(finding: Finding) -> int:
@@ -462,13 +473,21 @@ class Policy:
         span = f"steps {target + 1}-{onset} + {margin} margin"
         if state.batches_per_step != 1:
             span += f", {state.batches_per_step} batches per step"
-        if not near:
+        suspects = [r for r in near if r.lr_suspect]
+        if not suspects or sudden(f):
+            why = ""
+            if near:
+                why = (f"; rollback {len(near) + 1} of {c.max_rollbacks_per_region} in this region, LR kept: "
+                       + (f"the loss {_fmt(f.evidence.get('loss'))} was normal (median "
+                          f"{_fmt(f.evidence.get('loss_median'))}), so a batch or the hardware, not the LR, "
+                          f"poisoned it" if sudden(f) else
+                          "the earlier rollbacks here were for sudden poisoned updates, not instability"))
             return Decision(ROLLBACK, (
                 f"{what}; rolling back to last-known-good step {target} and skipping {skip} "
-                f"batches ({span})"), RUNG_ROLLBACK, target_step=target, skip_batches=skip,
+                f"batches ({span}){why}"), RUNG_ROLLBACK, target_step=target, skip_batches=skip,
                 lr_scale=base_scale)
         new_scale = base_scale * c.lr_scale_factor
-        earlier = max(near, key=lambda r: r.wall_time)
+        earlier = max(suspects, key=lambda r: r.wall_time)
         if new_scale < c.min_lr_scale:
             return Decision(STOP_PAGE, (
                 f"{what}; another divergence near the rollback for onset {earlier.onset_step}, "
@@ -655,7 +674,10 @@ def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
         f"+ {p.data_skip_margin_steps} steps; a cool for that spike is undone. Budget: "
         f"{p.max_rollbacks_per_region} per {p.region_width_steps}-step region, {p.max_total_rollbacks} per run.",
         f"rung 4 rollback_lr_down  another divergence within {p.region_width_steps} steps of a rollback: roll back and "
-        f"scale the LR by {p.lr_scale_factor:g} with a {p.lr_ramp_steps}-step re-warm (OPT).",
+        f"scale the LR by {p.lr_scale_factor:g} with a {p.lr_ramp_steps}-step re-warm (OPT). A sudden poisoned update "
+        f"(non-finite gradient applied while the loss was at most {non_finite.sudden_loss_ratio:g}x the median of "
+        f"the last {non_finite.loss_window} losses: a batch or hardware, not the LR) is a plain rollback and does not count as instability "
+        f"(it still uses the region's budget).",
         f"rung 5 stop_page   region or run budget spent, LR scale would fall below {p.min_lr_scale:g}, or nothing "
         f"valid to roll back to: stop with everything kept and page a human.",
         "",

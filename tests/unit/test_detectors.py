@@ -351,6 +351,23 @@ def test_non_finite_update_that_reached_the_weights_is_divergence_at_once():
     assert DIVERGENCE not in [f.kind for f in later]
 
 
+def test_a_poisoned_update_says_whether_it_came_out_of_a_normal_loss():
+    """`sudden`: the step's loss at most 1.5x the median of the last 20 finite losses (>= 5 known)."""
+    def poison_after(losses, loss):
+        det = NonFiniteDetector()
+        for i, l in enumerate(losses):
+            det.observe(rec(10 + i, l))
+        return det.observe(rec(10 + len(losses), loss, grad=float("nan"), skipped=False))[1].evidence
+
+    ev = poison_after([3.0, 2.9, 3.1, 2.8, 3.0, 2.9], 3.2)
+    assert ev["sudden"] is True and ev["loss_median"] == pytest.approx(2.95) and ev["sudden_loss_ratio"] == 1.5
+    assert poison_after([3.0, 2.9, 3.1, 2.8, 3.0, 2.9], 4.5)["sudden"] is False  # the loss had blown up
+    assert poison_after([3.0, 2.9, 3.1, 2.8, 3.0, 2.9], float("inf"))["sudden"] is False
+    assert poison_after([3.0, 2.9, 3.1, 2.8], 3.0) == {"cause": "poisoned_update", "onset_step": 14,
+                                                        "grad_norm": "nan", "loss": 3.0, "update_skipped": False,
+                                                        "sudden": False}  # too little history to say
+
+
 def test_non_finite_gradient_the_guard_skipped_is_not_a_divergence():
     det = NonFiniteDetector()
     found = det.observe(rec(60, 3.2, grad=float("nan"), skipped=True)) + det.observe(rec(61, 3.1))

@@ -140,6 +140,56 @@ def test_ladder_walk_in_one_region_escalates_then_stops():
     assert [r.onset_step for r in h.rollbacks] == [100, 110, 95]
 
 
+def poisoned(onset, *, sudden, wall=T0) -> Finding:
+    ev = dict(cause="poisoned_update", onset_step=onset, grad_norm="nan", loss=2.1, update_skipped=False,
+              sudden=sudden)
+    if sudden:
+        ev.update(loss_median=2.0, sudden_loss_ratio=1.5)
+    return finding(DIVERGENCE, onset, wall=wall, **ev)
+
+
+def test_a_sudden_poisoned_update_after_a_spike_rollback_keeps_the_lr():
+    """The goodput schedule's order: an LR blow-up is rolled back, then a NaN batch poisons the
+    weights a few steps on. Nothing was growing before the NaN (loss 2.1, median 2.0), so it is a
+    plain rollback: halving the LR for it cost the final loss (1.46 vs 1.34 clean)."""
+    h = History()
+    spike = divergence(56, cause="severe")
+    h.record(spike, d0 := P.decide(spike, state(), h))
+    assert d0.action == ROLLBACK
+    f = poisoned(62, sudden=True, wall=T0 + 10)
+    d = P.decide(f, state(), h)
+    assert (d.action, d.rung, d.lr_scale, d.target_step) == (ROLLBACK, 3, 1.0, 57)
+    assert "rollback 2 of 3 in this region, LR kept" in d.reason and "loss 2.1 was normal (median 2)" in d.reason
+    h.record(f, d)
+    assert [r.lr_suspect for r in h.rollbacks] == [True, False]
+    # the same NaN out of a blown-up loss is instability: rung 4 as before
+    d = P.decide(poisoned(64, sudden=False, wall=T0 + 20), state(), h)
+    assert (d.action, d.lr_scale) == (ROLLBACK_LR_DOWN, 0.5)
+    assert "rollback for onset 56" in d.reason
+
+
+def test_after_sudden_poisonings_only_an_instability_rollback_makes_the_next_cost_lr():
+    h = History()
+    for i, onset in enumerate((60, 70)):
+        f = poisoned(onset, sudden=True, wall=T0 + i)
+        h.record(f, P.decide(f, state(), h))
+    assert [r.lr_suspect for r in h.rollbacks] == [False, False]
+    d = P.decide(divergence(80, wall=T0 + 5), state(), h)
+    assert (d.action, d.lr_scale) == (ROLLBACK, 1.0)
+    assert "earlier rollbacks here were for sudden poisoned updates" in d.reason
+    # the region's budget still counts them: the third rollback was the last one allowed
+    h.record(divergence(80, wall=T0 + 5), d)
+    d = P.decide(poisoned(90, sudden=True, wall=T0 + 6), state(), h)
+    assert (d.action, d.rung) == (STOP_PAGE, 5)
+
+
+def test_a_journaled_history_without_the_field_still_counts_as_lr_suspect():
+    h = History.from_dict({"rollbacks": [dict(onset_step=100, target_step=75, wall_time=T0 - 10, lr_scale=1.0,
+                                              cause="no_recovery")]})
+    assert h.rollbacks[0].lr_suspect is True
+    assert P.decide(divergence(120), state(), h).action == ROLLBACK_LR_DOWN
+
+
 def test_lr_down_carries_ramp_and_explains_itself():
     h = History(rollbacks=[RollbackEntry(onset_step=100, target_step=75, wall_time=T0 - 10,
                                          lr_scale=1.0)])
