@@ -231,8 +231,9 @@ def summarize(job: Job, clean: Run, bad: Run) -> dict:
     target = job.steps
     t_clean, t_bad = clean.reached(target), bad.reached(target)
     starts = [e for e in bad.events if e.get("kind") == "started"]
+    # a directive is re-delivered until acknowledged: its repeats say "already applied" and are not rollbacks
     rollbacks = [e for e in bad.events if e.get("kind") == "directive_applied" and e.get("directive") == "rollback"
-                 and e.get("ok")]
+                 and e.get("ok") and str(e.get("detail", "")).startswith("rolled back")]
     bounds = [s for _, _, s in job.schedule()]
     edges = [b - 1 for b in bounds] + [target]
     per_fault = []
