@@ -94,6 +94,17 @@ class DaemonFactory:
             d.cleanup()
 
 
+def wait_until(pred, timeout: float, what: str, detail=lambda: "", interval: float = 0.1):
+    """`pred()` once it is truthy; an AssertionError naming `what` (and `detail()`) after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{detail()}")
+
+
 class Daemon:
     def __init__(self, tmp: Path, cfg: dict) -> None:
         self.tmp = Path(tmp)
@@ -137,6 +148,11 @@ class Daemon:
                 raise AssertionError(f"daemon exited ({self.proc.returncode}) waiting for {what}:\n{self.log_tail()}")
             time.sleep(interval)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; status={self.status()}\n{self.log_tail()}")
+
+    def wait_step(self, step: int, timeout: float = 120, ranks: int = 2) -> dict:
+        """The status once the run is at `step` or later with `ranks` trainer pids known."""
+        return self.wait_for(lambda st: st if st.get("step", 0) >= step and len(st.get("trainer_pids", {})) == ranks
+                             else None, timeout, f"step {step}")
 
     def wait_exit(self, timeout: float) -> int:
         try:

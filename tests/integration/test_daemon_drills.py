@@ -130,15 +130,10 @@ def test_spike_that_recovers_is_recorded_without_rollback(make_daemon):
     assert [r["step"] for r in records] == list(range(1, 201))  # never rewound
 
 
-def _wait_step(d: Daemon, step: int, timeout=120) -> dict:
-    return d.wait_for(lambda st: st if st.get("step", 0) >= step and len(st.get("trainer_pids", {})) == 2 else None,
-                      timeout, f"step {step}")
-
-
 def test_sigkill_of_a_rank_restarts_cold_skipping_a_corrupt_checkpoint(make_daemon):
     # rank 0 sleeps 0.15 s per step in generation 0, so checkpoints come every ~2 s
     d = make_daemon(steps=100, faults="slow@1:rank=0:seconds=0.15").start()
-    st = _wait_step(d, 45)
+    st = d.wait_step(45)
     newest = max(int(p.name[5:]) for p in (d.workdir / "checkpoint").glob("step-*"))
     shard = d.workdir / "checkpoint" / f"step-{newest}" / "__0_0.distcp"
     half = shard.stat().st_size // 2
@@ -167,7 +162,7 @@ def test_sigkill_of_a_rank_restarts_cold_skipping_a_corrupt_checkpoint(make_daem
 
 def test_sigstop_hang_is_detected_names_the_rank_and_restarts(make_daemon):
     d = make_daemon(steps=100).start()
-    st = _wait_step(d, 40)
+    st = d.wait_step(40)
     victim = int(st["trainer_pids"]["1"])
     stopped_at = time.time()
     os.kill(victim, signal.SIGSTOP)
@@ -305,7 +300,7 @@ def test_machine_reboot_resumes_from_the_newest_valid_checkpoint(make_daemon):
     daemon re-reads the journal, finds the trainer gone, sets the corrupt checkpoint aside and
     resumes from the one before it. Restarting is the recovery path."""
     d = make_daemon(steps=100, faults="slow@1:rank=0:seconds=0.15").start()
-    st = _wait_step(d, 45)
+    st = d.wait_step(45)
     d.kill(signal.SIGKILL)
     for pid in st["trainer_pids"].values():
         os.kill(int(pid), signal.SIGKILL)

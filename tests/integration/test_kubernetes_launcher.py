@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 
 import pytest
 
@@ -40,11 +39,6 @@ def cluster(tmp_path):
         yield k8s, make
         for d in made:
             d.cleanup()
-
-
-def _wait_step(d: Daemon, step: int, timeout=120) -> dict:
-    return d.wait_for(lambda st: st if st.get("step", 0) >= step and len(st.get("trainer_pids", {})) == 2 else None,
-                      timeout, f"step {step}")
 
 
 def _first(rows, **match):
@@ -81,7 +75,7 @@ def test_dead_rank_in_a_pod_restarts_as_a_new_jobset(cluster):
 def test_hung_rank_in_a_pod_is_killed_and_restarted(cluster):
     k8s, make = cluster
     d = make(steps=80).start()
-    st = _wait_step(d, 30)
+    st = d.wait_step(30)
     victim = int(st["trainer_pids"]["1"])  # the fake kubelet runs pods here, so the pid is real
     os.kill(victim, signal.SIGSTOP)
     try:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from supervisor.launch.local import LaunchSpec, LocalLauncher
-from tests.daemon_harness import free_port
+from tests.daemon_harness import free_port, wait_until
 from tests.trainer_harness import spool
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
@@ -40,21 +39,11 @@ def _parked(logs: Path) -> Path | None:
     return None
 
 
-def _wait(pred, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def test_killed_rank_restart_is_served_by_the_warm_spare(make_daemon):
     # generation 0 sleeps 1 s per step on rank 0, so it is still training when the spare parks
     d = make_daemon({"launch": {"warm_spare": True}}, steps=STEPS, faults="slow@1:rank=0:seconds=1.0").start()
     logs = d.workdir / "logs"
-    spare_log = _wait(lambda: _parked(logs), 120, "a parked spare")
+    spare_log = wait_until(lambda: _parked(logs), 120, "a parked spare")
     st = d.wait_for(lambda s: s if s.get("trainer_pids", {}).get("1") and s.get("step", 0) >= 12 else None,
                     60, "generation 0 past step 12")
     assert st["step"] < STEPS - 5, "generation 0 finished before the spare parked: slow it more"
@@ -100,7 +89,7 @@ def test_spare_of_another_world_is_killed_and_the_start_is_cold(tmp_path):
     record = launcher.ensure_spare(one)
     assert record is not None and launcher.ensure_spare(one) is None  # at most one spare
     spare_proc = psutil.Process(record.pid)
-    _wait(lambda: "[spare rank0] parked" in (tmp_path / "logs" / f"{Path(record.folder).name}.log").read_text(),
+    wait_until(lambda: "[spare rank0] parked" in (tmp_path / "logs" / f"{Path(record.folder).name}.log").read_text(),
           120, "the 1-rank spare to park")
     ranks = spare_proc.children(recursive=True)
     assert ranks, "the spare's torchrun has no rank process"
