@@ -198,8 +198,8 @@ class Supervisor:
 
     async def launch(self, load_step: int | None, *, reason: str) -> None:
         try:
-            await self.generations.launch(load_step=load_step, skip_batches=0, lr_scale=self.status.lr_scale,
-                                          reason=reason)
+            await self.generations.launch(load_step=load_step, skip_batches=self.remedies.carried_skip(load_step),
+                                          lr_scale=self.status.lr_scale, reason=reason)
         except PreflightFailed:
             pass  # state "failed", paged (before_launch); the service exits non-zero
         except LaunchError:

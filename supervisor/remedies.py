@@ -21,6 +21,7 @@ import asyncio
 import statistics
 import time
 
+from supervisor.data_lineage import Load, carried_skip
 from supervisor.grow import GROW
 from supervisor.policy import (COOL_LR, EXCLUDE_NODE, KILL_RESTART_HANG, RECORD, RESTART, REWARM_LR, ROLLBACK,
                                ROLLBACK_LR_DOWN, SKIP_UPDATE, STOP_PAGE)
@@ -117,10 +118,16 @@ class Remedies:
         target = self.ledger.load_target(int(p["target_step"]))
         if target is None:
             raise LookupError(f"no valid checkpoint at or before step {p['target_step']}")
-        skip, lr_scale, ramp = int(p.get("skip_batches", 0)), p.get("lr_scale"), int(p.get("ramp_steps", 0))
+        window, lr_scale, ramp = int(p.get("skip_batches", 0)), p.get("lr_scale"), int(p.get("ramp_steps", 0))
+        # the window was counted from the decided target; an older load drains the steps between too
+        window += max(0, int(p["target_step"]) - target) * self.batches_per_step()
+        carried = self.carried_skip(target)
+        skip = window + carried
         self.status.set("recovering")
         moved = self.ledger.quarantine_newer_than(target, a.id)
         out = {"target_step": target, "skip_batches": skip, "quarantined": moved}
+        if carried:
+            out |= {"skip_window": window, "carried_skip": carried}
         detail = await self._hot_rollback(a, target, skip, lr_scale, ramp) if self.generations.alive() else None
         if detail is not None and detail[0]:
             return {"mode": "hot", **out, "detail": detail[1]}
@@ -154,6 +161,21 @@ class Remedies:
         self._after_rollback(a, target)
         self.status.set("running")
         return True, ack.detail
+
+    def carried_skip(self, load_step: int | None) -> int:
+        """Batches the current trajectory skipped after checkpoint `load_step` (earlier rollbacks'
+        data windows), which a new load of it must skip again (supervisor/data_lineage.py)."""
+        loads = [(g["started_at"], Load(g["load_step"] or None, int(g["skip_batches"] or 0)))
+                 for g in self._journal.generations(limit=1_000_000)]
+        for act in self._journal.actions(limit=1_000_000):
+            out = act.get("outcome")
+            if act["kind"] in (ROLLBACK, ROLLBACK_LR_DOWN) and act["state"] == "done" and isinstance(out, dict) \
+                    and out.get("mode") == "hot":
+                loads.append((act["updated_at"], Load(int(out["target_step"]), int(out.get("skip_batches", 0)))))
+        return carried_skip([load for _, load in sorted(loads, key=lambda t: t[0])], load_step)
+
+    def batches_per_step(self) -> int:
+        return max(1, int(self._journal.get_meta("batches_per_step", 1) or 1))
 
     def _after_rollback(self, a, target: int) -> None:
         self.ledger.quarantine_newer_than(target, a.id)  # anything saved between the order and the ack
@@ -192,7 +214,10 @@ class Remedies:
         layout = self._next_layout(a) if p.get("next_layout") else None
         if p.get("next_layout"):
             out["layout"] = layout[1] if layout else "unchanged: no next preflight-valid layout (paged)"
-        await self.generations.launch(load_step=load, skip_batches=0, lr_scale=self.status.lr_scale,
+        carried = self.carried_skip(load)
+        if carried:
+            out["carried_skip"] = carried
+        await self.generations.launch(load_step=load, skip_batches=carried, lr_scale=self.status.lr_scale,
                                       reason=f"{a.kind} (action {a.id})",
                                       layout_index=None if layout is None else layout[0],
                                       layout_label=None if layout is None else layout[1])

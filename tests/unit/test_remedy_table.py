@@ -27,7 +27,7 @@ from supervisor.journal import Journal
 from supervisor.ledger import CheckpointLedger
 from supervisor.metrics import Metrics
 from supervisor.pager import Pager
-from supervisor.policy import (ACTIONS, COOL_LR, EXCLUDE_NODE, NONE, RESTART, REWARM_LR, ROLLBACK_LR_DOWN,
+from supervisor.policy import (ACTIONS, COOL_LR, EXCLUDE_NODE, NONE, RESTART, REWARM_LR, ROLLBACK, ROLLBACK_LR_DOWN,
                                Decision, History, Policy, RunState)
 from supervisor.remedies import Remedies
 from supervisor.run_plan import LayoutFallback, trainer_flags
@@ -98,7 +98,7 @@ def build(tmp_path: Path, layouts=LAYOUTS):
     launcher = RecordingLauncher()
 
     def spec(generation, *, load_step, skip_batches, lr_scale, ramp_steps=0, layout_index=None):
-        return {"generation": generation, "load_step": load_step, "lr_scale": lr_scale,
+        return {"generation": generation, "load_step": load_step, "skip_batches": skip_batches, "lr_scale": lr_scale,
                 "flags": trainer_flags(settings, layout_index), "nproc": 2}
 
     class Spec(dict):
@@ -159,6 +159,26 @@ def test_repeated_oom_restarts_on_the_next_preflight_valid_layout(tmp_path):
     out2 = asyncio.run(remedies.carry_out(action(RESTART, second, id=2)))
     assert out2["layout"].startswith("unchanged") and journal.get_meta("last_page")
     assert launcher.specs[-1]["flags"] == flags
+
+
+def test_a_later_load_of_an_older_checkpoint_skips_the_bad_data_again(tmp_path):
+    """A rollback's data skip is counted from its checkpoint's data position; loading that checkpoint
+    (or an older one) again must repeat it, or the bad batch comes back (supervisor/data_lineage.py).
+    The trainer's hot rollback does not answer here (no trainer), so every rollback goes cold."""
+    remedies, launcher, journal = build(tmp_path)
+    asyncio.run(remedies.carry_out(action(ROLLBACK, Decision(ROLLBACK, "spike", 3, target_step=20, skip_batches=30))))
+    assert (launcher.specs[-1]["load_step"], launcher.specs[-1]["skip_batches"]) == (20, 30)
+    out = asyncio.run(remedies.carry_out(action(RESTART, Decision(RESTART, "rank died", 3, target_step=20), id=2)))
+    assert (launcher.specs[-1]["load_step"], launcher.specs[-1]["skip_batches"], out["carried_skip"]) == (20, 30, 30)
+    out = asyncio.run(remedies.carry_out(
+        action(ROLLBACK, Decision(ROLLBACK, "nan batch", 3, target_step=20, skip_batches=10), id=3)))
+    assert (out["skip_batches"], out["skip_window"], out["carried_skip"]) == (40, 10, 30)
+    assert launcher.specs[-1]["skip_batches"] == 40
+    # a decided target of 15 loads checkpoint 10: the window grows by the 5 steps between them
+    out = asyncio.run(remedies.carry_out(
+        action(ROLLBACK, Decision(ROLLBACK, "again", 3, target_step=15, skip_batches=10), id=4)))
+    assert (out["target_step"], out["skip_window"], out["carried_skip"], out["skip_batches"]) == (10, 15, 40, 55)
+    assert [g["skip_batches"] for g in sorted(journal.generations(), key=lambda g: g["id"])] == [0, 30, 30, 40, 55]
 
 
 def test_next_layout_without_layouts_says_unchanged_and_pages(tmp_path):
