@@ -26,6 +26,8 @@ Failure model:
   the caller keeps torchtitan's own path for the run.
 - The twins are reused, so the caller must not ``take`` while a write of the previous
   snapshot is in flight (the checkpointer waits for it first, as torchtitan always did).
+- Cost kept: one host copy of the rank's checkpointed state for the life of the run
+  (torchtitan's path allocates the same copy on every save and frees it after the write).
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ class ModelView:
     Built on the step (what torchtitan pays on every save), then checked: every derived leaf must
     come out of its shadow equal to what the live model gave, else ``Unpairable``."""
 
-    def __init__(self, model_parts: list[torch.nn.Module], state_dict: dict[str, Any], mesh_fn: Callable[[], Any]) -> None:
+    def __init__(self, model_parts: list[torch.nn.Module], state_dict: dict[str, Any],
+                 mesh_fn: Callable[[], Any]) -> None:
         self.state_dict = state_dict  # the ModelWrapper's cache: identity changes on a load
         owned = _storages(model_parts)
         self.direct: dict[str, Any] = {}

@@ -15,7 +15,8 @@ No fork of torchtitan's loop: upstream's ``Trainer.train`` runs as is (profiler,
 timeouts) and is entered through its extension points: ``batch_generator``,
 ``should_continue_training`` (the step boundary), ``train_step``, ``forward_backward_step``, an
 ``OptimizersContainer`` subclass (skips the update) and a ``CheckpointManager`` subclass (saves
-when the trainer says), built by upstream's builders; a ``BaseLogger`` receives the step metrics.
+when the trainer says; its async saves refill CPU twins on the step and write on a thread:
+``training.snapshot``), built by upstream's builders; a ``BaseLogger`` receives the step metrics.
 Nothing in torchtitan is patched.
 - start options: checkpoint step to load, batches to skip after loading, LR scale.
 
