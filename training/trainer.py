@@ -15,7 +15,8 @@ No fork of torchtitan's loop: upstream's ``Trainer.train`` runs as is (profiler,
 timeouts) and is entered through its extension points: ``batch_generator``,
 ``should_continue_training`` (the step boundary), ``train_step``, ``forward_backward_step``, an
 ``OptimizersContainer`` subclass (skips the update) and a ``CheckpointManager`` subclass (saves
-when the trainer says), built by upstream's builders; a ``BaseLogger`` receives the step metrics.
+when the trainer says; its async saves refill CPU twins on the step and write on a thread:
+``training.snapshot``), built by upstream's builders; a ``BaseLogger`` receives the step metrics.
 Nothing in torchtitan is patched.
 - start options: checkpoint step to load, batches to skip after loading, LR scale.
 
@@ -29,13 +30,18 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torchtitan.components.checkpoint import CheckpointManager
+import torch.distributed.checkpoint as torch_dcp
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.device_mesh import DeviceMesh
+from torchtitan.components.checkpoint import AsyncMode, CheckpointManager
+from torchtitan.components.checkpointer.base import MODEL
 from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.components.metrics import BaseLogger, LoggerContainer
 from torchtitan.components.optimizer import OptimizersContainer
@@ -49,6 +55,7 @@ from training import cpu, ft
 from training.data import DataPosition, GlobalOrderDataLoader
 from training.faults import FaultPlan
 from training.schedule import LrScale, WSDSchedule
+from training.snapshot import ModelView, StateSnapshot, Unpairable
 from training.telemetry import TelemetryClient, TelemetryConfig
 
 
@@ -81,6 +88,10 @@ class SupervisionConfig:
     sample_log: bool = True
     """With the global data order (`training.data`): write <dump>/samples/rank-<r>.jsonl, one line per
     microbatch trained on (step, generation, DP degree, [global sample index, token digest] per row)."""
+    async_snapshot: bool = True
+    """With --checkpoint.async_mode async: the step only refills CPU twins of the state kept across
+    saves and a background thread runs the whole DCP save (training.snapshot). False: torchtitan's
+    own async path (state dicts rebuilt, gc.collect and a fresh staging copy on every save's step)."""
 
 
 class GuardedOptimizers(OptimizersContainer):
@@ -116,12 +127,84 @@ class OnDemandCheckpointer(CheckpointManager):
     class Config(CheckpointManager.Config):
         pass
 
+    snapshot_saves = True
+    """With async_mode 'async': save through `training.snapshot` (see `_save`); the
+    trainer sets it from ``--supervision.async_snapshot``."""
+
     def __init__(self, config: Config, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self._requested = False
+        self._snapshot = StateSnapshot()
+        self._view: ModelView | None = None
+        self._mesh = None  # torchtitan's async gloo group as a 1-D mesh (ModelView's all-gathers)
+        self._writer: ThreadPoolExecutor | None = None
 
     def _should_save(self, curr_step: int, last_step: bool = False) -> bool:
         return self._requested and not last_step and super()._should_save(curr_step, True)
+
+    def _save(self, curr_step: int, last_step: bool = False) -> bool:
+        """With async_mode 'async' (and ``snapshot_saves``): the step waits for the previous write
+        (the twins are reused), refills the twins (``training.snapshot``), and hands them to the
+        writer thread, which re-derives the hook-made model tensors and runs ``dcp.save`` (planning,
+        collectives on torchtitan's async gloo group, files, ``.metadata`` last)."""
+        if self.async_mode != AsyncMode.ASYNC or not self.snapshot_saves or last_step:
+            return super()._save(curr_step, last_step)
+        if not self._should_save(curr_step, last_step):
+            return False
+        self.maybe_wait_for_saving()
+        begin, builds = time.perf_counter(), self._snapshot.builds
+        try:
+            staged = self._snapshot.take(self._live_state())
+        except Unpairable as e:
+            logger.warning(f"async snapshot saves off for this run ({e}): torchtitan's async path instead")
+            self.snapshot_saves = False
+            return super()._save(curr_step, last_step)
+        self._view.refresh()
+        if self._snapshot.builds != builds:
+            logger.info(f"async snapshot: CPU twins built ({self._snapshot.nbytes / 2**20:.1f} MiB, "
+                        f"{len(self._view.shadows)} re-derived submodules) in {time.perf_counter() - begin:.2f}s; "
+                        "later saves refill them")
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self.save_future = self._writer.submit(self._write, staged, self._view,
+                                               self._create_checkpoint_id(curr_step))
+        self._purge_stale_checkpoints()
+        return True
+
+    def _write(self, staged: dict[str, Any], view: ModelView, checkpoint_id: str) -> None:
+        """On the writer thread."""
+        staged.update(view.derive())
+        torch_dcp.save(staged, checkpoint_id=checkpoint_id, process_group=self.pg)
+
+    def _live_state(self) -> dict[str, Any]:
+        """What torchtitan's async save stages (``_flattened_model_states_sd`` with every
+        ``Stateful`` turned into its state dict), the model's part read through a ``ModelView``
+        built once (a load replaces the ModelWrapper's cache, and the view is rebuilt)."""
+        model = self.states[MODEL]
+        if self._view is None or model.cached_state_dict is not self._view.state_dict:
+            self._view = ModelView(model.model, model.state_dict(), self._async_mesh)
+        sd = {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in self.states.items() if k != MODEL}
+        sd.update(self._view.direct)
+        return sd
+
+    def _async_mesh(self):
+        if self._mesh is None:
+            self._mesh = DeviceMesh.from_group(self.pg, "cpu")
+        return self._mesh
+
+    def _load(self, step: int = -1) -> bool:
+        self.invalidate_snapshot()
+        return super()._load(step)
+
+    def invalidate_snapshot(self) -> None:
+        """Live tensors may have been replaced (a load, a heal): pair the twins afresh at the next save."""
+        self._snapshot.invalidate()
+        self._view = None
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+        super()._close()
 
     def save_now(self, step: int) -> bool:
         self._requested = True
@@ -206,6 +289,7 @@ class SupervisedTrainer(Trainer):
         self._sync_param_group_lrs()
 
         self.ckpt_interval = config.checkpoint.interval
+        self.checkpointer.snapshot_saves = sup.async_snapshot
         self.batches_consumed = 0
         self.batches = None  # the current batch stream (`_Feed` reads it); set after the load
         self._microbatches = 0
@@ -546,6 +630,8 @@ class SupervisedTrainer(Trainer):
         return drained
 
     def after_heal(self) -> None:
+        if self.checkpointer.enable:
+            self.checkpointer.invalidate_snapshot()  # the heal replaced the optimizer's state tensors
         self._microbatches = 0
         self._last_saved_step = self.step - 1
         self._sync_param_group_lrs()

@@ -287,3 +287,38 @@ def test_rollback_to_an_invalid_checkpoint_is_refused_and_upstream_profiler_work
     assert steps == list(range(21, steps[-1] + 1)) and steps[-1] > ack["step"]  # no rollback happened
     traces = list((dump / "traces").rglob("*"))
     assert any(p.is_file() for p in traces), "torchtitan's profiler wrote no trace"
+
+
+def test_async_snapshot_saves_resume_like_an_unbroken_run(tmp_path):
+    """`--checkpoint.async_mode async` saves through `training.snapshot` (twins refilled on the
+    step, the DCP save on a writer thread), and each save loads through the normal load path
+    (`checkpointer.load`, what a cold start runs too) into the run it came from: a hot rollback
+    to step 8 (a save that refilled the twins built at step 4) replays the first pass's losses
+    bit for bit; so does a second one to step 16, saved after the first load had replaced the
+    optimizer's state tensors (the twins re-paired, not left reading the old ones)."""
+    dump = tmp_path / "dump"
+    script = [(11, {"id": "rb1", "kind": "rollback", "step": 8, "skip_batches": 0}),
+              (19, {"id": "rb2", "kind": "rollback", "step": 16, "skip_batches": 0})]
+    with ScriptedPeer(script) as peer:
+        proc = run_trainer(dump, 2, ["--training.steps", "22", "--checkpoint.interval", "4",
+                                     "--checkpoint.async_mode", "async", "--supervision.url", peer.url])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr
+    assert "async snapshot saves off" not in log
+    # each rank builds its twins at its first save and at the first save after each load
+    assert log.count("async snapshot: CPU twins built") == 6, log[-4000:]
+    records, events = spool(dump)
+    acks = {e["directive_id"]: e for e in events if e["kind"] == "directive_applied"}
+    assert acks["rb1"]["ok"] and acks["rb2"]["ok"], acks
+    passes, cur = [], {}
+    for r in records:  # split at each rollback (the step goes back)
+        if cur and r["step"] <= max(cur):
+            passes.append(cur)
+            cur = {}
+        cur[r["step"]] = r["loss"]
+    passes.append(cur)
+    assert len(passes) == 3 and min(passes[1]) == 9 and min(passes[2]) == 17, [sorted(p) for p in passes]
+    for before, after in zip(passes, passes[1:]):
+        replayed = [s for s in after if s in before]
+        assert len(replayed) >= 3 and all(before[s] == after[s] for s in replayed)
+    assert max(passes[2]) == 22
