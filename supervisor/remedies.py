@@ -121,7 +121,7 @@ class Remedies:
         window, lr_scale, ramp = int(p.get("skip_batches", 0)), p.get("lr_scale"), int(p.get("ramp_steps", 0))
         # the window was counted from the decided target; an older load drains the steps between too
         window += max(0, int(p["target_step"]) - target) * self.batches_per_step()
-        carried = self.carried_skip(target)
+        carried = self.carried_skip(target, a.id)
         skip = window + carried
         self.status.set("recovering")
         moved = self.ledger.quarantine_newer_than(target, a.id)
@@ -162,12 +162,20 @@ class Remedies:
         self.status.set("running")
         return True, ack.detail
 
-    def carried_skip(self, load_step: int | None) -> int:
+    def carried_skip(self, load_step: int | None, action_id: int | None = None) -> int:
         """Batches the current trajectory skipped after checkpoint `load_step` (earlier rollbacks'
-        data windows), which a new load of it must skip again (supervisor/data_lineage.py)."""
+        data windows), which a new load of it must skip again (supervisor/data_lineage.py).
+
+        Only loads made before action `action_id` was journaled count: an action resumed by a
+        restarted daemon must not count the generation its first attempt launched."""
+        actions = self._journal.actions(limit=1_000_000)
+        own = self._journal.action(action_id) if action_id is not None else None
+        before = own["created_at"] if own else float("inf")
         loads = [(g["started_at"], Load(g["load_step"] or None, int(g["skip_batches"] or 0)))
-                 for g in self._journal.generations(limit=1_000_000)]
-        for act in self._journal.actions(limit=1_000_000):
+                 for g in self._journal.generations(limit=1_000_000) if g["started_at"] < before]
+        for act in actions:
+            if act["updated_at"] >= before:
+                continue
             out = act.get("outcome")
             if act["kind"] in (ROLLBACK, ROLLBACK_LR_DOWN) and act["state"] == "done" and isinstance(out, dict) \
                     and out.get("mode") == "hot":
@@ -214,7 +222,7 @@ class Remedies:
         layout = self._next_layout(a) if p.get("next_layout") else None
         if p.get("next_layout"):
             out["layout"] = layout[1] if layout else "unchanged: no next preflight-valid layout (paged)"
-        carried = self.carried_skip(load)
+        carried = self.carried_skip(load, a.id)
         if carried:
             out["carried_skip"] = carried
         await self.generations.launch(load_step=load, skip_batches=carried, lr_scale=self.status.lr_scale,

@@ -180,6 +180,14 @@ def test_a_later_load_of_an_older_checkpoint_skips_the_bad_data_again(tmp_path):
     assert (out["target_step"], out["skip_window"], out["carried_skip"], out["skip_batches"]) == (10, 15, 40, 55)
     assert [g["skip_batches"] for g in sorted(journal.generations(), key=lambda g: g["id"])] == [0, 30, 30, 40, 55]
 
+    # a rollback resumed by a restarted daemon (its intent journaled, its first attempt's generation
+    # launched) counts the same loads as the first attempt, not that generation's skip too
+    d = Decision(ROLLBACK, "resumed", 3, target_step=10, skip_batches=4)
+    aid = journal.action_intent(ROLLBACK, {k: v for k, v in d.to_dict().items() if k != "reason"}, actor="policy").id
+    first = asyncio.run(remedies.carry_out(action(ROLLBACK, d, id=aid)))
+    again = asyncio.run(remedies.carry_out(action(ROLLBACK, d, id=aid)))
+    assert first["skip_batches"] == again["skip_batches"] == 4 + 55
+
 
 def test_next_layout_without_layouts_says_unchanged_and_pages(tmp_path):
     remedies, launcher, journal = build(tmp_path, layouts=[])
