@@ -168,7 +168,7 @@ class Remedies:
         return steps
 
     async def restart(self, a, *, hang: bool = False) -> dict:
-        group = await self._restart_group(a)
+        group = await self._restart_group(a, hang=hang)
         if group is not None:
             return group
         p = a.params
@@ -203,10 +203,12 @@ class Remedies:
         """How the new generation started: "used" (a warm spare became it), or why it started cold."""
         return getattr(self.generations.current, "spare", "off")
 
-    async def _restart_group(self, a) -> dict | None:
+    async def _restart_group(self, a, *, hang: bool = False) -> dict | None:
         """torchft mode (supervisor/launch/torchft.py): the failed rank's replica group alone is
-        relaunched while the other groups keep stepping, and heals from them. None when this is not
-        that case (no replica groups, no rank named, or no live peer to heal from): a job restart."""
+        relaunched while the other groups keep stepping, and heals from them (a hung group's stacks
+        are dumped first, stopped ranks included). None when this is not that case (no replica
+        groups, no rank named, or no live peer to heal from): a job restart. Either way the
+        detectors watch the generation again without that group's old beats."""
         from supervisor.launch.torchft import GroupExcluded
 
         gen = self.generations.current
@@ -216,14 +218,20 @@ class Remedies:
         group = gen.group_of(rank)
         if not any(gen.group_alive(g) for g in range(len(gen.groups)) if g != group):
             return None
+        stacks = {}
+        if hang:
+            text = await asyncio.to_thread(gen.dump_group_stacks, group)
+            stacks = {"stacks": text[-self._stack_dump_chars:]}
         try:
             out = await asyncio.to_thread(gen.restart_group, group, f"{a.kind} (action {a.id})")
         except GroupExcluded as e:
+            self._suite.group_restarted(gen.ranks_of(group), time.time(), relaunched=False)
             self.pager.page(f"{e}: replica group {group} excluded, the other groups train on", action_id=a.id,
                             node=(a.finding.evidence or {}).get("host"))
-            return {"group_restart": False, "excluded": True, "replica_group": group, "reason": str(e)}
+            return {"group_restart": False, "excluded": True, "replica_group": group, "reason": str(e), **stacks}
+        self._suite.group_restarted(gen.ranks_of(group), time.time())
         self._log.warning("replica group relaunched", replica_group=group, action_id=a.id, pid=out["pid"])
-        return {"group_restart": True, "generation": self.generations.id, **out}
+        return {"group_restart": True, "generation": self.generations.id, **out, **stacks}
 
     def _next_layout(self, a) -> tuple[int, str] | None:
         """The next preflight-valid layout, or None (paged: the restart stays on the current one,

@@ -26,6 +26,10 @@ Defaults say what a fault is:
   batches are trained on again — after a restart or a rollback that replays them (``gen=*``),
   as real bad data does. Only a rollback that skips the window gets past it.
 - **Process faults** (crash, hang, slow, oom) hit rank 0 unless told otherwise.
+- ``rank`` is the **global** rank. In torchft mode (replica groups, each its own torchrun) that is
+  ``group * ranks per group + local rank`` (`training.ft.global_rank`, the numbering the supervisor
+  uses for rank exits and heartbeats): with one rank per group ``crash@60:rank=1`` kills group 1,
+  and a job-wide fault hits every rank of every group.
 - **Event faults** (spike, drift and the process faults) happen once in the job's history
   (``gen=once``): the first time any process of the job reaches STEP. A marker per fault and
   rank under ``<dump_folder>/faults/`` remembers it across restarts (a supervisor's new

@@ -185,9 +185,12 @@ class SupervisedTrainer(Trainer):
         sup = config.supervision
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
+        # Across replica groups (torchft mode) faults and heartbeats name the global rank: a spec's
+        # rank=1 is group 1's rank 0 with one rank per group; job-wide faults hit every group.
+        self.global_rank = ft.global_rank(config.fault_tolerance, self.rank, self.world)
         # Under plain torchrun (no supervisor) its restart count is the generation of the faults.
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        self.faults = FaultPlan(sup.faults, self.rank, sup.generation + restarts,
+        self.faults = FaultPlan(sup.faults, self.global_rank, sup.generation + restarts,
                                 state_dir=Path(config.dump_folder) / "faults",
                                 batches_per_step=self.gradient_accumulation_steps
                                 * getattr(self, "num_pipeline_parallel_microbatches", 1))
@@ -240,7 +243,7 @@ class SupervisedTrainer(Trainer):
 
         spool = sup.spool or os.path.join(config.dump_folder, "telemetry", "spool.jsonl")
         self.telemetry = TelemetryClient(TelemetryConfig(
-            url=sup.url, run_id=sup.run_id, generation=sup.generation, rank=self.rank,
+            url=sup.url, run_id=sup.run_id, generation=sup.generation, rank=self.global_rank,
             spool_path=spool if self.rank == 0 else "", heartbeat_s=sup.heartbeat_s,
             queue_size=sup.queue_size,
         ))
