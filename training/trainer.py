@@ -78,6 +78,8 @@ class SupervisionConfig:
     """Write <dump>/telemetry/rank-<r>.jsonl per rank (LR, param checksum, Adam step) for drills/tests."""
     faults: str = ""
     """Fault injection for drills (see training.faults), e.g. 'spike@30:lr=1000,crash@60:rank=1'."""
+    fault_state: str = ""
+    """Folder of the fired faults' markers. Default: <dump_folder>/faults (torchft mode: the run's, shared by every group)."""
     sample_log: bool = True
     """With the global data order (`training.data`): write <dump>/samples/rank-<r>.jsonl, one line per
     microbatch trained on (step, generation, DP degree, [global sample index, token digest] per row)."""
@@ -191,7 +193,7 @@ class SupervisedTrainer(Trainer):
         # Under plain torchrun (no supervisor) its restart count is the generation of the faults.
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         self.faults = FaultPlan(sup.faults, self.global_rank, sup.generation + restarts,
-                                state_dir=Path(config.dump_folder) / "faults",
+                                state_dir=Path(sup.fault_state or Path(config.dump_folder) / "faults"),
                                 batches_per_step=self.gradient_accumulation_steps
                                 * getattr(self, "num_pipeline_parallel_microbatches", 1))
 

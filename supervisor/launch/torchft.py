@@ -76,7 +76,10 @@ def group_spec(spec: LaunchSpec, group: int, config: FaultToleranceConfig, light
              "--fault_tolerance.group_size", str(config.groups),
              "--fault_tolerance.min_replica_size", str(config.min_replica_size),
              "--fault_tolerance.process_group_timeout_ms", str(config.process_group_timeout_ms),
-             "--fault_tolerance.quorum_timeout_s", repr(float(config.quorum_timeout_s))]
+             "--fault_tolerance.quorum_timeout_s", repr(float(config.quorum_timeout_s)),
+             # one fault history for the job: a job-wide spike is not fired again by a group that
+             # was down when it happened (training/faults.py, "Event faults")
+             "--supervision.fault_state", str(Path(spec.workdir) / "faults")]
     # Every group's ranks heartbeat the daemon with their global rank (a hung group is seen by the
     # stall detector); group 0's step stream is the run's (docs/architecture.md, "torchft mode"):
     # the trainer posts records from global rank 0 only, the other groups spool theirs.

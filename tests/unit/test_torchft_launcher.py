@@ -36,6 +36,7 @@ def test_group_spec_gives_each_group_its_folder_flags_and_lighthouse(tmp_path):
         assert cmd[cmd.index("--fault_tolerance.group_size") + 1] == "3"
         assert cmd[cmd.index("--fault_tolerance.process_group_timeout_ms") + 1] == "7000"
         assert "--fault_tolerance.enable" in cmd
+        assert cmd[cmd.index("--supervision.fault_state") + 1] == str(tmp_path / "run" / "faults")  # one history
         assert s.env["TORCHFT_LIGHTHOUSE"] == "http://127.0.0.1:1234"
         assert s.generation == 3 and s.nproc == 2
 
