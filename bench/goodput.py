@@ -12,12 +12,16 @@ interval, seed) clean and under a fault schedule, each way:
   supervisor-spare      the daemon with `[launch] warm_spare = true` (restarts served by a parked
                         spare generation: supervisor/launch/spare.py)
   supervisor-torchft    the daemon with `[fault_tolerance] mode = "torchft"`: the job's ranks as
-                        that many replica groups of one rank each (README, "torchft mode").
-                        Not measured yet: the schedule's rank=1 faults name a rank inside a
-                        group (every group is rank 0 of its own torchrun), so they need mapping
-                        to "group 1" before this row means anything
+                        that many replica groups of one rank each (README, "torchft mode"). A
+                        fault's rank= is the global rank, so rank=1 is group 1 (killed, SIGSTOPped
+                        and slowed alone: the other group keeps stepping, or waits for it in the
+                        allreduce); the spike and the NaN batch hit every group. Hot rollback is
+                        refused in torchft mode (directives reach group 0 only), so a divergence
+                        costs a cold rollback of every group, and skip_updates is refused too
+                        (the actions table shows each refusal)
 
-For supervisor ways also a restart table from the journal: per new generation, seconds from
+For supervisor ways also the journal's actions in order (a replica group relaunched alone, a new
+generation from a checkpoint, a refused directive) and a restart table from the journal: per new generation, seconds from
 the old generation's last step to the launch, to the trainer being ready and to its first step,
 and whether a warm spare served it (the least noisy measure of restart cost on a shared machine).
 For each way: time to the target step, ETTR = (clean time to target) / (faulted time to
@@ -315,6 +319,10 @@ def journal_actions(run: Run) -> list[dict]:
         o = a.get("outcome") if isinstance(a.get("outcome"), dict) else {}
         if o.get("group_restart"):
             what = f"replica group {o.get('replica_group')} relaunched alone" + (" (stacks dumped)" if o.get("stacks") else "")
+        elif o.get("mode") in ("hot", "cold"):
+            what = f"{o['mode']} rollback to step {o.get('target_step')}" + (
+                f", new generation {o.get('generation')}" if o["mode"] == "cold" else "") + (
+                " (hot refused: torchft mode)" if "refused in torchft mode" in str(o.get("detail")) else "")
         elif "load_step" in o:
             what = f"new generation {o.get('generation')} from step {o.get('load_step')}"
         else:
@@ -425,6 +433,7 @@ def main() -> int:
     ways = args.way or ["torchrun", "supervisor"]
     tmp = Path(tempfile.mkdtemp(prefix="goodput-"))
     rows, hc = [], None
+    loads = [os.getloadavg()[0]]  # the machine's load beside the runs: these numbers are wall times
     try:
         for name in ways:
             way = WAYS[name]
@@ -435,11 +444,13 @@ def main() -> int:
             limit = (t or args.clean_limit) * args.limit_factor + 120
             bad = load(way.run(job, tmp / f"{name}-faulted", job.faults(), limit))
             rows.append(summarize(job, clean, bad))
+            loads.append(os.getloadavg()[0])
             print(f"{name} faulted: rc {bad.rc}, reached step {rows[-1]['max_step']}, "
-                  f"ETTR {_f(rows[-1]['ettr'])}", flush=True)
+                  f"ETTR {_f(rows[-1]['ettr'])} (1-min load average {loads[-1]:.1f})", flush=True)
             if name.startswith("supervisor") and name != "supervisor-torchft" and hc is None:
                 hc = hot_vs_cold(job, bad, tmp / "hotcold")
-        text = report(job, rows, hc)
+        text = report(job, rows, hc) + ("\n\n1-min load average at the start and after each way: "
+                                        + ", ".join(f"{x:.1f}" for x in loads))
         print("\n" + text)
         if args.out:
             args.out.write_text(json.dumps({"job": asdict(job), "rows": rows, "hot_vs_cold": hc}, indent=2))
