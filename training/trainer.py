@@ -217,7 +217,7 @@ class SupervisedTrainer(Trainer):
         self._skip_updates = 0
         self._skip_reason: str | None = None
         self._grad_norm = float("nan")
-        self._applied: set[str] = set()
+        self._applied: dict[str, tuple[bool, str]] = {}  # directive id -> (ok, detail) of its first answer
         self._stop_reason: str | None = None
         self._finished = False  # "finished" sent (once)
         self._last_saved_step = -1
@@ -653,8 +653,9 @@ class SupervisedTrainer(Trainer):
             logger.error(msg)
             self._ack(str(did or "unknown"), "malformed", ok=False, detail=msg[:2000])
             return
-        if d.id in self._applied:
-            self._ack(d.id, d.kind, ok=True, detail="already applied")
+        if d.id in self._applied:  # a resend: the first answer again (a refusal stays a refusal)
+            ok, detail = self._applied[d.id]
+            self._ack(d.id, d.kind, ok=ok, detail="already applied" if ok else f"already refused: {detail}")
             return
         begin = time.perf_counter()
         try:
@@ -663,7 +664,7 @@ class SupervisedTrainer(Trainer):
         except ValueError as e:
             ok, detail = False, str(e)
             logger.error(f"directive {d.kind} ({d.id}) refused: {detail}")
-        self._applied.add(d.id)
+        self._applied[d.id] = (ok, detail)
         self._ack(d.id, d.kind, ok=ok, detail=detail, seconds=time.perf_counter() - begin)
 
     def _ack(self, did: str, kind: str, ok: bool, detail: str, seconds: float | None = None) -> None:

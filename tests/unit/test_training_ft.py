@@ -138,3 +138,21 @@ def test_only_global_rank_0_posts_step_records_every_rank_heartbeats(tmp_path):
     for r in (0, 1):  # both spools hold their own record and event
         lines = [json.loads(x) for x in (tmp_path / f"g{r}" / "spool.jsonl").read_text().splitlines()]
         assert [x.get("loss") for x in lines if "loss" in x] == [1.0 + r] and any(x.get("kind") == "started" for x in lines)
+
+
+def test_a_resent_refused_directive_is_refused_again_not_acked_as_applied():
+    """The daemon resends a directive until it hears back; a refusal (torchft mode) answered to a
+    resend as "already applied, ok" told the goodput bench a hot rollback happened that never did."""
+    from types import SimpleNamespace
+
+    from training.trainer import SupervisedTrainer
+
+    acks = []
+    me = SimpleNamespace(config=SimpleNamespace(fault_tolerance=ft.ReplicaConfig(enable=True, group_size=2)),
+                         _applied={}, _ack=lambda did, kind, ok, detail, seconds=None: acks.append((did, ok, detail)))
+    me._execute = lambda d: SupervisedTrainer._execute(me, d)
+    raw = {"id": "a2", "kind": "rollback", "step": 48, "skip_batches": 18}
+    SupervisedTrainer._apply_one(me, raw)
+    SupervisedTrainer._apply_one(me, raw)
+    assert [(did, ok) for did, ok, _ in acks] == [("a2", False), ("a2", False)], acks
+    assert acks[1][2].startswith("already refused: rollback is refused in torchft mode")
