@@ -136,6 +136,12 @@ def _kill_tree(proc: subprocess.Popen, workdir: Path) -> None:
                 p.kill()
         except psutil.Error:
             pass
+    try:  # torchft mode: the daemon's Lighthouse runs in its own session and does not name the workdir
+        lh = psutil.Process(json.loads((workdir / "logs" / "lighthouse.json").read_text())["pid"])
+        if "torchft_lighthouse" in " ".join(lh.cmdline()):
+            lh.kill()
+    except (OSError, ValueError, KeyError, psutil.Error):
+        pass
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:

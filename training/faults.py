@@ -143,7 +143,11 @@ class FaultPlan:
 
     def __init__(self, spec: str, rank: int, generation: int, state_dir: Path | str | None = None,
                  batches_per_step: int = 1) -> None:
-        self.faults = [f for f in parse_faults(spec) if f.applies(rank, generation)]
+        parsed = parse_faults(spec)
+        # a fault's number in the spec names its markers: the same in every rank (rank 1's list of
+        # faults that apply to it is not rank 0's)
+        self._ids = [i for i, f in enumerate(parsed) if f.applies(rank, generation)]
+        self.faults = [parsed[i] for i in self._ids]
         self.rank = rank
         self.generation = generation
         self.state_dir = Path(state_dir) if state_dir is not None else None
@@ -160,7 +164,7 @@ class FaultPlan:
     def _marker(self, i: int, f: Fault) -> Path | None:
         if self.state_dir is None:
             return None
-        return self.state_dir / f"{i}-{f.label}-rank{self.rank}.fired"
+        return self.state_dir / f"{self._ids[i]}-{f.label}-rank{self.rank}.fired"
 
     def _claim(self, i: int, f: Fault) -> bool:
         """Whether event fault `i` fires now: not yet fired in this process, nor (gen=once) in
@@ -189,7 +193,7 @@ class FaultPlan:
     def _fired_in_another_generation(self, i: int, f: Fault) -> bool:
         """Whether job-wide event fault `i` already fired, in any rank, in a generation other than
         this one (a marker without a generation, from an older trainer, counts as fired)."""
-        for path in self.state_dir.glob(f"{i}-{f.label}-rank*.fired"):
+        for path in self.state_dir.glob(f"{self._ids[i]}-{f.label}-rank*.fired"):
             try:
                 words = path.read_text().split()
             except OSError:

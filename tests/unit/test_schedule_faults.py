@@ -80,6 +80,12 @@ def test_event_faults_fire_once_per_job_across_processes(tmp_path):
     own = FaultPlan("slow@3:rank=2:seconds=0.0", rank=2, generation=1, state_dir=tmp_path)
     own.before_step(3)  # a rank's own process fault keeps its own history
     assert (tmp_path / "0-slow@3-rank2.fired").exists()
+    # a fault that applies to one rank only comes first: the spike is fault 1 in every rank
+    spec = "crash@9:rank=1,spike@5:lr=10"
+    FaultPlan(spec, rank=0, generation=0, state_dir=tmp_path / "b").before_step(5)
+    late1 = FaultPlan(spec, rank=1, generation=1, state_dir=tmp_path / "b")
+    late1.before_step(5)
+    assert late1.lr_factor(5) == 1.0 and sorted(p.name for p in (tmp_path / "b").iterdir()) == ["1-spike@5-rank0.fired"]
     assert FaultPlan("spike@3:lr=10:gen=*", rank=0, generation=1, state_dir=tmp_path).faults[0].gen == "*"
 
 
