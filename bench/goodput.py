@@ -12,12 +12,16 @@ interval, seed) clean and under a fault schedule, each way:
   supervisor-spare      the daemon with `[launch] warm_spare = true` (restarts served by a parked
                         spare generation: supervisor/launch/spare.py)
   supervisor-torchft    the daemon with `[fault_tolerance] mode = "torchft"`: the job's ranks as
-                        that many replica groups of one rank each (README, "torchft mode").
-                        Not measured yet: the schedule's rank=1 faults name a rank inside a
-                        group (every group is rank 0 of its own torchrun), so they need mapping
-                        to "group 1" before this row means anything
+                        that many replica groups of one rank each (README, "torchft mode"). A
+                        fault's rank= is the global rank, so rank=1 is group 1 (killed, SIGSTOPped
+                        and slowed alone: the other group keeps stepping, or waits for it in the
+                        allreduce); the spike and the NaN batch hit every group. Hot rollback is
+                        refused in torchft mode (directives reach group 0 only), so a divergence
+                        costs a cold rollback of every group, and skip_updates is refused too
+                        (the actions table shows each refusal)
 
-For supervisor ways also a restart table from the journal: per new generation, seconds from
+For supervisor ways also the journal's actions in order (a replica group relaunched alone, a new
+generation from a checkpoint, a refused directive) and a restart table from the journal: per new generation, seconds from
 the old generation's last step to the launch, to the trainer being ready and to its first step,
 and whether a warm spare served it (the least noisy measure of restart cost on a shared machine).
 For each way: time to the target step, ETTR = (clean time to target) / (faulted time to
@@ -132,6 +136,12 @@ def _kill_tree(proc: subprocess.Popen, workdir: Path) -> None:
                 p.kill()
         except psutil.Error:
             pass
+    try:  # torchft mode: the daemon's Lighthouse runs in its own session and does not name the workdir
+        lh = psutil.Process(json.loads((workdir / "logs" / "lighthouse.json").read_text())["pid"])
+        if "torchft_lighthouse" in " ".join(lh.cmdline()):
+            lh.kill()
+    except (OSError, ValueError, KeyError, psutil.Error):
+        pass
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -251,10 +261,11 @@ def summarize(job: Job, clean: Run, bad: Run) -> dict:
         "finished": bad.rc == 0 and t_bad is not None, "timed_out": bad.timed_out, "rc": bad.rc,
         "max_step": max((r["step"] for r in bad.records), default=0),
         "restarts": max(0, len(starts) - 1), "hot_rollbacks": len(rollbacks),
+        "group_restarts": sum(1 for a in journal_actions(bad) if a["group_restart"]),
         "recomputed": bad.recomputed(), "per_fault": per_fault,
         "loss_clean": l_clean, "loss_faulted": l_bad,
         "loss_diff": (l_bad - l_clean) if l_clean is not None and l_bad is not None else None,
-        "loss_noise": noise, "restart_timeline": restart_timeline(bad),
+        "loss_noise": noise, "restart_timeline": restart_timeline(bad), "actions": journal_actions(bad),
     }
 
 
@@ -295,6 +306,37 @@ def hot_vs_cold(job: Job, bad: Run, tmp: Path) -> dict | None:
             "cold_over_hot": cold / hot["seconds"] if hot["seconds"] else None,
             "checkpoint_bytes": nbytes, "raw_read_s": raw_read,
             "hot_over_raw_read": hot["seconds"] / raw_read if raw_read else None}
+
+
+def journal_actions(run: Run) -> list[dict]:
+    """A supervisor run's actions in order (journal): seconds after launch, kind, state, and what the
+    outcome says (a replica group relaunched alone, a checkpoint loaded, a directive refused)."""
+    path = Path(run.workdir) / "supervisor" / "journal.sqlite"
+    if not path.is_file():
+        return []
+    from supervisor.journal import Journal
+
+    j = Journal.open(path, readonly=True)
+    try:
+        rows = sorted(j.actions(limit=1000), key=lambda a: a["id"])
+    finally:
+        j.close()
+    out = []
+    for a in rows:
+        o = a.get("outcome") if isinstance(a.get("outcome"), dict) else {}
+        if o.get("group_restart"):
+            what = f"replica group {o.get('replica_group')} relaunched alone" + (" (stacks dumped)" if o.get("stacks") else "")
+        elif o.get("mode") in ("hot", "cold"):
+            what = f"{o['mode']} rollback to step {o.get('target_step')}" + (
+                f", new generation {o.get('generation')}" if o["mode"] == "cold" else "") + (
+                " (hot refused: torchft mode)" if "refused in torchft mode" in str(o.get("detail")) else "")
+        elif "load_step" in o:
+            what = f"new generation {o.get('generation')} from step {o.get('load_step')}"
+        else:
+            what = ", ".join(f"{k}={o[k]}" for k in list(o)[:3] if not isinstance(o[k], (dict, list)))[:90]
+        out.append({"at_s": a["created_at"] - run.launched, "kind": a["kind"], "state": a["state"], "what": what,
+                    "group_restart": bool(o.get("group_restart"))})
+    return out
 
 
 def restart_timeline(run: Run) -> list[dict]:
@@ -341,12 +383,12 @@ def report(job: Job, rows: list[dict], hc: dict | None) -> str:
     out = [f"job: preset {job.preset}, {job.nproc} ranks, {job.steps} steps, checkpoint every {job.interval}, "
            f"seed {job.seed}",
            "faults: " + "; ".join(f"{n} ({spec})" for n, spec, _ in job.schedule()), "",
-           f"{'way':20s} {'clean s':>8s} {'faulted s':>9s} {'ETTR':>5s} {'done':>5s} {'restarts':>8s} "
+           f"{'way':20s} {'clean s':>8s} {'faulted s':>9s} {'ETTR':>5s} {'done':>5s} {'restarts':>8s} {'grp rst':>7s} "
            f"{'hot rb':>6s} {'recomp':>6s} {'loss clean':>10s} {'loss fault':>10s} {'diff':>7s} {'noise':>6s}"]
     for r in rows:
         done = "yes" if r["finished"] else ("limit" if r["timed_out"] else f"rc{r['rc']}")
         out.append(f"{r['way']:20s} {_f(r['clean_s'], '{:8.1f}'):>8s} {_f(r['faulted_s'], '{:9.1f}'):>9s} "
-                   f"{_f(r['ettr'], '{:5.2f}'):>5s} {done:>5s} {r['restarts']:8d} {r['hot_rollbacks']:6d} "
+                   f"{_f(r['ettr'], '{:5.2f}'):>5s} {done:>5s} {r['restarts']:8d} {r.get('group_restarts', 0):7d} {r['hot_rollbacks']:6d} "
                    f"{r['recomputed']:6d} {_f(r['loss_clean'], '{:10.4f}'):>10s} {_f(r['loss_faulted'], '{:10.4f}'):>10s} "
                    f"{_f(r['loss_diff'], '{:+7.4f}'):>7s} {_f(r['loss_noise'], '{:6.4f}'):>6s}"
                    + ("" if r["finished"] else f"   (reached step {r['max_step']})"))
@@ -364,6 +406,12 @@ def report(job: Job, rows: list[dict], hc: dict | None) -> str:
             for t in r["restart_timeline"]:
                 out.append(f"{r['way']:20s} {t['generation']:3d} {str(t['action']):>16s} {t['to_launch_s']:8.2f} "
                            f"{_f(t['to_ready_s'], '{:8.2f}'):>8s} {t['to_first_step_s']:8.2f}  {t['spare']}")
+    acted = [r for r in rows if r.get("actions")]
+    if acted:
+        out += ["", "actions (journal; seconds after launch):"]
+        for r in acted:
+            for a in r["actions"]:
+                out.append(f"{r['way']:20s} {a['at_s']:7.1f} {a['kind']:>18s} {a['state']:>6s}  {a['what']}")
     if hc and "error" not in hc:
         out += ["", f"hot rollback vs cold restart (to step {hc['step']}, skipping {hc['skip_batches']} batches): "
                     f"hot {hc['hot_s']:.2f} s, cold {hc['cold_s']:.2f} s (spawn -> ready): "
@@ -392,6 +440,7 @@ def main() -> int:
     ways = args.way or ["torchrun", "supervisor"]
     tmp = Path(tempfile.mkdtemp(prefix="goodput-"))
     rows, hc = [], None
+    loads = [os.getloadavg()[0]]  # the machine's load beside the runs: these numbers are wall times
     try:
         for name in ways:
             way = WAYS[name]
@@ -402,11 +451,13 @@ def main() -> int:
             limit = (t or args.clean_limit) * args.limit_factor + 120
             bad = load(way.run(job, tmp / f"{name}-faulted", job.faults(), limit))
             rows.append(summarize(job, clean, bad))
+            loads.append(os.getloadavg()[0])
             print(f"{name} faulted: rc {bad.rc}, reached step {rows[-1]['max_step']}, "
-                  f"ETTR {_f(rows[-1]['ettr'])}", flush=True)
+                  f"ETTR {_f(rows[-1]['ettr'])} (1-min load average {loads[-1]:.1f})", flush=True)
             if name.startswith("supervisor") and name != "supervisor-torchft" and hc is None:
                 hc = hot_vs_cold(job, bad, tmp / "hotcold")
-        text = report(job, rows, hc)
+        text = report(job, rows, hc) + ("\n\n1-min load average at the start and after each way: "
+                                        + ", ".join(f"{x:.1f}" for x in loads))
         print("\n" + text)
         if args.out:
             args.out.write_text(json.dumps({"job": asdict(job), "rows": rows, "hot_vs_cold": hc}, indent=2))

@@ -178,7 +178,7 @@ class Supervisor:
             if last.get("state") == "running" and self.generations.adopt(last, self.status.lr_scale):
                 adopted = True
                 self.suite.reset_generation(self.generation, time.time(), resume_step=None,
-                                            world_size=self.ranks)
+                                            world_size=getattr(self.gen, "world_size", self.ranks))
                 self._catch_up_from_spool()
                 self.status.set("running")
         prior = self.journal.get_meta("state")

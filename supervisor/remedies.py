@@ -124,11 +124,21 @@ class Remedies:
         carried = self.carried_skip(target, a.id)
         skip = window + carried
         self.status.set("recovering")
+        # torchft mode: directives reach replica group 0 only and its trainer refuses a rollback, so
+        # go cold at once, stopping every group before the quarantine (asking first cost the
+        # directive timeout while group 0 went on, and a group saving meanwhile lost its folder
+        # mid-write and died: bench/goodput.py)
+        groups = hasattr(self.generations.current, "restart_group")
+        if groups:
+            await self.generations.stop(f"cold rollback to step {target} (action {a.id})")
         moved = self.ledger.quarantine_newer_than(target, a.id)
         out = {"target_step": target, "skip_batches": skip, "quarantined": moved}
         if carried:
             out |= {"skip_window": window, "carried_skip": carried}
         detail = await self._hot_rollback(a, target, skip, lr_scale, ramp) if self.generations.alive() else None
+        if groups:
+            detail = (False, "hot rollback is refused in torchft mode (directives reach replica group 0 only): "
+                             "every group restarted cold")
         if detail is not None and detail[0]:
             return {"mode": "hot", **out, "detail": detail[1]}
         if detail is not None:
@@ -198,7 +208,7 @@ class Remedies:
         return steps
 
     async def restart(self, a, *, hang: bool = False) -> dict:
-        group = await self._restart_group(a)
+        group = await self._restart_group(a, hang=hang)
         if group is not None:
             return group
         p = a.params
@@ -236,10 +246,12 @@ class Remedies:
         """How the new generation started: "used" (a warm spare became it), or why it started cold."""
         return getattr(self.generations.current, "spare", "off")
 
-    async def _restart_group(self, a) -> dict | None:
+    async def _restart_group(self, a, *, hang: bool = False) -> dict | None:
         """torchft mode (supervisor/launch/torchft.py): the failed rank's replica group alone is
-        relaunched while the other groups keep stepping, and heals from them. None when this is not
-        that case (no replica groups, no rank named, or no live peer to heal from): a job restart."""
+        relaunched while the other groups keep stepping, and heals from them (a hung group's stacks
+        are dumped first, stopped ranks included). None when this is not that case (no replica
+        groups, no rank named, or no live peer to heal from): a job restart. Either way the
+        detectors watch the generation again without that group's old beats."""
         from supervisor.launch.torchft import GroupExcluded
 
         gen = self.generations.current
@@ -249,14 +261,20 @@ class Remedies:
         group = gen.group_of(rank)
         if not any(gen.group_alive(g) for g in range(len(gen.groups)) if g != group):
             return None
+        stacks = {}
+        if hang:
+            text = await asyncio.to_thread(gen.dump_group_stacks, group)
+            stacks = {"stacks": text[-self._stack_dump_chars:]}
         try:
             out = await asyncio.to_thread(gen.restart_group, group, f"{a.kind} (action {a.id})")
         except GroupExcluded as e:
+            self._suite.group_restarted(gen.ranks_of(group), time.time(), relaunched=False)
             self.pager.page(f"{e}: replica group {group} excluded, the other groups train on", action_id=a.id,
                             node=(a.finding.evidence or {}).get("host"))
-            return {"group_restart": False, "excluded": True, "replica_group": group, "reason": str(e)}
+            return {"group_restart": False, "excluded": True, "replica_group": group, "reason": str(e), **stacks}
+        self._suite.group_restarted(gen.ranks_of(group), time.time())
         self._log.warning("replica group relaunched", replica_group=group, action_id=a.id, pid=out["pid"])
-        return {"group_restart": True, "generation": self.generations.id, **out}
+        return {"group_restart": True, "generation": self.generations.id, **out, **stacks}
 
     def _next_layout(self, a) -> tuple[int, str] | None:
         """The next preflight-valid layout, or None (paged: the restart stays on the current one,

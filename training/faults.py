@@ -26,11 +26,19 @@ Defaults say what a fault is:
   batches are trained on again — after a restart or a rollback that replays them (``gen=*``),
   as real bad data does. Only a rollback that skips the window gets past it.
 - **Process faults** (crash, hang, slow, oom) hit rank 0 unless told otherwise.
+- ``rank`` is the **global** rank. In torchft mode (replica groups, each its own torchrun) that is
+  ``group * ranks per group + local rank`` (`training.ft.global_rank`, the numbering the supervisor
+  uses for rank exits and heartbeats): with one rank per group ``crash@60:rank=1`` kills group 1,
+  and a job-wide fault hits every rank of every group.
 - **Event faults** (spike, drift and the process faults) happen once in the job's history
   (``gen=once``): the first time any process of the job reaches STEP. A marker per fault and
-  rank under ``<dump_folder>/faults/`` remembers it across restarts (a supervisor's new
-  generation or a torchrun restart replaying the step does not fire it again). Without a
-  state folder, once per process. ``gen=N`` fires in generation N only (torchrun's restart
+  rank under ``<dump_folder>/faults/`` (``--supervision.fault_state``) remembers it across
+  restarts (a supervisor's new generation or a torchrun restart replaying the step does not fire
+  it again); it notes the generation it fired in. A job-wide event fault (``rank=*``) fires in
+  every rank of the generation that first reached STEP and in no later generation: a rank that
+  was down then (a replica group being relaunched in torchft mode, where every group shares the
+  run's marker folder) does not get its own spike when it passes STEP after a rollback. Without
+  a state folder, once per process. ``gen=N`` fires in generation N only (torchrun's restart
   count is added to the supervisor's generation), ``gen=*`` in every process that reaches STEP.
 """
 
@@ -135,8 +143,13 @@ class FaultPlan:
 
     def __init__(self, spec: str, rank: int, generation: int, state_dir: Path | str | None = None,
                  batches_per_step: int = 1) -> None:
-        self.faults = [f for f in parse_faults(spec) if f.applies(rank, generation)]
+        parsed = parse_faults(spec)
+        # a fault's number in the spec names its markers: the same in every rank (rank 1's list of
+        # faults that apply to it is not rank 0's)
+        self._ids = [i for i, f in enumerate(parsed) if f.applies(rank, generation)]
+        self.faults = [parsed[i] for i in self._ids]
         self.rank = rank
+        self.generation = generation
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.batches_per_step = max(1, int(batches_per_step))
         self._fired: set[int] = set()
@@ -151,7 +164,7 @@ class FaultPlan:
     def _marker(self, i: int, f: Fault) -> Path | None:
         if self.state_dir is None:
             return None
-        return self.state_dir / f"{i}-{f.label}-rank{self.rank}.fired"
+        return self.state_dir / f"{self._ids[i]}-{f.label}-rank{self.rank}.fired"
 
     def _claim(self, i: int, f: Fault) -> bool:
         """Whether event fault `i` fires now: not yet fired in this process, nor (gen=once) in
@@ -164,16 +177,31 @@ class FaultPlan:
         if marker is None:
             return True
         marker.parent.mkdir(parents=True, exist_ok=True)
+        if f.rank == ALL and self._fired_in_another_generation(i, f):
+            return False
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         try:
-            os.write(fd, f"{time.time()} pid {os.getpid()}\n".encode())
+            os.write(fd, f"{time.time()} pid {os.getpid()} gen {self.generation}\n".encode())
             os.fsync(fd)
         finally:
             os.close(fd)
         return True
+
+    def _fired_in_another_generation(self, i: int, f: Fault) -> bool:
+        """Whether job-wide event fault `i` already fired, in any rank, in a generation other than
+        this one (a marker without a generation, from an older trainer, counts as fired)."""
+        for path in self.state_dir.glob(f"{self._ids[i]}-{f.label}-rank*.fired"):
+            try:
+                words = path.read_text().split()
+            except OSError:
+                continue
+            gen = words[words.index("gen") + 1] if "gen" in words[:-1] else None
+            if gen != str(self.generation):
+                return True
+        return False
 
     def _due(self, kind: str, step: int) -> list[Fault]:
         return [f for i, f in enumerate(self.faults)

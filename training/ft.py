@@ -67,6 +67,13 @@ class ReplicaConfig:
     """Lighthouse address (http://host:port). Empty: the TORCHFT_LIGHTHOUSE environment variable."""
 
 
+def global_rank(cfg: ReplicaConfig, rank: int, world: int) -> int:
+    """This rank's number across the replica groups: ``replica_id * world + rank`` (``world``: the
+    group's own ranks), the numbering the supervisor uses for rank exits, heartbeats and a fault
+    spec's ``rank=``; the rank itself when FT is off."""
+    return cfg.replica_id * world + rank if cfg.enable else rank
+
+
 def validate(cfg: ReplicaConfig) -> None:
     if not cfg.enable:
         return

@@ -14,6 +14,10 @@ Heartbeats go to the daemon (``/v1/heartbeat``), or, when the rank's node agent 
 report (supervisor/agent/relay.py). A beat the relay does not take (agent gone, refused) is
 dropped and counted (`heartbeats_dropped`), with one short try per beat: it never holds up the
 records, and it never falls back to the daemon (two paths would hide a dead agent).
+
+Ranks are global: in torchft mode group g's local rank r beats as ``g * ranks per group + r``, so
+the daemon's stall detector hears every group; only global rank 0 (group 0's) posts step records
+and events, which keeps group 0's stream the run's (docs/architecture.md, "torchft mode").
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ class TelemetryConfig:
     url: str = ""  # http://127.0.0.1:PORT ; empty: no supervisor
     run_id: str = "local"
     generation: int = 0
-    rank: int = 0
-    spool_path: str = ""  # rank 0 only; empty: no spool
+    rank: int = 0  # the global rank: in torchft mode replica_id * ranks per group + local rank
+    spool_path: str = ""  # empty: no spool (the trainer gives one to each group's local rank 0)
     queue_size: int = 4096
     batch_max: int = 256
     post_timeout_s: float = 2.0
@@ -78,7 +82,10 @@ class TelemetryClient:
         self.phase = "starting"
         self.host = socket.gethostname()
         self._spool = None
-        if config.rank == 0 and config.spool_path:
+        # Step records and events are the run's stream: only global rank 0 posts them. Another
+        # group's local rank 0 keeps its own spool and posts heartbeats only (torchft mode).
+        self.posts_records = config.rank == 0
+        if config.spool_path:
             Path(config.spool_path).parent.mkdir(parents=True, exist_ok=True)
             # line-buffered: a SIGKILLed rank loses no line (the page cache keeps it; no fsync)
             self._spool = open(config.spool_path, "a", buffering=1)
@@ -125,7 +132,7 @@ class TelemetryClient:
             self._spool.write(json.dumps(obj, allow_nan=True) + "\n")
 
     def _enqueue(self, item) -> None:
-        if self._thread is None:
+        if self._thread is None or not self.posts_records:
             return
         try:
             self._queue.put_nowait(item)
@@ -208,7 +215,7 @@ class TelemetryClient:
                 if now >= next_hb:
                     next_hb = now + c.heartbeat_s
                     self._heartbeat()
-                if pending and c.rank == 0:
+                if pending and self.posts_records:
                     records = [p for k, p in pending if k == "record"]
                     events = [p for k, p in pending if k == "event"]
                     reply = self._post("/v1/telemetry", {

@@ -85,6 +85,8 @@ class SupervisionConfig:
     """Write <dump>/telemetry/rank-<r>.jsonl per rank (LR, param checksum, Adam step) for drills/tests."""
     faults: str = ""
     """Fault injection for drills (see training.faults), e.g. 'spike@30:lr=1000,crash@60:rank=1'."""
+    fault_state: str = ""
+    """Folder of the fired faults' markers. Default: <dump_folder>/faults (torchft mode: the run's, shared by every group)."""
     sample_log: bool = True
     """With the global data order (`training.data`): write <dump>/samples/rank-<r>.jsonl, one line per
     microbatch trained on (step, generation, DP degree, [global sample index, token digest] per row)."""
@@ -268,10 +270,13 @@ class SupervisedTrainer(Trainer):
         sup = config.supervision
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
+        # Across replica groups (torchft mode) faults and heartbeats name the global rank: a spec's
+        # rank=1 is group 1's rank 0 with one rank per group; job-wide faults hit every group.
+        self.global_rank = ft.global_rank(config.fault_tolerance, self.rank, self.world)
         # Under plain torchrun (no supervisor) its restart count is the generation of the faults.
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        self.faults = FaultPlan(sup.faults, self.rank, sup.generation + restarts,
-                                state_dir=Path(config.dump_folder) / "faults",
+        self.faults = FaultPlan(sup.faults, self.global_rank, sup.generation + restarts,
+                                state_dir=Path(sup.fault_state or Path(config.dump_folder) / "faults"),
                                 batches_per_step=self.gradient_accumulation_steps
                                 * getattr(self, "num_pipeline_parallel_microbatches", 1))
 
@@ -296,7 +301,7 @@ class SupervisedTrainer(Trainer):
         self._skip_updates = 0
         self._skip_reason: str | None = None
         self._grad_norm = float("nan")
-        self._applied: set[str] = set()
+        self._applied: dict[str, tuple[bool, str]] = {}  # directive id -> (ok, detail) of its first answer
         self._stop_reason: str | None = None
         self._finished = False  # "finished" sent (once)
         self._last_saved_step = -1
@@ -324,7 +329,7 @@ class SupervisedTrainer(Trainer):
 
         spool = sup.spool or os.path.join(config.dump_folder, "telemetry", "spool.jsonl")
         self.telemetry = TelemetryClient(TelemetryConfig(
-            url=sup.url, run_id=sup.run_id, generation=sup.generation, rank=self.rank,
+            url=sup.url, run_id=sup.run_id, generation=sup.generation, rank=self.global_rank,
             spool_path=spool if self.rank == 0 else "", heartbeat_s=sup.heartbeat_s,
             queue_size=sup.queue_size,
         ))
@@ -734,8 +739,9 @@ class SupervisedTrainer(Trainer):
             logger.error(msg)
             self._ack(str(did or "unknown"), "malformed", ok=False, detail=msg[:2000])
             return
-        if d.id in self._applied:
-            self._ack(d.id, d.kind, ok=True, detail="already applied")
+        if d.id in self._applied:  # a resend: the first answer again (a refusal stays a refusal)
+            ok, detail = self._applied[d.id]
+            self._ack(d.id, d.kind, ok=ok, detail="already applied" if ok else f"already refused: {detail}")
             return
         begin = time.perf_counter()
         try:
@@ -744,7 +750,7 @@ class SupervisedTrainer(Trainer):
         except ValueError as e:
             ok, detail = False, str(e)
             logger.error(f"directive {d.kind} ({d.id}) refused: {detail}")
-        self._applied.add(d.id)
+        self._applied[d.id] = (ok, detail)
         self._ack(d.id, d.kind, ok=ok, detail=detail, seconds=time.perf_counter() - begin)
 
     def _ack(self, did: str, kind: str, ok: bool, detail: str, seconds: float | None = None) -> None:

@@ -34,7 +34,9 @@ starting with "fault:" (drills) first. Evidence lists every rank's phase and sil
 
 Failure model: the clocks of the trainer hosts and of the daemon are assumed to agree to
 well within `floor_seconds`, and `floor_seconds` must exceed the telemetry flush interval.
-After `end()` (the generation exited or finished) nothing fires until `reset`.
+After `end()` (the generation exited or finished) nothing fires until `reset`, or until
+`ranks_replaced` says one replica group was relaunched and the generation goes on (torchft mode:
+every group's ranks beat with their global rank; group 0's records are the step stream).
 """
 
 from __future__ import annotations
@@ -108,6 +110,26 @@ class StallDetector:
         self._missing_reported: set[int] = set()
         self._ended = False
         self._quiet_until = -math.inf  # see `_rank_deadlines_from`: no rank deadline comes before it
+        self._rejoined: dict[int, float] = {}  # rank -> when its replica group was relaunched
+
+    def ranks_replaced(self, ranks, now: float, *, relaunched: bool = True) -> None:
+        """torchft mode: the ranks of one replica group were killed and relaunched at `now` (or, with
+        ``relaunched=False``, taken out for good) while the other groups kept training. Their old
+        beats are forgotten (a silent old beat must not make the next stall look like theirs); a
+        relaunched rank is expected again within `startup_timeout` of `now`; and the detector
+        watches again (the group's exit had ended it, but the generation goes on)."""
+        for rank in ranks:
+            self._beats.pop(rank, None)
+            self._slow.pop(rank, None)
+            self._missing_reported.discard(rank)
+            if relaunched:
+                self._expected.add(rank)
+                self._rejoined[rank] = now
+            else:
+                self._expected.discard(rank)
+                self._rejoined.pop(rank, None)
+        self._ended = False
+        self._quiet_until = -math.inf
 
     def end(self) -> None:
         """The generation is over (a rank exited, or training finished): stop firing."""
@@ -224,9 +246,10 @@ class StallDetector:
         beat = self._beats.get(rank)
         if beat is not None:
             return beat.wall_time + self.config.heartbeat_timeout
-        if self._started_at is None:
+        started = self._rejoined.get(rank, self._started_at)
+        if started is None:
             return None
-        return self._started_at + max(self.config.startup_timeout, self.config.heartbeat_timeout)
+        return started + max(self.config.startup_timeout, self.config.heartbeat_timeout)
 
     def next_deadline(self) -> float | None:
         """The earliest `now` at which `tick` would report something (None: nothing pending)."""

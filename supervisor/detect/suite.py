@@ -14,7 +14,8 @@ that want it and returns their findings in the order they happened. Rules it add
 - One incident, one divergence: a divergence's onset is pulled back to an open loss spike's
   onset, and a divergence whose onset is at or before the step of the previous divergence
   (e.g. the spike detector and the NaN streak seeing the same blow-up) is dropped.
-- A rank exit ends the generation for the stall detector (no hang on a dead job).
+- A rank exit ends the generation for the stall detector (no hang on a dead job), until
+  `group_restarted` says a replica group was relaunched and the generation goes on (torchft mode).
 - Slow convergence is watched only when a `reference` curve is given (`ConvergenceWatch`,
   convergence.py). It follows rollbacks by itself (tokens_seen going back) and is never
   reset here: its finding is raised once per run.
@@ -83,6 +84,14 @@ class DetectorSuite:
         self.dead_rank.reset()
         self.hardware.reset()
         self.stall.reset(generation, now, world_size=world_size)
+
+    def group_restarted(self, ranks, now: float, *, relaunched: bool = True) -> None:
+        """torchft mode: one replica group's ``ranks`` (global) were relaunched at ``now`` (or excluded)
+        while the other groups trained on, in the same generation: the next dead rank is a new
+        finding, and stalls are watched again without those ranks' old beats. The step stream
+        (group 0's) is untouched, so the loss and gradient windows are kept."""
+        self.dead_rank.reset()
+        self.stall.ranks_replaced(ranks, now, relaunched=relaunched)
 
     def end_generation(self) -> None:
         """The generation finished or is being torn down: no more hang/heartbeat findings."""

@@ -11,8 +11,10 @@ Layout on disk: group 0 trains in the run's workdir (its checkpoints and spool a
 daemon's catalog, ledger and replay already read: every committed step leaves all groups with the
 same parameters, so group 0's checkpoints are the run's); group g > 0 in ``<workdir>/replica-<g>``.
 
-`ReplicaGroups` is the `RunningGeneration` the daemon sees: global rank = g * nproc + local rank;
-a rank exit is reported with its global rank (`group_of` maps it back). The generation as a whole
+`ReplicaGroups` is the `RunningGeneration` the daemon sees: global rank = g * nproc + local rank
+(``world_size`` = groups * nproc); a rank exit is reported with its global rank, every group's
+ranks heartbeat the daemon with theirs (a SIGSTOPped group is a silent rank to the stall
+detector), and `group_of` maps a rank back to its group. The generation as a whole
 has exited only when every group has, so one dead group is never a job-wide exit. A dead group is
 relaunched by `restart_group` (the remedy calls it; nothing here decides when), and a group that
 failed `exclude_after` times within `exclude_window_s` is excluded: `restart_group` refuses it and
@@ -74,11 +76,14 @@ def group_spec(spec: LaunchSpec, group: int, config: FaultToleranceConfig, light
              "--fault_tolerance.group_size", str(config.groups),
              "--fault_tolerance.min_replica_size", str(config.min_replica_size),
              "--fault_tolerance.process_group_timeout_ms", str(config.process_group_timeout_ms),
-             "--fault_tolerance.quorum_timeout_s", repr(float(config.quorum_timeout_s))]
-    # Group 0's step stream is the run's (docs/architecture.md, "torchft mode"): the other groups
-    # spool their records in their own folders and do not post them to the daemon.
+             "--fault_tolerance.quorum_timeout_s", repr(float(config.quorum_timeout_s)),
+             # one fault history for the job: a job-wide spike is not fired again by a group that
+             # was down when it happened (training/faults.py, "Event faults")
+             "--supervision.fault_state", str(Path(spec.workdir) / "faults")]
+    # Every group's ranks heartbeat the daemon with their global rank (a hung group is seen by the
+    # stall detector); group 0's step stream is the run's (docs/architecture.md, "torchft mode"):
+    # the trainer posts records from global rank 0 only, the other groups spool theirs.
     return dataclasses.replace(spec, workdir=group_workdir(spec.workdir, group),
-                               supervisor_url=spec.supervisor_url if group == 0 else "",
                                extra_args=list(spec.extra_args) + flags,
                                env=dict(spec.env, TORCHFT_LIGHTHOUSE=lighthouse))
 
@@ -154,8 +159,17 @@ class ReplicaGroups:
         for gen in self.groups:
             gen.exit_expected = value
 
+    @property
+    def world_size(self) -> int:
+        """Every group's ranks: the heartbeats' global ranks are 0 .. world_size - 1."""
+        return len(self.groups) * self.nproc
+
     def group_of(self, rank: int | None) -> int | None:
         return None if rank is None else rank // self.nproc
+
+    def ranks_of(self, group: int) -> list[int]:
+        """The global ranks of ``group``."""
+        return list(range(group * self.nproc, (group + 1) * self.nproc))
 
     def alive(self) -> bool:
         return any(gen.alive() for gen in self.groups)
@@ -195,7 +209,11 @@ class ReplicaGroups:
         self.exited = next((gen.exited for gen in self.groups if gen.exited not in (None, 0)), 0)
 
     def dump_stacks(self) -> str:
-        return "\n".join(f"=== replica group {g} ===\n{gen.dump_stacks()}" for g, gen in enumerate(self.groups))
+        return "\n".join(self.dump_group_stacks(g) for g in range(len(self.groups)))
+
+    def dump_group_stacks(self, group: int) -> str:
+        """One group's stacks (a hung group, before `restart_group` kills it); local ranks."""
+        return f"=== replica group {group} ===\n{self.groups[group].dump_stacks()}"
 
     # --- the unit of restart -------------------------------------------------------------------
     def group_alive(self, group: int) -> bool:

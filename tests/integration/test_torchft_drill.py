@@ -9,6 +9,12 @@ from its peer, and both groups finish at the last step with bit-identical parame
 every parameter, logged by each trainer at the end). Nothing is mocked.
 Cost: 187 s under a load average of 12 on 2 shared cores; ~1.5 min expected on an idle CI box
 (150 tiny steps at >= 0.3 s, two torchrun start-ups plus one relaunch).
+
+SIGSTOP of replica group 1 by the fault spec itself (``hang@N:rank=1:mode=stop``: rank=1 is the
+global rank, group 1's only rank) → group 1's heartbeats stop while group 0 waits for it in the
+allreduce: the stall detector's heartbeat basis names rank 1, the hang remedy dumps group 1's
+stacks and relaunches that group alone (same generation), it heals, and both finish with
+bit-identical parameters; the hang fired in group 1 only. Nothing is mocked.
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ def _group_torchrun(workdir: Path) -> int:
 def test_daemon_relaunches_only_the_dead_replica_group(tmp_path):
     workdir = tmp_path / "run"
     cfg = drill_config(workdir, free_port(), nproc_per_node=1, steps=STEPS, checkpoint_interval=10,
-                       faults=f"slow@1:seconds={SLOW_S}")
+                       faults=f"slow@1:rank=*:seconds={SLOW_S}")
     cfg["fault_tolerance"] = {"mode": "torchft", "groups": 2,
                               "lighthouse": {"heartbeat_timeout_ms": HEARTBEAT_MS, "join_timeout_ms": 2000}}
     d = Daemon(tmp_path, cfg).start()
@@ -120,3 +126,49 @@ def test_daemon_relaunches_only_the_dead_replica_group(tmp_path):
     assert fin0[0]["step"] == fin1[0]["step"] == STEPS
     assert fin0[0]["param_digest"] == fin1[0]["param_digest"], "the groups finished with different parameters"
     print(f"group 1 healed at step {healed[0]['step']}; both finished at {STEPS}, digest {fin0[0]['param_digest'][:16]}")
+
+
+STOP_STEPS = 100
+STOP_AT = 10
+
+
+def test_a_sigstopped_replica_group_is_dumped_and_relaunched_alone(tmp_path):
+    workdir = tmp_path / "run"
+    cfg = drill_config(workdir, free_port(), nproc_per_node=1, steps=STOP_STEPS, checkpoint_interval=10,
+                       faults=f"slow@1:rank=*:seconds={SLOW_S},hang@{STOP_AT}:rank=1:mode=stop")
+    cfg["fault_tolerance"] = {"mode": "torchft", "groups": 2, "process_group_timeout_ms": 5000,
+                              "lighthouse": {"heartbeat_timeout_ms": HEARTBEAT_MS, "join_timeout_ms": 2000}}
+    d = Daemon(tmp_path, cfg).start()
+    dirs = [group_workdir(workdir, g) for g in range(2)]
+    try:
+        assert d.wait_exit(400) == 0, d.log_tail()
+    finally:
+        d.cleanup()
+    # rank=1 is the global rank, i.e. group 1; group 0 never stopped itself (one marker folder per run)
+    fired = sorted(p.name for p in (workdir / "faults").glob("*hang*"))
+    assert fired == [f"1-hang@{STOP_AT}-rank1.fired"], fired
+    j = d.journal()
+    try:
+        gens, actions = j.generations(), j.actions()
+    finally:
+        j.close()
+    assert len(gens) == 1, f"a job-wide restart happened: {gens}"
+    acted = [a for a in actions if a["kind"] in ("restart", "kill_restart_hang", "exclude_node")]
+    assert len(acted) == 1 and acted[0]["kind"] == "kill_restart_hang" and acted[0]["state"] == "done", acted
+    out = acted[0]["outcome"]
+    assert out["group_restart"] is True and out["replica_group"] == 1, out
+    assert "=== replica group 1 ===" in out["stacks"] and "replica group 0" not in out["stacks"], out["stacks"][:500]
+    stopped_at = acted[0]["created_at"]
+    rec0 = _records(dirs[0])
+    steps0 = [r["step"] for r in rec0]
+    assert steps0[0] <= 3 and steps0 == list(range(steps0[0], STOP_STEPS + 1)), f"group 0 restarted or skipped: {steps0}"
+    ev0, ev1 = _ft_events(dirs[0]), _ft_events(dirs[1])
+    healed = [e for e in ev1 if e["kind"] == "ft_healed" and e["wall_time"] > stopped_at]
+    assert healed, f"group 1 did not heal after its relaunch: {ev1}\n{d.log_tail()}"
+    fin0 = [e for e in ev0 if e["kind"] == "ft_finished"]
+    fin1 = [e for e in ev1 if e["kind"] == "ft_finished"]
+    assert len(fin0) == 1 and len(fin1) == 1 and fin0[0]["step"] == fin1[0]["step"] == STOP_STEPS, (fin0, fin1)
+    assert fin0[0]["param_digest"] == fin1[0]["param_digest"], "the groups finished with different parameters"
+    times = [r["wall_time"] for r in rec0]
+    print(f"hang found and group 1 relaunched {stopped_at - min(times):.1f} s into the run; longest gap of "
+          f"group 0: {max(b - a for a, b in zip(times, times[1:])):.2f} s; healed at step {healed[0]['step']}")

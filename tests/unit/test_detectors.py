@@ -699,6 +699,54 @@ def test_suite_exit_ends_hang_detection_and_reports_dead_rank():
     assert kinds(suite.tick(T0 + 20_000 + 900)) == [(HANG, 0)]
 
 
+def test_a_relaunched_replica_group_is_watched_again_without_its_old_beats():
+    """torchft mode: replica group 1 (global rank 1) dies and is relaunched alone while group 0 (whose
+    records are the step stream) trains on, in the same generation. Its exit ended hang detection;
+    `group_restarted` must bring it back, or the group's later SIGSTOP would never be found, and a
+    second crash must be a new finding. Its old beat must not be blamed while it starts again."""
+    suite = DetectorSuite(DetectorSuite.Config(stall=StallDetector.Config(heartbeat_timeout=5.0)),
+                          generation=0, now=T0)
+    suite.reset_generation(0, T0, world_size=2)
+    for step in range(1, 11):  # 1 s steps, both groups beat
+        suite.observe_record(rec(step, 2.0, wall=T0 + step))
+        for r in (0, 1):
+            suite.observe_heartbeat(hb(r, step, T0 + step))
+    assert kinds(suite.observe_exit(1, 137, T0 + 10.5, 10)) == [(DEAD_RANK, 10)]
+    suite.group_restarted([1], T0 + 11)
+    found = []
+    for step in range(11, 41):  # group 0 alone; a stall of 6 s while it heals group 1 at T0+40
+        suite.observe_record(rec(step, 2.0, wall=T0 + step))
+        suite.observe_heartbeat(hb(0, step, T0 + step))
+        found += suite.tick(T0 + step)
+    for t in range(41, 47):
+        suite.observe_heartbeat(hb(0, 40, T0 + t))
+        found += suite.tick(T0 + t)
+    assert found == []  # its pre-restart beat is forgotten: not "silent", not a hang suspect
+    for step in range(47, 61):  # both groups step again
+        suite.observe_record(rec(step, 2.0, wall=T0 + step))
+        for r in (0, 1):
+            suite.observe_heartbeat(hb(r, step, T0 + step))
+        assert suite.tick(T0 + step) == []
+    # group 1 is SIGSTOPped after its beat at T0+60; group 0 waits for it in the allreduce
+    for t in range(61, 66):
+        suite.observe_heartbeat(hb(0, 60, T0 + t))
+        found += suite.tick(T0 + t)
+    hangs = [f for f in found if f.kind == HANG]
+    assert len(hangs) == 1 and hangs[0].rank == 1 and hangs[0].evidence["basis"] == "heartbeat", found
+    assert hangs[0].wall_time == T0 + 65
+    # relaunched again; a later crash of it is a new dead rank (one per generation otherwise)
+    suite.group_restarted([1], T0 + 66)
+    assert kinds(suite.observe_exit(1, 137, T0 + 70, 60)) == [(DEAD_RANK, 60)]
+    # excluded for good: a stall of group 0 is not blamed on it
+    suite.group_restarted([1], T0 + 71, relaunched=False)
+    suite.observe_record(rec(61, 2.0, wall=T0 + 72))
+    late = []
+    for t in range(72, 100):
+        suite.observe_heartbeat(hb(0, 61, T0 + t))
+        late += suite.tick(T0 + t)
+    assert [f.kind for f in late] == [HANG] and late[0].evidence["silent_ranks"] == [] and late[0].rank != 1
+
+
 def test_detectors_accept_duck_typed_records():
     r = SimpleNamespace(run_id="r", generation=0, step=1, loss=float("inf"), grad_norm=1.0,
                         update_skipped=False, skip_reason=None, wall_time=T0, step_seconds=1.0,

@@ -58,7 +58,11 @@ def test_an_lr_spike_changes_every_ranks_lr_once_per_process_without_state():
 
 def test_event_faults_fire_once_per_job_across_processes(tmp_path):
     """gen=once: a restart that replays the step (new process, new generation) does not fire
-    it again; gen=* does; each rank keeps its own marker."""
+    it again; gen=* does; each rank keeps its own marker. A job-wide event (rank=*) fires in every
+    rank of the generation that first reached its step and in no later one: a rank that was down
+    then (torchft mode: a replica group being relaunched, all groups sharing the marker folder)
+    must not get a spike of its own when it passes the step after a rollback (its LR alone would
+    change and the groups' parameters would split)."""
     first = FaultPlan("spike@3:lr=10,slow@3:seconds=0.0:rank=*:gen=*", rank=0, generation=0, state_dir=tmp_path)
     first.before_step(3)
     assert first.lr_factor(3) == 10.0
@@ -66,9 +70,22 @@ def test_event_faults_fire_once_per_job_across_processes(tmp_path):
     again = FaultPlan("spike@3:lr=10", rank=0, generation=1, state_dir=tmp_path)
     again.before_step(3)
     assert again.lr_factor(3) == 1.0
-    other_rank = FaultPlan("spike@3:lr=10", rank=1, generation=1, state_dir=tmp_path)
-    other_rank.before_step(3)
-    assert other_rank.lr_factor(3) == 10.0  # rank 1's own first time
+    same_generation = FaultPlan("spike@3:lr=10", rank=1, generation=0, state_dir=tmp_path)
+    same_generation.before_step(3)
+    assert same_generation.lr_factor(3) == 10.0  # rank 1 beside rank 0 in generation 0: both spike
+    late = FaultPlan("spike@3:lr=10", rank=2, generation=1, state_dir=tmp_path)
+    late.before_step(3)
+    assert late.lr_factor(3) == 1.0  # down in generation 0; the job already had its spike
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0-spike@3-rank0.fired", "0-spike@3-rank1.fired"]
+    own = FaultPlan("slow@3:rank=2:seconds=0.0", rank=2, generation=1, state_dir=tmp_path)
+    own.before_step(3)  # a rank's own process fault keeps its own history
+    assert (tmp_path / "0-slow@3-rank2.fired").exists()
+    # a fault that applies to one rank only comes first: the spike is fault 1 in every rank
+    spec = "crash@9:rank=1,spike@5:lr=10"
+    FaultPlan(spec, rank=0, generation=0, state_dir=tmp_path / "b").before_step(5)
+    late1 = FaultPlan(spec, rank=1, generation=1, state_dir=tmp_path / "b")
+    late1.before_step(5)
+    assert late1.lr_factor(5) == 1.0 and sorted(p.name for p in (tmp_path / "b").iterdir()) == ["1-spike@5-rank0.fired"]
     assert FaultPlan("spike@3:lr=10:gen=*", rank=0, generation=1, state_dir=tmp_path).faults[0].gen == "*"
 
 

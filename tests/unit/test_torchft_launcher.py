@@ -28,13 +28,15 @@ def test_group_spec_gives_each_group_its_folder_flags_and_lighthouse(tmp_path):
     cfg = FaultToleranceConfig(mode="torchft", groups=3, process_group_timeout_ms=7000)
     specs = [group_spec(_spec(tmp_path), g, cfg, "http://127.0.0.1:1234") for g in range(3)]
     assert [s.workdir for s in specs] == [tmp_path / "run", tmp_path / "run" / "replica-1", tmp_path / "run" / "replica-2"]
-    assert specs[0].supervisor_url == "http://127.0.0.1:9" and specs[1].supervisor_url == specs[2].supervisor_url == ""
+    # every group heartbeats the daemon (the trainer posts step records from global rank 0 only)
+    assert {s.supervisor_url for s in specs} == {"http://127.0.0.1:9"}
     for g, s in enumerate(specs):
         cmd = s.command()
         assert cmd[cmd.index("--fault_tolerance.replica_id") + 1] == str(g)
         assert cmd[cmd.index("--fault_tolerance.group_size") + 1] == "3"
         assert cmd[cmd.index("--fault_tolerance.process_group_timeout_ms") + 1] == "7000"
         assert "--fault_tolerance.enable" in cmd
+        assert cmd[cmd.index("--supervision.fault_state") + 1] == str(tmp_path / "run" / "faults")  # one history
         assert s.env["TORCHFT_LIGHTHOUSE"] == "http://127.0.0.1:1234"
         assert s.generation == 3 and s.nproc == 2
 
@@ -85,6 +87,7 @@ def test_a_dead_group_is_relaunched_alone_and_excluded_when_it_keeps_failing(tmp
     launcher = TorchftLauncher(cfg, tmp_path / "logs")
     gen = launcher.start(_spec(tmp_path, python=shutil.which("false")))
     try:
+        assert gen.world_size == 4 and gen.ranks_of(1) == [2, 3]  # 2 groups x 2 ranks, global numbering
         exits = _wait_exits(gen, 2)
         assert sorted(gen.group_of(e.rank) for e in exits) == [0, 1]
         assert gen.exited not in (None, 0)  # every group ended: the generation has exited

@@ -59,3 +59,100 @@ def test_directives_that_would_split_the_groups_are_refused_in_torchft_mode(kind
     me.config.fault_tolerance.enable = False  # off: the same directive goes on to its handler
     with pytest.raises(AttributeError):
         SupervisedTrainer._execute(me, d)
+
+
+@pytest.mark.parametrize("groups,nproc", [(2, 1), (3, 2)])
+def test_a_fault_rank_is_the_global_rank_across_replica_groups(groups, nproc):
+    """In torchft mode every group's ranks are ranks 0..nproc-1 of their own torchrun; a fault spec's
+    ``rank=`` is the global rank (group * nproc + local rank, the supervisor's numbering of rank exits
+    and heartbeats), so ``crash@60:rank=1`` fires in exactly the group that holds global rank 1, and a
+    job-wide fault (no rank=) in every rank of every group. Were the local rank used, rank=1 would
+    never fire with one rank per group (the goodput bench's torchft row measured nothing)."""
+    from training.faults import FaultPlan
+
+    spec = "crash@60:rank=1,hang@210:rank=1:mode=stop,spike@110:lr=300:steps=3,nan@160:applied=1"
+    fired = {}
+    for g in range(groups):
+        for local in range(nproc):
+            cfg = ft.ReplicaConfig(enable=True, group_size=groups, replica_id=g)
+            rank = ft.global_rank(cfg, local, nproc)
+            assert rank == g * nproc + local
+            fired[(g, local)] = sorted(f.label for f in FaultPlan(spec, rank, generation=1).faults)
+    job_wide = ["nan@160", "spike@110"]
+    owner = (1 // nproc, 1 % nproc)  # the (group, local rank) of global rank 1
+    for where, labels in fired.items():
+        assert labels == sorted(job_wide + (["crash@60", "hang@210"] if where == owner else [])), (where, labels)
+    assert ft.global_rank(ft.ReplicaConfig(replica_id=1, group_size=2), 1, 2) == 1  # FT off: the rank itself
+
+
+def test_only_global_rank_0_posts_step_records_every_rank_heartbeats(tmp_path):
+    """Another replica group's local rank 0 (global rank 1 here) spools its own records and heartbeats
+    the daemon with its global rank, but posts no step records or events: group 0's stream stays the
+    run's. Real HTTP on loopback (a stand-in daemon that records what it is sent)."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from training.telemetry import TelemetryClient, TelemetryConfig
+
+    seen: list[tuple[str, dict]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            data = b"{}"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    clients = {r: TelemetryClient(TelemetryConfig(url=url, run_id="r", rank=r, heartbeat_s=0.1,
+                                                  spool_path=str(tmp_path / f"g{r}" / "spool.jsonl")))
+               for r in (0, 1)}
+    try:
+        for r, c in clients.items():
+            c.last_step = 7
+            c.record({"step": 7, "loss": 1.0 + r})
+            c.event({"kind": "started", "step": 6})
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (
+                {b["rank"] for p, b in seen if p == "/v1/heartbeat"} >= {0, 1}
+                and any(p == "/v1/telemetry" for p, _ in seen)):
+            time.sleep(0.05)
+    finally:
+        for c in clients.values():
+            c.close()
+        server.shutdown()
+    beats = {b["rank"]: b for p, b in seen if p == "/v1/heartbeat"}
+    assert set(beats) == {0, 1} and beats[1]["step"] == 7
+    posted = [rec for p, b in seen if p == "/v1/telemetry" for rec in b["records"]]
+    assert posted and all(rec["loss"] == 1.0 for rec in posted), posted  # rank 0's only
+    for r in (0, 1):  # both spools hold their own record and event
+        lines = [json.loads(x) for x in (tmp_path / f"g{r}" / "spool.jsonl").read_text().splitlines()]
+        assert [x.get("loss") for x in lines if "loss" in x] == [1.0 + r] and any(x.get("kind") == "started" for x in lines)
+
+
+def test_a_resent_refused_directive_is_refused_again_not_acked_as_applied():
+    """The daemon resends a directive until it hears back; a refusal (torchft mode) answered to a
+    resend as "already applied, ok" told the goodput bench a hot rollback happened that never did."""
+    from types import SimpleNamespace
+
+    from training.trainer import SupervisedTrainer
+
+    acks = []
+    me = SimpleNamespace(config=SimpleNamespace(fault_tolerance=ft.ReplicaConfig(enable=True, group_size=2)),
+                         _applied={}, _ack=lambda did, kind, ok, detail, seconds=None: acks.append((did, ok, detail)))
+    me._execute = lambda d: SupervisedTrainer._execute(me, d)
+    raw = {"id": "a2", "kind": "rollback", "step": 48, "skip_batches": 18}
+    SupervisedTrainer._apply_one(me, raw)
+    SupervisedTrainer._apply_one(me, raw)
+    assert [(did, ok) for did, ok, _ in acks] == [("a2", False), ("a2", False)], acks
+    assert acks[1][2].startswith("already refused: rollback is refused in torchft mode")
