@@ -332,7 +332,7 @@ class StallDetector:
             deadline, basis, timeout = hang
             self._hang_reported = True
             since = self._progress_time if self._progress_time is not None else self._started_at
-            suspects = silent or self._phase_suspects()
+            suspects = silent or self._stalest(now) or self._phase_suspects()
             out.append(Finding(
                 kind=HANG, step=step, severity=CRITICAL, wall_time=now,
                 rank=suspects[0] if suspects else None,
@@ -353,6 +353,18 @@ class StallDetector:
                 },
             ))
         return out
+
+    def _stalest(self, now: float) -> list[int]:
+        """The rank whose heartbeat is clearly the oldest (by at least half the heartbeat timeout
+        over every other's): a stopped process stops beating first, and its last phase is stale, so
+        this comes before the phase rule. For a step stall that fires before any heartbeat is past
+        its timeout: in torchft mode the phase rule named the healthy group's rank (waiting in the
+        quorum, outside the step) and the remedy relaunched it, leaving the stopped group stopped."""
+        if len(self._beats) < 2:
+            return []
+        ages = sorted((now - b.wall_time, r) for r, b in self._beats.items())
+        (oldest, rank), (second, _) = ages[-1], ages[-2]
+        return [rank] if oldest - second >= self.config.heartbeat_timeout / 2 else []
 
     def _phase_suspects(self) -> list[int]:
         """Ranks stuck outside the training step while another rank is inside it."""

@@ -485,6 +485,29 @@ def test_hang_names_the_rank_stuck_outside_the_step():
     assert h.evidence["rank_phases"] == {"0": "train_step", "1": "fault:hang", "2": "train_step"}
 
 
+def test_a_step_stall_before_any_heartbeat_timeout_names_the_rank_that_stopped_beating():
+    """Steps of 0.4 s: the step timeout (4 s) comes before the 5 s heartbeat timeout.
+    Rank 1 was SIGSTOPped at T0+72.5 (its last beat, inside the step); rank 0 waits in the torchft
+    quorum, outside the step, and beats on: the stale phase of the stopped rank must not blame rank 0."""
+    det = stall_after_records(0.4, n=30)  # last step at T0+72
+    found = []
+    for t in (72.5, 73.0, 74.0, 75.0, 75.5, 76.0, 76.5):
+        det.observe_heartbeat(hb(0, 30, T0 + t, phase="quorum"))  # outside the step: the phase rule would name it
+        if t <= 72.5:
+            det.observe_heartbeat(hb(1, 30, T0 + t, phase="train_step"))
+        found += det.tick(T0 + t)
+    (h,) = found
+    assert (h.kind, h.rank, h.evidence["basis"]) == (HANG, 1, "steps")
+    assert det.step_timeout() == pytest.approx(4.0) and h.wall_time == T0 + 76
+    # with both still beating nobody is named
+    det, found = stall_after_records(0.4, n=30), []
+    for t in (72.5, 73.0, 74.0, 75.0, 75.5, 76.0, 76.5):
+        for r in (0, 1):
+            det.observe_heartbeat(hb(r, 30, T0 + t, phase="train_step"))
+        found += det.tick(T0 + t)
+    assert [(f.kind, f.rank) for f in found] == [(HANG, None)]
+
+
 def test_missing_heartbeat_names_the_rank_and_hang_blames_it():
     det = StallDetector(StallDetector.Config(heartbeat_timeout=5.0), generation=0, now=T0)
     for step in range(1, 21):  # 1 s steps; ranks 0-3 beat every second
