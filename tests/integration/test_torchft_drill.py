@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from supervisor.launch.torchft import group_workdir
-from tests.daemon_harness import Daemon, drill_config, free_port
+from tests.daemon_harness import Daemon, drill_config, free_port, wait_until
 from tests.trainer_harness import read_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.drill]
@@ -62,14 +62,18 @@ def _kill_group(pid: int) -> None:
             pass
 
 
-def _wait(pred, timeout: float, what: str, daemon: Daemon):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{daemon.log_tail()}")
+def _the_group_restart(d: Daemon) -> dict:
+    """The run's one restart action, which relaunched one replica group: no job-wide restart (one generation)."""
+    j = d.journal()
+    try:
+        gens, actions = j.generations(), j.actions()
+    finally:
+        j.close()
+    assert len(gens) == 1, f"a job-wide restart happened: {gens}"
+    acted = [a for a in actions if a["kind"] in ("restart", "kill_restart_hang", "exclude_node")]
+    assert len(acted) == 1 and acted[0]["state"] == "done", acted
+    assert acted[0]["outcome"]["group_restart"] is True, acted[0]
+    return acted[0]
 
 
 def _group_torchrun(workdir: Path) -> int:
@@ -90,21 +94,13 @@ def test_daemon_relaunches_only_the_dead_replica_group(tmp_path):
     d = Daemon(tmp_path, cfg).start()
     dirs = [group_workdir(workdir, g) for g in range(2)]
     try:
-        _wait(lambda: len(_records(dirs[1])) >= KILL_AT, 300, f"group 1 to reach step {KILL_AT}", d)
+        wait_until(lambda: len(_records(dirs[1])) >= KILL_AT, 300, f"group 1 to reach step {KILL_AT}", d.log_tail)
         killed_at = time.time()
         _kill_group(_group_torchrun(dirs[1]))
         assert d.wait_exit(400) == 0, d.log_tail()
     finally:
         d.cleanup()
-    j = d.journal()
-    try:
-        gens, actions = j.generations(), j.actions()
-    finally:
-        j.close()
-    assert len(gens) == 1, f"a job-wide restart happened: {gens}"
-    restarts = [a for a in actions if a["kind"] in ("restart", "kill_restart_hang", "exclude_node")]
-    assert len(restarts) == 1 and restarts[0]["state"] == "done", restarts
-    assert restarts[0]["outcome"]["group_restart"] is True and restarts[0]["outcome"]["replica_group"] == 1
+    assert _the_group_restart(d)["outcome"]["replica_group"] == 1
     # The survivor never went back, skipped, or stopped longer than the heartbeat timeout + 2 s.
     # (The first group to ask for a quorum may take a step alone before the other joins and heals.)
     rec0 = _records(dirs[0])
@@ -147,18 +143,11 @@ def test_a_sigstopped_replica_group_is_dumped_and_relaunched_alone(tmp_path):
     # rank=1 is the global rank, i.e. group 1; group 0 never stopped itself (one marker folder per run)
     fired = sorted(p.name for p in (workdir / "faults").glob("*hang*"))
     assert fired == [f"1-hang@{STOP_AT}-rank1.fired"], fired
-    j = d.journal()
-    try:
-        gens, actions = j.generations(), j.actions()
-    finally:
-        j.close()
-    assert len(gens) == 1, f"a job-wide restart happened: {gens}"
-    acted = [a for a in actions if a["kind"] in ("restart", "kill_restart_hang", "exclude_node")]
-    assert len(acted) == 1 and acted[0]["kind"] == "kill_restart_hang" and acted[0]["state"] == "done", acted
-    out = acted[0]["outcome"]
-    assert out["group_restart"] is True and out["replica_group"] == 1, out
+    acted = _the_group_restart(d)
+    out = acted["outcome"]
+    assert acted["kind"] == "kill_restart_hang" and out["replica_group"] == 1, acted
     assert "=== replica group 1 ===" in out["stacks"] and "replica group 0" not in out["stacks"], out["stacks"][:500]
-    stopped_at = acted[0]["created_at"]
+    stopped_at = acted["created_at"]
     rec0 = _records(dirs[0])
     steps0 = [r["step"] for r in rec0]
     assert steps0[0] <= 3 and steps0 == list(range(steps0[0], STOP_STEPS + 1)), f"group 0 restarted or skipped: {steps0}"
