@@ -135,10 +135,11 @@ class Remedies:
         out = {"target_step": target, "skip_batches": skip, "quarantined": moved}
         if carried:
             out |= {"skip_window": window, "carried_skip": carried}
-        detail = await self._hot_rollback(a, target, skip, lr_scale, ramp) if self.generations.alive() else None
         if groups:
             detail = (False, "hot rollback is refused in torchft mode (directives reach replica group 0 only): "
                              "every group restarted cold")
+        else:
+            detail = await self._hot_rollback(a, target, skip, lr_scale, ramp) if self.generations.alive() else None
         if detail is not None and detail[0]:
             return {"mode": "hot", **out, "detail": detail[1]}
         if detail is not None:
