@@ -420,8 +420,8 @@ class Policy:
         what = (f"loss spike at step {ev.get('onset_step')} still out of band after "
                 f"{ev.get('patience_steps')} steps (level {_fmt(ev.get('level'))} > band "
                 f"{_fmt(ev.get('band'))}, median {_fmt(ev.get('median'))})")
-        nxt = (f"if the level rises more than {_fmt(100 * ev.get('worsening_tolerance', 0))}% above "
-               f"{_fmt(ev.get('level'))}, or it is not back by step "
+        nxt = (f"if the level of the {ev.get('level_window', 5)} steps after this one rises more than "
+               f"{_fmt(100 * ev.get('worsening_tolerance', 0))}% above {_fmt(ev.get('level'))}, or it is not back by step "
                f"{onset_of(f) + int(ev.get('recovery_steps', 0))}, the policy rolls back")
         new_scale = state.lr_scale * c.cool_lr_factor
         if not state.trainer_alive:
@@ -587,6 +587,16 @@ class Policy:
                         f"{_fmt(ev.get('loss'))}) but landed {_fmt(ev.get('landing_ratio'))}x the pre-spike "
                         f"trend {_fmt(ev.get('expected'))} (> 1 + {_fmt(ev.get('landing_tolerance'))}): "
                         f"the weights kept the damage")
+            if cause == "landed_after_damage":
+                return (f"loss spike at step {onset} dropped back in one step ({_fmt(ev.get('previous_loss'))} -> "
+                        f"{_fmt(ev.get('loss'))}) after {ev.get('spike_steps')} steps whose summed excess over the "
+                        f"median {_fmt(ev.get('median'))} was {_fmt(ev.get('damage'))} (>= "
+                        f"{_fmt(ev.get('landing_damage'))}): the weights trained that long on what caused it")
+            if cause == "stuck_high":
+                return (f"loss spike at step {onset} is still at {_fmt(ev.get('level'))}, "
+                        f"{_fmt(ev.get('level_ratio'))}x its median {_fmt(ev.get('median'))} after "
+                        f"{ev.get('patience_steps')} steps (>= {_fmt(ev.get('stuck_level_ratio'))}x): the "
+                        f"weights were thrown out of their basin, a cool would take longer than a rollback")
             if cause == "poisoned_update":
                 return (f"non-finite gradient at step {onset} reached the weights (update applied, "
                         f"grad norm {ev.get('grad_norm')}): every later step computes on poisoned "
@@ -657,18 +667,22 @@ def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
         f"median of the last {ls.window} losses. Watched; back under {band} -> recorded as recovered, unless "
         f"it dropped back in one step (>= {100 * ls.landing_fraction:g}% of its peak excess) to more than "
         f"{100 * ls.landing_tolerance:g}% above the pre-spike trend (power law, at most {ls.trend_horizon} steps "
-        f"ahead) -> rung 3.",
+        f"ahead) -> rung 3, or after a spike whose summed excess over the median (sum of loss/median - 1) "
+        f"reached {ls.landing_damage:g} -> rung 3 (the weights trained that long on its cause).",
         f"rung 2 skip_update non-finite or blown-up gradient on one step whose update the trainer skipped: recorded "
         f"(the guard already skipped it). {non_finite.max_consecutive} non-finite steps in a row -> rung 3.",
         f"rung 2 cool_lr     the spike is still above {band} after {ls.patience_steps} steps (slow_recovery): LR "
         f"scale x{p.cool_lr_factor:g} at once, no work thrown away; one cool per spike, never below "
-        f"{p.min_lr_scale:g}. Back in band -> rewarm_lr to the scale before the cool over {p.rewarm_steps} steps. "
-        f"Worse (mean of the last {ls.level_window} losses > {100 * ls.worsening_tolerance:g}% above the level at "
-        f"patience) or not back by onset + {ls.recovery_steps} steps -> rung 3.",
+        f"{p.min_lr_scale:g}; unless the level (mean of the last {ls.level_window} losses) is already >= "
+        f"{ls.stuck_level_ratio:g}x the median -> rung 3 at once. Back in band -> rewarm_lr to the scale before "
+        f"the cool over {p.rewarm_steps} steps. Worse (mean of the {ls.level_window} losses after patience > "
+        f"{100 * ls.worsening_tolerance:g}% above the level at patience) or not back by onset + "
+        f"{ls.recovery_steps} steps -> rung 3.",
         f"rung 3 rollback    at once for: a blow-up (loss >= {ls.severe_loss_ratio:g}x its median and grad norm >= "
         f"{ls.severe_grad_ratio:g}x its median at the onset); a spike that ends a drift (the grad-norm median of the "
         f"{ls.drift_window} steps before it >= {ls.drift_grad_ratio:g}x that of the {ls.drift_window} before those); "
-        f"a non-finite gradient whose update reached the weights; a spike that landed high (rung 1); "
+        f"a non-finite gradient whose update reached the weights; a spike that landed high or after long "
+        f"damage (rung 1); a spike stuck high at patience (rung 2); "
         f"{ls.cluster_size} spikes within {ls.cluster_window_steps} steps; and the cases above. Back to the newest "
         f"valid checkpoint >= {p.min_steps_before_onset} steps before the onset, skipping the data up to the onset "
         f"+ {p.data_skip_margin_steps} steps; a cool for that spike is undone. Budget: "

@@ -38,12 +38,22 @@ Life of a spike (measured on bench/detection, see the README's decision section)
   "recovered", and the run stayed 9-15 % above its twin. Why only landings and only near
   the onset: the power-law forecast is good to about ±5-10 % at 10 steps and ±20-50 % at
   40 (bench/detection tuning clean runs), so it cannot judge a slow decay 40 steps out.
+  A landing is also a divergence, wherever it lands, when the spike's summed excess over the
+  median (sum of loss/median - 1 over its steps) reached `landing_damage` (cause
+  "landed_after_damage"): ten steps of fully corrupt batches landed *on* the forecast trend
+  (the forecast was 6 % above the twin there) and the run then stayed 9 % above its twin;
+  tuning half: benign landings at most 1.9, the diverged ones 6.8 and 11.5.
 - not back after `patience_steps` -> `slow_recovery` (warning, once per spike): the policy
   cools the LR and watches. An LR x100 spike of 1-3 steps on these models routinely takes
-  20-40 steps to come back by itself, so a fixed short deadline rolls back good work.
-- while it stays out, a sustained level test: after `patience_steps`, if the mean of the
-  last `level_window` usable losses is above the mean of the `level_window` losses that
-  ended at the patience point by more than `worsening_tolerance` (relative), the spike is
+  20-40 steps to come back by itself, so a fixed short deadline rolls back good work. Unless
+  the level there (mean of the last `level_window` losses) is still at least
+  `stuck_level_ratio` x the median (cause "stuck_high"): the update threw the weights out of
+  their basin (tuning half: benign slow recoveries at most 2.17x at patience, the diverged
+  ones 2.94x and 4.46x).
+- while it stays out, a sustained level test: once `level_window` steps after patience have
+  passed (the cooled LR had time to act; one step later an oscillating loss tripped the test
+  on a spike that came back by itself), if the mean of the last `level_window` usable losses
+  is above the level at patience by more than `worsening_tolerance` (relative), the spike is
   getting worse -> `divergence` (cause "worsening"); not back by onset + `recovery_steps`
   -> `divergence` (cause "no_recovery").
 Independently, `cluster_size` onsets within `cluster_window_steps` -> `divergence` (cause
@@ -140,6 +150,13 @@ class LossSpikeDetector:
         landing_tolerance: Annotated[NonNegativeFloat, doc(
             "a landing more than this (relative) above the pre-spike trend extrapolated to that step "
             "kept the damage: a divergence")] = 0.20
+        landing_damage: Annotated[NonNegativeFloat, doc(
+            "a landing after a spike whose summed excess over the median (sum of loss/median - 1 over "
+            "its steps) reached this is a divergence even on the trend: the weights trained that long "
+            "on what caused it")] = 4.0
+        stuck_level_ratio: Annotated[PositiveFloat, doc(
+            "at patience, a level at least this multiple of the median is a divergence, not a slow "
+            "recovery: the update threw the weights out of their basin")] = 2.5
         trend_horizon: Annotated[PositiveInt, doc(
             "steps past the last pre-spike loss the trend is extrapolated; later landings are judged "
             "against its value there (a looser bar: the curve keeps falling)")] = 20
@@ -287,28 +304,37 @@ class LossSpikeDetector:
         level = sum(sp.recent[-c.level_window:]) / len(sp.recent[-c.level_window:])
         if sp.level_at_patience is None:
             sp.level_at_patience = level
+            if level >= c.stuck_level_ratio * sp.median:
+                return self._diverge(sp, step, t, loss, usable, {
+                    "cause": "stuck_high", "level": level, "level_ratio": round(level / sp.median, 3),
+                    "stuck_level_ratio": c.stuck_level_ratio, "patience_steps": c.patience_steps})
             return [Finding(
                 kind=SLOW_RECOVERY, step=step, severity=WARNING, wall_time=t,
                 evidence={"onset_step": sp.onset, "loss": json_safe(loss), "median": sp.median,
                           "level": level, "band": sp.median * (1.0 + c.recovery_tolerance),
-                          "peak": sp.peak, "patience_steps": c.patience_steps,
+                          "peak": sp.peak, "patience_steps": c.patience_steps, "level_window": c.level_window,
                           "worsening_tolerance": c.worsening_tolerance,
                           "recovery_steps": c.recovery_steps})]
         cause = None
-        if level > sp.level_at_patience * (1.0 + c.worsening_tolerance):
+        # judged on a level made only of steps after patience (after the LR was cooled there):
+        # one step later the cool has not acted yet, and an oscillating loss trips it at once
+        if age >= c.patience_steps + c.level_window and level > sp.level_at_patience * (1.0 + c.worsening_tolerance):
             cause = "worsening"
         elif age >= c.recovery_steps:
             cause = "no_recovery"
         if cause is None:
             return []
+        return self._diverge(sp, step, t, loss, usable, {
+            "cause": cause, "level": level, "level_at_patience": sp.level_at_patience,
+            "worsening_tolerance": c.worsening_tolerance, "recovery_steps": c.recovery_steps})
+
+    def _diverge(self, sp: _OpenSpike, step: int, t: float, loss: float, usable: bool,
+                 evidence: dict) -> list[Finding]:
+        """Declare the open spike a divergence (evidence names the rule) and restart the baseline."""
         finding = Finding(
             kind=DIVERGENCE, step=step, severity=CRITICAL, wall_time=t,
-            evidence={"cause": cause, "onset_step": sp.onset, "peak": sp.peak,
-                      "peak_step": sp.peak_step, "median": sp.median, "level": level,
-                      "level_at_patience": sp.level_at_patience,
-                      "worsening_tolerance": c.worsening_tolerance,
-                      "recovery_steps": c.recovery_steps, "loss": json_safe(loss)},
-        )
+            evidence={"onset_step": sp.onset, "peak": sp.peak, "peak_step": sp.peak_step,
+                      "median": sp.median, "loss": json_safe(loss), **evidence})
         self.restart_baseline()
         if usable:
             self._window.add(step, loss)
@@ -322,15 +348,16 @@ class LossSpikeDetector:
         if sp.trend is None or prev - loss < c.landing_fraction * (sp.peak - sp.median):
             return None
         expected = sp.trend.expected(step, c.trend_horizon)
-        if loss <= expected * (1.0 + c.landing_tolerance):
-            return None
-        finding = Finding(
-            kind=DIVERGENCE, step=step, severity=CRITICAL, wall_time=t,
-            evidence={"cause": "landed_high", "onset_step": sp.onset, "loss": loss,
-                      "previous_loss": prev, "median": sp.median, "peak": sp.peak,
-                      "expected": round(expected, 6), "landing_ratio": round(loss / expected, 4),
-                      "landing_tolerance": c.landing_tolerance, "trend_slope": round(sp.trend.slope, 4),
-                      "trend_from_step": sp.trend.last_step, "trend_horizon": c.trend_horizon})
-        self.restart_baseline()
-        self._window.add(step, loss)
-        return [finding]
+        damage = sum(max(0.0, v / sp.median - 1.0) for v in sp.recent)
+        landing = {"previous_loss": prev, "expected": round(expected, 6),
+                   "landing_ratio": round(loss / expected, 4), "damage": round(damage, 3),
+                   "spike_steps": step - sp.onset}
+        if loss > expected * (1.0 + c.landing_tolerance):
+            return self._diverge(sp, step, t, loss, True, {
+                "cause": "landed_high", **landing, "landing_tolerance": c.landing_tolerance,
+                "trend_slope": round(sp.trend.slope, 4), "trend_from_step": sp.trend.last_step,
+                "trend_horizon": c.trend_horizon})
+        if damage >= c.landing_damage:
+            return self._diverge(sp, step, t, loss, True, {
+                "cause": "landed_after_damage", **landing, "landing_damage": c.landing_damage})
+        return None

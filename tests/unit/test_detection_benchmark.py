@@ -30,18 +30,10 @@ def tallies():
 
 #: A ratchet, not a pass: the diverged events the detectors miss on the committed curves (the
 #: issue asks for none; any other miss fails, and catching one of these must remove it here).
-#: Both are in the test half; the tuning half has none since the landing rule (loss_spike.py).
-#: After a long or large spike the run comes back near its curve and then stays 9-15 % above
-#: its clean twin, which the detector cannot tell 40 steps out from a slow full recovery.
-KNOWN_MISSES = {
-    # the tiny model's 10 steps of 100 % corrupt batches: it drops back in one step and lands
-    # *on* its pre-spike trend (1.03x), so the landing rule rightly passes it; it falls behind
-    # its twin only afterwards (9.4 % above at the end)
-    "tiny-lr0.0008-s3-p22-bad_batch",
-    # an LR x300 one-step blow-up of the 6-layer model whose grad norm stayed under the severe
-    # bar (loss 3.3x): a gradual decay under the band after 27 steps; 15 % above at the end
-    "deep6-lr0.0008-s3-p04-lr_spike",
-}
+#: Empty since the landing-damage and stuck-high rules (loss_spike.py), which caught the two misses
+#: of seeds 3-4 (a 100 % corrupt 10-step window that landed on trend; an LR x300 blow-up still 2.9x
+#: its median at patience) after those seeds were retired from the test half into tuning.
+KNOWN_MISSES: set[str] = set()
 
 
 def test_every_diverged_event_is_acted_on(tallies):

@@ -123,6 +123,20 @@ def test_landed_high_divergence_rolls_back_and_names_the_numbers():
                                "1.28x the pre-spike trend 2.309 (> 1 + 0.2): the weights kept the damage")
 
 
+def test_damage_and_stuck_high_divergences_roll_back_and_name_the_numbers():
+    d = P.decide(finding(DIVERGENCE, 65, cause="landed_after_damage", onset_step=55, loss=3.162,
+                         previous_loss=6.739, median=3.61, damage=6.84, spike_steps=10, landing_damage=4.0),
+                 state(), History())
+    assert (d.action, d.target_step) == (ROLLBACK, 50)
+    assert d.reason.startswith("loss spike at step 55 dropped back in one step (6.739 -> 3.162) after 10 steps "
+                               "whose summed excess over the median 3.61 was 6.84 (>= 4): the weights trained")
+    d = P.decide(finding(DIVERGENCE, 81, cause="stuck_high", onset_step=76, level=6.92, level_ratio=2.939,
+                         median=2.355, patience_steps=5, stuck_level_ratio=2.5), state(), History())
+    assert (d.action, d.target_step) == (ROLLBACK, 57)
+    assert d.reason.startswith("loss spike at step 76 is still at 6.92, 2.939x its median 2.355 after 5 steps "
+                               "(>= 2.5x): the weights were thrown out of their basin")
+
+
 # --- rungs 4 and 5: same region again -----------------------------------------------------------
 def test_ladder_walk_in_one_region_escalates_then_stops():
     h = History()
