@@ -30,10 +30,18 @@ def tallies():
 
 #: A ratchet, not a pass: the diverged events the detectors miss on the committed curves (the
 #: issue asks for none; any other miss fails, and catching one of these must remove it here).
-#: Empty since the landing-damage and stuck-high rules (loss_spike.py), which caught the two misses
-#: of seeds 3-4 (a 100 % corrupt 10-step window that landed on trend; an LR x300 blow-up still 2.9x
-#: its median at patience) after those seeds were retired from the test half into tuning.
-KNOWN_MISSES: set[str] = set()
+#: The tuning half (seeds 1-4) has none since the landing-damage and stuck-high rules (loss_spike.py),
+#: which caught the two misses of seeds 3-4 (a 100 % corrupt 10-step window that landed on trend; an
+#: LR x300 blow-up still 2.9x its median at patience) after those seeds were retired into tuning.
+KNOWN_MISSES = {
+    # found by the one scoring of the fresh test half (seeds 5-6, 2026-12-02), not tuned on:
+    # an LR x100 one-step spike that never lifted the loss 20 % over its median (the guard skipped
+    # two blown-up gradients) yet ends 23 % above its twin 40 steps later
+    "tiny-lr0.0008-s6-p03-lr_spike",
+    # an LR x100 10-step spike that came back in band (spike_recovered at step 93) and ends 27 %
+    # above its twin
+    "tiny-lr0.0008-s6-p13-lr_spike",
+}
 
 
 def test_every_diverged_event_is_acted_on(tallies):
