@@ -20,7 +20,8 @@ Failure model:
   ``invalidate`` (called on every load) drops the pairing eagerly.
 - A model tensor that does not share storage with a parameter or buffer is made by a
   submodule's state-dict hook (torchtitan's fused QKV saves ``wq``/``wk``/``wv`` split out of
-  an all-gathered ``wqkv``). ``ModelView`` re-derives it in the background from twins of that
+  an all-gathered ``wqkv``). ``ModelView`` re-derives it on the step (not on the writer thread: see
+  ``OnDemandCheckpointer._save``) from twins of that
   submodule's parameters, through a copy of the submodule (its own hook), the all-gather on the
   async group; it is checked equal to the live model's at every build, else ``Unpairable`` and
   the caller keeps torchtitan's own path for the run.
@@ -71,7 +72,7 @@ class _Shadow:
     """A copy of the submodule whose state-dict hook derives saved tensors from its parameters
     (torchtitan's fused QKV projection saves ``wq``/``wk``/``wv`` split out of ``wqkv``, after an
     all-gather). Its parameters are CPU twins refilled on the step; its ``state_dict`` (the
-    submodule's own hook) runs in the background, its collectives on ``mesh`` (the async group)."""
+    submodule's own hook) runs on the step too, its collectives on ``mesh`` (the async group)."""
 
     def __init__(self, prefix: str, module: torch.nn.Module, mesh: Any) -> None:
         self.prefix = prefix

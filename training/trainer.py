@@ -146,8 +146,8 @@ class OnDemandCheckpointer(CheckpointManager):
 
     def _save(self, curr_step: int, last_step: bool = False) -> bool:
         """With async_mode 'async' (and ``snapshot_saves``): the step waits for the previous write
-        (the twins are reused), refills the twins (``training.snapshot``), and hands them to the
-        writer thread, which re-derives the hook-made model tensors and runs ``dcp.save`` (planning,
+        (the twins are reused), refills the twins (``training.snapshot``), re-derives the hook-made model tensors from
+        them, and hands the result to the writer thread, which runs ``dcp.save`` (planning,
         collectives on torchtitan's async gloo group, files, ``.metadata`` last)."""
         if self.async_mode != AsyncMode.ASYNC or not self.snapshot_saves or last_step:
             return super()._save(curr_step, last_step)
@@ -166,16 +166,19 @@ class OnDemandCheckpointer(CheckpointManager):
             logger.info(f"async snapshot: CPU twins built ({self._snapshot.nbytes / 2**20:.1f} MiB, "
                         f"{len(self._view.shadows)} re-derived submodules) in {time.perf_counter() - begin:.2f}s; "
                         "later saves refill them")
+        # the hook-made tensors (fused QKV split out of an all-gathered wqkv) are derived here, on
+        # the step: run on the writer thread, their DTensor ops raced the step's forward and
+        # crashed it once ("aten.mm got mixed torch.Tensor and DTensor", 2 ranks, preset small,
+        # a save every 5 steps): DTensor's dispatcher keeps process-wide state
+        staged.update(self._view.derive())
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        self.save_future = self._writer.submit(self._write, staged, self._view,
-                                               self._create_checkpoint_id(curr_step))
+        self.save_future = self._writer.submit(self._write, staged, self._create_checkpoint_id(curr_step))
         self._purge_stale_checkpoints()
         return True
 
-    def _write(self, staged: dict[str, Any], view: ModelView, checkpoint_id: str) -> None:
-        """On the writer thread."""
-        staged.update(view.derive())
+    def _write(self, staged: dict[str, Any], checkpoint_id: str) -> None:
+        """On the writer thread: planning, collectives on the async group, files, metadata last."""
         torch_dcp.save(staged, checkpoint_id=checkpoint_id, process_group=self.pg)
 
     def _live_state(self) -> dict[str, Any]:
