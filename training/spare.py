@@ -111,6 +111,7 @@ def park(args: list[str]) -> list[str] | None:
     """``--spare DIR``: warm up, then wait here for the launch."""
     if len(args) != 1:
         raise ValueError("--spare takes exactly one folder and nothing else (the argv comes in its launch file)")
+    yield_cpu()
     warm_up()
     rank = os.environ.get("RANK", "?")
     print(f"[spare rank{rank}] parked {time.time() - _t0():.2f} s after start (pid {os.getpid()})",
@@ -118,7 +119,47 @@ def park(args: list[str]) -> list[str] | None:
     argv = wait_for_launch(Path(args[0]), os.environ.get(OWNER_ENV))
     if argv is not None:
         print(f"[spare rank{rank}] launched: {' '.join(argv[:12])} ...", file=sys.stderr, flush=True)
+        why = reclaim_cpu()
+        if why:
+            print(f"[spare rank{rank}] {why}", file=sys.stderr, flush=True)
     return argv
+
+
+def yield_cpu(path: str = "/proc/self/autogroup") -> None:
+    """This rank's session to the lowest CPU share while it imports and parks.
+
+    torchrun starts every rank in a session of its own, and Linux with ``sched_autogroup_enabled``
+    shares the CPU fairly between sessions before it looks at a thread's nice: the nice-19
+    import thread of ``warm_up`` alone still took a full share beside each training rank (steps at
+    0.8-1.0 s instead of 0.41-0.48 s while a spare imported, preset small on 2 cores). Raising
+    one's own nice value is always allowed; ``reclaim_cpu`` undoes it at the hand-off."""
+    try:
+        with open(path, "w") as f:
+            f.write("19")
+    except OSError:
+        pass  # no autogroup here: the per-thread nice of warm_up is what applies
+
+
+def reclaim_cpu(path: str = "/proc/self/autogroup") -> str | None:
+    """At the hand-off: the session's autogroup back to nice 0 (the launcher set it to 19 so the
+    parked spare yielded the CPU to the generation then training). Lowering a nice value needs
+    CAP_SYS_NICE (root has it; the hardened deploy/ units drop every capability); without it the
+    generation trains at autogroup nice 19, which costs nothing while no other session wants the
+    CPU (a GPU node's idle cores) and shares it evenly with the next spare's imports, as every
+    spare did before. None when done or
+    when there is nothing to undo; else the line to log."""
+    try:
+        with open(path) as f:
+            now = f.read()  # "/autogroup-123 nice 19"
+        if now.split()[-1] == "0":
+            return None
+        with open(path, "w") as f:
+            f.write("0")
+        return None
+    except PermissionError:
+        return "still at low CPU priority (autogroup nice 19): raising it back needs CAP_SYS_NICE"
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _t0() -> float:
