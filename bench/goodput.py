@@ -11,6 +11,9 @@ interval, seed) clean and under a fault schedule, each way:
   supervisor-cold       the daemon with `[launch] warm_spare = false` (every restart cold)
   supervisor-spare      the daemon with `[launch] warm_spare = true` (restarts served by a parked
                         spare generation: supervisor/launch/spare.py)
+  supervisor-adaptive   warm spare + async saves + the Young/Daly interval on the measured save
+                        stall (`[checkpoints] adaptive`), told the schedule's fault rate as its
+                        MTBF prior (ADAPTIVE_MTBF_S), as an operator tells it the fleet's
   supervisor-torchft    the daemon with `[fault_tolerance] mode = "torchft"`: the job's ranks as
                         that many replica groups of one rank each (README, "torchft mode"). A
                         fault's rank= is the global rank, so rank=1 is group 1 (killed, SIGSTOPped

@@ -175,7 +175,10 @@ class LaunchSettings(_Section):
         False, description="Keep a warm spare generation (torchrun up, torch/torchtitan imported in every rank, "
                            "parked) while a generation trains, and hand it the next restart instead of a cold start "
                            "(supervisor/launch/spare.py). Local launcher only (not torchft mode, not kubernetes/agents). "
-                           "Costs the parked ranks' memory (README, \"Benchmarks\": bench/warm_spare.py).")
+                           "Costs the parked ranks' memory (README, \"Benchmarks\": bench/warm_spare.py). Its imports "
+                           "run at the lowest CPU priority (a SCHED_IDLE thread in sessions at autogroup nice 19), so "
+                           "they never slow the training generation; on a machine with no idle CPU they finish only "
+                           "when the restart needs them.")
     local: LocalLauncher.Config = Field(default_factory=LocalLauncher.Config, description="The single-machine launcher.")
     kubernetes: KubernetesLauncher.Config = Field(default_factory=KubernetesLauncher.Config,
                                                   description="The Kubernetes launcher (supervisor/launch/kubernetes.py).")
