@@ -51,6 +51,22 @@ def test_every_diverged_event_is_acted_on(tallies):
     assert set(t.misses) == KNOWN_MISSES, "a known miss is caught now: remove it from KNOWN_MISSES"
 
 
+#: The same ratchet for heavy actions (rollback, stop) on benign events (recovered / no effect):
+#: the issue allows at most 1 per 28; any new one fails, and one no longer taken must go.
+KNOWN_FALSE_HEAVY = {
+    # test half, seeds 5-6: a 25 % corrupt 10-step window whose spike opened at 1.97x its median
+    # (the tuning half's reached 1.23x); landed_after_damage rolled it back, it came back by itself
+    "tiny-lr0.002-s5-p21-bad_batch",
+}
+
+
+def test_heavy_actions_on_benign_events_do_not_grow(tallies):
+    t = tallies[PROJECT]
+    got = {entry.split(" ")[0] for entry in t.false_heavy}
+    assert got <= KNOWN_FALSE_HEAVY, f"new heavy actions on benign events: {sorted(got - KNOWN_FALSE_HEAVY)}"
+    assert got == KNOWN_FALSE_HEAVY, "a known false heavy action is gone: remove it from KNOWN_FALSE_HEAVY"
+
+
 def test_no_alarm_on_clean_runs(tallies):
     t = tallies[PROJECT]
     assert t.clean > 0
