@@ -667,7 +667,8 @@ def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
         f"median of the last {ls.window} losses. Watched; back under {band} -> recorded as recovered, unless "
         f"it dropped back in one step (>= {100 * ls.landing_fraction:g}% of its peak excess) to more than "
         f"{100 * ls.landing_tolerance:g}% above the pre-spike trend (power law, at most {ls.trend_horizon} steps "
-        f"ahead) -> rung 3, or after a spike whose summed excess over the median (sum of loss/median - 1) "
+        f"ahead) -> rung 3, or after a spike whose summed excess over the median (sum of loss/median - 1, "
+        f"at most 1 per step) "
         f"reached {ls.landing_damage:g} -> rung 3 (the weights trained that long on its cause).",
         f"rung 2 skip_update non-finite or blown-up gradient on one step whose update the trainer skipped: recorded "
         f"(the guard already skipped it). {non_finite.max_consecutive} non-finite steps in a row -> rung 3.",

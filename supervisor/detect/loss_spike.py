@@ -39,7 +39,8 @@ Life of a spike (measured on bench/detection, see the README's decision section)
   the onset: the power-law forecast is good to about ±5-10 % at 10 steps and ±20-50 % at
   40 (bench/detection tuning clean runs), so it cannot judge a slow decay 40 steps out.
   A landing is also a divergence, wherever it lands, when the spike's summed excess over the
-  median (sum of loss/median - 1 over its steps) reached `landing_damage` (cause
+  median (sum of loss/median - 1 over its steps, each step counting at most 1: one corrupt batch,
+  however high its loss, is one step of damage) reached `landing_damage` (cause
   "landed_after_damage"): ten steps of fully corrupt batches landed *on* the forecast trend
   (the forecast was 6 % above the twin there) and the run then stayed 9 % above its twin;
   tuning half: benign landings at most 1.9, the diverged ones 6.8 and 11.5.
@@ -152,8 +153,8 @@ class LossSpikeDetector:
             "kept the damage: a divergence")] = 0.20
         landing_damage: Annotated[NonNegativeFloat, doc(
             "a landing after a spike whose summed excess over the median (sum of loss/median - 1 over "
-            "its steps) reached this is a divergence even on the trend: the weights trained that long "
-            "on what caused it")] = 4.0
+            "its steps, at most 1 per step) reached this is a divergence even on the trend: the weights "
+            "trained that long on what caused it")] = 4.0
         stuck_level_ratio: Annotated[PositiveFloat, doc(
             "at patience, a level at least this multiple of the median is a divergence, not a slow "
             "recovery: the update threw the weights out of their basin")] = 2.5
@@ -348,7 +349,9 @@ class LossSpikeDetector:
         if sp.trend is None or prev - loss < c.landing_fraction * (sp.peak - sp.median):
             return None
         expected = sp.trend.expected(step, c.trend_horizon)
-        damage = sum(max(0.0, v / sp.median - 1.0) for v in sp.recent)
+        # each step counts at most 1: the loss *on* a corrupt batch measures the batch, not the
+        # weights, so one step of garbage, however high its loss, is one step of damage
+        damage = sum(min(1.0, max(0.0, v / sp.median - 1.0)) for v in sp.recent)
         landing = {"previous_loss": prev, "expected": round(expected, 6),
                    "landing_ratio": round(loss / expected, 4), "damage": round(damage, 3),
                    "spike_steps": step - sp.onset}

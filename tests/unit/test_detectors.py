@@ -253,6 +253,16 @@ def test_landing_on_the_trend_after_long_damage_is_divergence(landing_x):
     assert ev["landing_ratio"] <= 1.2  # on the trend: the landed_high rule alone would pass it
 
 
+def test_one_corrupt_batch_however_high_is_one_step_of_damage():
+    """The daemon drill `badbatch@150` (one fully corrupt batch late in the run, loss ~6x its median)
+    was rolled back as `landed_after_damage` when a step's excess counted in full: the loss on a
+    corrupt batch measures the batch, not the weights. Each step now counts at most 1."""
+    losses = clean_loss(n=200, noise=0.01)
+    losses[149] *= 6.0
+    found = feed(LossSpikeDetector(), losses)
+    assert kinds(found) == [(LOSS_SPIKE, 150), (SPIKE_RECOVERED, 151)]
+
+
 def _decaying_spike(height: float, n: int = 360) -> list[float]:
     """A spike at step 300 that decays 3 % of its excess per step (an LR blow-up healing slowly)."""
     losses = clean_loss(n=n, noise=0.01)
