@@ -77,8 +77,8 @@ def warm_up(idle_priority: bool = True) -> None:
     """The imports a rank needs before it knows its launch, at the lowest CPU priority.
 
     Linux nice values and policies are per thread: the imports run in a helper thread at nice 19
-    and SCHED_IDLE, so a spare
-    starting beside a training generation takes only CPU the generation leaves idle, while the
+    and SCHED_IDLE, so a spare starting beside a training generation takes only CPU the generation
+    leaves idle, while the
     main thread (which will train after the hand-off) keeps the priority it was started with;
     an unprivileged process could not raise it back. The modules are shared by every thread.
     """
@@ -148,13 +148,13 @@ def yield_cpu(path: str = "/proc/self/autogroup") -> None:
 
 
 def reclaim_cpu(path: str = "/proc/self/autogroup") -> str | None:
-    """At the hand-off: the session's autogroup back to nice 0 (the launcher set it to 19 so the
-    parked spare yielded the CPU to the generation then training). Lowering a nice value needs
-    CAP_SYS_NICE (root has it; the hardened deploy/ units drop every capability); without it the
-    generation trains at autogroup nice 19, which costs nothing while no other session wants the
-    CPU (a GPU node's idle cores) and shares it evenly with the next spare's imports, as every
-    spare did before. None when done or
-    when there is nothing to undo; else the line to log."""
+    """At the hand-off: this rank's session back to autogroup nice 0 (``yield_cpu`` set it to 19 so
+    the parked spare yielded the CPU to the generation then training; the torchrun agent's own
+    session, set by the launcher, stays at 19). Lowering a nice value needs CAP_SYS_NICE (root has
+    it; the hardened deploy/ units drop every capability); without it the generation trains at
+    autogroup nice 19, which costs nothing while no other session wants the CPU (a GPU node's idle
+    cores) and shares it evenly with the next spare's imports, as every spare did before. None
+    when done or when there is nothing to undo; else the line to log."""
     try:
         with open(path) as f:
             now = f.read()  # "/autogroup-123 nice 19"

@@ -146,9 +146,9 @@ class OnDemandCheckpointer(CheckpointManager):
 
     def _save(self, curr_step: int, last_step: bool = False) -> bool:
         """With async_mode 'async' (and ``snapshot_saves``): the step waits for the previous write
-        (the twins are reused), refills the twins (``training.snapshot``), re-derives the hook-made model tensors from
-        them, and hands the result to the writer thread, which runs ``dcp.save`` (planning,
-        collectives on torchtitan's async gloo group, files, ``.metadata`` last)."""
+        (the twins are reused), refills the twins (``training.snapshot``), re-derives the hook-made
+        model tensors from them, and hands the result to the writer thread, which runs ``dcp.save``
+        (planning, collectives on torchtitan's async gloo group, files, ``.metadata`` last)."""
         if self.async_mode != AsyncMode.ASYNC or not self.snapshot_saves or last_step:
             return super()._save(curr_step, last_step)
         if not self._should_save(curr_step, last_step):

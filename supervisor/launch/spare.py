@@ -38,6 +38,8 @@ from pathlib import Path
 import psutil
 
 SPARE_FLAG = "--spare"
+LAUNCH_FILE = "launch.json"  # training/spare.py reads it (the daemon never imports training/)
+OWNER_ENV = "TITAN_SPARE_OWNER"
 SPARE_AUTOGROUP_NICE = 19
 
 
@@ -48,15 +50,15 @@ def yield_cpu(pid: int) -> bool:
     on desktop and most server kernels) first shares the CPU fairly between sessions, and a spare
     runs in its own session, so a nice-19 thread in it still took half of a 2-core machine from
     the training generation: the steps beside a parked spare's imports ran at 0.8-1.0 s instead
-    of 0.41-0.48 s, for ~25 steps (bench/goodput.py, preset small). The spare raises it back at its
-    hand-off (``training.spare.reclaim_cpu``). False where there is no autogroup file."""
+    of 0.41-0.48 s, for ~25 steps (bench/goodput.py, preset small). This is the torchrun agent's
+    session (it imports torch too); torchrun puts each rank in a session of its own, which the rank
+    lowers itself and raises back at its hand-off (``training.spare.yield_cpu`` / ``reclaim_cpu``);
+    the agent's stays at 19. False where there is no autogroup file."""
     try:
         Path(f"/proc/{pid}/autogroup").write_text(str(SPARE_AUTOGROUP_NICE))
         return True
     except OSError:
         return False
-LAUNCH_FILE = "launch.json"  # training/spare.py reads it (the daemon never imports training/)
-OWNER_ENV = "TITAN_SPARE_OWNER"
 
 
 def spare_key(python: str, nproc: int, env: dict[str, str]) -> str:
