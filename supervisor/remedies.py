@@ -124,22 +124,13 @@ class Remedies:
         carried = self.carried_skip(target, a.id)
         skip = window + carried
         self.status.set("recovering")
-        # torchft mode: directives reach replica group 0 only and its trainer refuses a rollback, so
-        # go cold at once, stopping every group before the quarantine (asking first cost the
-        # directive timeout while group 0 went on, and a group saving meanwhile lost its folder
-        # mid-write and died: bench/goodput.py)
-        groups = hasattr(self.generations.current, "restart_group")
-        if groups:
-            await self.generations.stop(f"cold rollback to step {target} (action {a.id})")
         moved = self.ledger.quarantine_newer_than(target, a.id)
         out = {"target_step": target, "skip_batches": skip, "quarantined": moved}
         if carried:
             out |= {"skip_window": window, "carried_skip": carried}
-        if groups:
-            detail = (False, "hot rollback is refused in torchft mode (directives reach replica group 0 only): "
-                             "every group restarted cold")
-        else:
-            detail = await self._hot_rollback(a, target, skip, lr_scale, ramp) if self.generations.alive() else None
+        # torchft mode too: replica group 0 reloads, then leads, and the other groups heal from it
+        # at the next quorum (training/ft.py); a refusal or a timeout goes cold with every group
+        detail = await self._hot_rollback(a, target, skip, lr_scale, ramp) if self.generations.alive() else None
         if detail is not None and detail[0]:
             return {"mode": "hot", **out, "detail": detail[1]}
         if detail is not None:

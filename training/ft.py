@@ -19,6 +19,14 @@ One step, every group (each group is one torchrun; on this machine 1 rank per gr
    died mid-allreduce) is undone by the trainer: step number and LR schedule go back one, and the
    batch is dropped, as torchft does.
 
+Directives (a hot rollback, an LR cool, a skipped update...) reach replica group 0 only: it applies
+one at a step boundary and then *leads*: its torchft step count goes one past every peer's, so at the
+next quorum each peer is behind and heals from group 0, receiving its model, optimizer, LR schedule
+and scale, pending update skips, checkpoint interval and data position (a position behind the
+peer's own is reached by reloading the peer's own newest checkpoint at or before the leader's
+loaded step and draining forward). One mechanism, torchft's own heal, keeps the groups identical;
+the torchft step count then runs ahead of the trainer's step, which nothing else reads.
+
 Failure model: a peer killed mid-step makes this group's allreduce fail fast (gloo connection
 reset) or time out (``process_group_timeout_ms``); the step is not committed and the next quorum
 goes on without the peer once the Lighthouse stops hearing its heartbeat. A group that cannot
@@ -43,9 +51,11 @@ if TYPE_CHECKING:
     from training.trainer import SupervisedTrainer
 
 
-# Directives that change the parameters or the LR of the group that applies them: only group 0
-# talks to the daemon, so in torchft mode they are refused (the groups would diverge).
-GROUP_LOCAL_DIRECTIVES = frozenset({"set_lr_scale", "skip_updates", "rollback", "decay_now", "extend"})
+# Directives whose effect every group must share (parameters, LR, data position, schedule, the
+# checkpoint steps). Only group 0 hears the daemon: it applies one, then *leads* (`ReplicaSync.lead`)
+# so that every peer heals from it at the next quorum and receives the same state.
+LEADING_DIRECTIVES = frozenset({"set_lr_scale", "skip_updates", "rollback", "decay_now", "extend",
+                                "set_checkpoint_interval"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -100,6 +110,7 @@ class ReplicaSync:
         self.trainer = trainer
         self.model = ModelWrapper(trainer.model_parts)
         self.heals = 0
+        self.leads = 0
         self.uncommitted = 0
         timeout = timedelta(milliseconds=cfg.process_group_timeout_ms)
         self.manager = torchft.Manager(
@@ -116,6 +127,14 @@ class ReplicaSync:
     def begin_step(self) -> None:
         """Quorum; heals this group (``_load``) when it is behind a peer."""
         self.manager.start_quorum()
+
+    def lead(self) -> None:
+        """Make this group the one every peer heals from at the next quorum (after a leading
+        directive). Peers in a synchronous quorum are at this group's step count (a relaunched one
+        is behind it): one past it makes this group the only one at the quorum's max step."""
+        m = self.manager
+        m.load_state_dict({"step": m.current_step() + 1, "batches_committed": m.batches_committed()})
+        self.leads += 1
 
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         # A rank's own part of each gradient (a DTensor's local shard): groups average rank by rank.
@@ -146,22 +165,31 @@ class ReplicaSync:
         # model), not torchtitan's flattened one, which did not load into a fresh optimizer here.
         optim = [o.state_dict() for o in t.optimizers.optimizers]
         return {"model": self.model.state_dict(), "optimizer": optim,
-                "lr_scheduler": t.lr_schedulers.state_dict(), "train_state": t.state_dict()}
+                "lr_scheduler": t.lr_schedulers.state_dict(), "train_state": t.state_dict(),
+                "supervision": t.shared_state()}
 
     def _load(self, sd: dict[str, Any]) -> None:
         t = self.trainer
-        before = t.batches_consumed
+        shared = sd.get("supervision") or {}
+        target = int(sd["train_state"].get("batches_consumed", 0))
+        rewound_to = None
+        if target < t.batches_consumed:  # the leader went back (a rollback): so does this group's data
+            rewound_to = t.rewind_data(int(shared.get("loaded_step", -1)))
+        position = t.batches_consumed
         self.model.load_state_dict(sd["model"])
         for o, state in zip(t.optimizers.optimizers, sd["optimizer"], strict=True):
             o.load_state_dict(state)
         t.lr_schedulers.load_state_dict(sd["lr_scheduler"])
         t.load_state_dict(sd["train_state"])
-        target, t.batches_consumed = t.batches_consumed, before
+        t.load_shared_state(shared)
+        t.batches_consumed = position
         drained = t.advance_data_to(target)
         t.after_heal()
         self.heals += 1
-        logger.info(f"healed from a peer: now at step {t.step}, data drained {drained} batches to {target}")
-        t.ft_event({"kind": "ft_healed", "step": t.step - 1, "batches_drained": drained})
+        logger.info(f"healed from a peer: now at step {t.step}, data drained {drained} batches to {target}"
+                    + (f" (rewound to {rewound_to} first)" if rewound_to is not None else ""))
+        t.ft_event({"kind": "ft_healed", "step": t.step - 1, "batches_drained": drained,
+                    "batches": t.batches_consumed, "rewound_from": rewound_to, "lr_scale": t.lr_scale.target})
 
 
 def sharded_dataloader_config(cfg: ReplicaConfig, loader_config: Any) -> Any:

@@ -27,6 +27,8 @@ they produce the same losses.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
 import time
@@ -270,6 +272,12 @@ class SupervisedTrainer(Trainer):
         config.dataloader = ft.sharded_dataloader_config(config.fault_tolerance, config.dataloader)
         super().__init__(config)
         self._ft: ft.ReplicaSync | None = None  # created at the first step (training.ft)
+        self._ft_lead_pending = False  # a leading directive was applied: lead at the next quorum
+        self._loaded_step = 0  # the checkpoint step this trajectory was last loaded from
+        self._loads = 0  # hot rollbacks applied (a peer heals from a leader with more: it rolled back)
+        # torchft mode: a heal from a leader that rolled back before every checkpoint of ours
+        # replays our shard from here (training/ft.py)
+        self._data_origin = copy.deepcopy(self.dataloader.state_dict()) if config.fault_tolerance.enable else None
         sup = config.supervision
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -499,6 +507,7 @@ class SupervisedTrainer(Trainer):
         sup = self.config.supervision
         self._legacy_load = False  # loaded: every later save carries the position
         self.batches = self._after_load(sup.skip_batches, sup.lr_scale, sup.lr_ramp_steps)
+        self._loaded_step = self.step
         self._last_saved_step = self.step
         self.telemetry.last_step = self.step
         self._event({"kind": "started", "step": self.step, "skip_batches": sup.skip_batches,
@@ -617,7 +626,53 @@ class SupervisedTrainer(Trainer):
     def _ft_begin_step(self) -> None:
         if self._ft is None:  # as late as possible: peers wait for a joining group's first quorum
             self._ft = ft.ReplicaSync(self.config.fault_tolerance, self, completed_steps=self.step - 1)
+        if self._ft_lead_pending:  # a leading directive was applied at this boundary
+            self._ft.lead()
+            self._ft_lead_pending = False
         self._ft.begin_step()
+
+    def shared_state(self) -> dict:
+        """What a healing peer takes from this group besides model, optimizer, LR schedule and train
+        state: the supervisor's LR scale, pending update skips, the checkpoint interval, and the
+        checkpoint step this trajectory was last loaded from (where a peer's data rewinds to)."""
+        return {"lr_scale": dataclasses.asdict(self.lr_scale), "skip_updates": self._skip_updates,
+                "ckpt_interval": self.ckpt_interval, "loaded_step": self._loaded_step, "loads": self._loads}
+
+    def load_shared_state(self, sd: dict) -> None:
+        if "lr_scale" in sd:
+            for k, v in sd["lr_scale"].items():
+                setattr(self.lr_scale, k, v)
+        self._skip_updates = int(sd.get("skip_updates", self._skip_updates))
+        self.ckpt_interval = int(sd.get("ckpt_interval", self.ckpt_interval))
+        if sd.get("loads", self._loads) != self._loads:
+            # the leader loaded a checkpoint since our last heal (a rollback): a drill's transient
+            # faults do not fire again on the replayed steps, here as in the leader
+            self.faults.clear_transient()
+            self._loads = int(sd["loads"])
+        self._loaded_step = int(sd.get("loaded_step", self._loaded_step))
+
+    def rewind_data(self, loaded_step: int) -> str:
+        """Put this rank's batch stream at or before a position it already passed (a heal from a
+        leader that rolled back): the group's own newest valid checkpoint at or before the
+        leader's loaded step (a data position is a batch count on this group's own shard, whatever
+        trajectory saved it), else the start of the data. The heal then loads the leader's state
+        over the checkpoint's and drains forward to the leader's count. Returns where it went."""
+        folder = Path(self.checkpointer.folder)
+        best = None
+        if self.checkpointer.enable:
+            self.checkpointer.maybe_wait_for_saving()
+            best = self._from_rank0(lambda: max(
+                (s for s, path in dcp.step_folders(folder) if s <= loaded_step and dcp.check_folder(path).valid),
+                default=None))
+        if best is not None:
+            self.checkpointer.load(step=best)
+            where = f"step-{best}"
+        else:
+            self.dataloader.load_state_dict(copy.deepcopy(self._data_origin))
+            self.batches_consumed = 0
+            where = "the start of the data"
+        self.batches = self._raw_batches()
+        return where
 
     def _ft_undo_step(self) -> None:
         """A step the groups did not commit did not happen: its number and LR step are reused,
@@ -764,9 +819,21 @@ class SupervisedTrainer(Trainer):
         self._event(ev)
 
     def _execute(self, d: Directive) -> str:
-        if self.config.fault_tolerance.enable and d.kind in ft.GROUP_LOCAL_DIRECTIVES:
-            raise ValueError(f"{d.kind} is refused in torchft mode: it would reach replica group 0 only and the "
-                             "groups' parameters would diverge (a refused rollback falls back to a cold restart)")
+        """Apply one directive. In torchft mode only replica group 0 hears the daemon: after a
+        directive every group must share (`ft.LEADING_DIRECTIVES`) it leads, so the other groups
+        heal from it at the next quorum (training/ft.py); any other group refuses one."""
+        fto = self.config.fault_tolerance
+        leading = fto.enable and d.kind in ft.LEADING_DIRECTIVES
+        if leading and fto.replica_id != 0:
+            raise ValueError(f"{d.kind} reached replica group {fto.replica_id}: in torchft mode only group 0 takes "
+                             "directives (the others heal from it)")
+        detail = self._execute_kind(d)
+        if leading:
+            self._ft_lead_pending = True
+            detail += "; the other replica groups heal from group 0 at the next step"
+        return detail
+
+    def _execute_kind(self, d: Directive) -> str:
         if d.kind == "set_lr_scale":
             if d.scale is None:
                 raise ValueError("set_lr_scale needs scale")
@@ -828,6 +895,8 @@ class SupervisedTrainer(Trainer):
             self._legacy_load = False
         scale = d.lr_scale if d.lr_scale is not None else self.lr_scale.target
         self.batches = self._after_load(d.skip_batches, scale, d.ramp_steps if d.lr_scale is not None else 0)
+        self._loaded_step = d.step
+        self._loads += 1
         self._last_saved_step = self.step
         self.telemetry.last_step = self.step
         return f"rolled back to step {d.step}, skipped {d.skip_batches} batches, lr scale {scale:g}"

@@ -15,6 +15,11 @@ global rank, group 1's only rank) → group 1's heartbeats stop while group 0 wa
 allreduce: the stall detector's heartbeat basis names rank 1, the hang remedy dumps group 1's
 stacks and relaunches that group alone (same generation), it heals, and both finish with
 bit-identical parameters; the hang fired in group 1 only. Nothing is mocked.
+
+A job-wide LR x1000 spike in both groups → the policy's rollback is *hot* in torchft mode: group 0
+reloads its checkpoint and leads, group 1 heals from it at the next quorum (its data rewound to its
+own checkpoint of the same step), no process restarts, both groups train the rewound steps again
+and finish with bit-identical parameters.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
+from supervisor.auth import add_token
 from supervisor.launch.torchft import group_workdir
 from tests.daemon_harness import Daemon, drill_config, free_port, wait_until
 from tests.trainer_harness import read_jsonl
@@ -161,3 +168,72 @@ def test_a_sigstopped_replica_group_is_dumped_and_relaunched_alone(tmp_path):
     times = [r["wall_time"] for r in rec0]
     print(f"hang found and group 1 relaunched {stopped_at - min(times):.1f} s into the run; longest gap of "
           f"group 0: {max(b - a for a, b in zip(times, times[1:])):.2f} s; healed at step {healed[0]['step']}")
+
+
+SPIKE_STEPS = 100
+OPERATOR_TO = 60
+
+
+def test_a_rollback_is_hot_in_torchft_mode_and_every_group_rewinds(tmp_path):
+    """The policy's rollback after a job-wide spike (its data skip carries group 1 forward), then an
+    operator's rollback with no skip (group 1's data must go back: it rewinds to its own step-60)."""
+    tf = tmp_path / "tokens.jsonl"
+    token = add_token(tf, "alice", "operator")
+    workdir = tmp_path / "run"
+    cfg = drill_config(workdir, free_port(), nproc_per_node=1, steps=SPIKE_STEPS, checkpoint_interval=10,
+                       faults="spike@35:lr=1000:steps=3,slow@1:rank=*:seconds=0.1")
+    cfg["server"]["token_file"] = str(tf)
+    cfg["fault_tolerance"] = {"mode": "torchft", "groups": 2,
+                              "lighthouse": {"heartbeat_timeout_ms": HEARTBEAT_MS, "join_timeout_ms": 2000}}
+    d = Daemon(tmp_path, cfg).start()
+    dirs = [group_workdir(workdir, g) for g in range(2)]
+    try:
+        wait_until(lambda: (workdir / "checkpoint" / f"step-{OPERATOR_TO}" / ".metadata").exists()
+                   and len(_records(dirs[1])) and _records(dirs[1])[-1]["step"] >= OPERATOR_TO + 4,
+                   300, f"step {OPERATOR_TO + 4} with a checkpoint at {OPERATOR_TO}", d.log_tail)
+        r = httpx.post(d.url + "/v1/commands/rollback", headers={"Authorization": f"Bearer {token}"},
+                       json={"to_step": OPERATOR_TO, "skip_batches": 0, "reason": "drill: torchft rewind"}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert d.wait_exit(400) == 0, d.log_tail()
+    finally:
+        d.cleanup()
+    j = d.journal()
+    try:
+        gens, actions = j.generations(), j.actions()
+    finally:
+        j.close()
+    assert len(gens) == 1, f"a process restart happened: {gens}"
+    rb = sorted((a for a in actions if a["kind"].startswith("rollback")), key=lambda a: a["id"])
+    assert len(rb) == 2 and all(a["state"] == "done" and a["outcome"]["mode"] == "hot" for a in rb), rb
+    assert not [a for a in actions if a["kind"] in ("restart", "kill_restart_hang")], actions
+    (policy, operator), targets = rb, [a["outcome"]["target_step"] for a in rb]
+    assert targets[0] <= 30 and targets[1] == OPERATOR_TO, targets
+    # every group trained the steps after each target again: group 1 too, though no directive reached it
+    for g in range(2):
+        steps = [r["step"] for r in _records(dirs[g])]
+        assert [steps.count(t + 1) for t in targets] == [2, 2], (g, steps)
+        assert steps[-1] == SPIKE_STEPS, (g, steps[-5:])
+    ev1 = _ft_events(dirs[1])
+    skipped = 0  # batches skipped so far on the surviving trajectory (1 batch a step)
+    for a, rewound in ((policy, None), (operator, f"step-{OPERATOR_TO}")):
+        target = a["outcome"]["target_step"]
+        skipped += a["outcome"]["skip_batches"]
+        # (a heal from a skipped update may come between the order and the rollback's own)
+        heal = [e for e in ev1 if e["kind"] == "ft_healed" and e["wall_time"] >= a["created_at"] and e["step"] == target]
+        assert heal, ev1
+        heal = heal[0]
+        # group 1 took the leader's data position: forward over the policy's skip window, back to
+        # its own checkpoint for the operator's rollback
+        assert heal["batches"] == target + skipped, (heal, a["outcome"])
+        assert heal["rewound_from"] == rewound, heal
+    # the spike did not fire again in group 1 on the replayed steps (its transient faults were
+    # cleared by the heal, as the leader's by its rollback): every step's final LR is the same
+    lrs = [{r["step"]: r["lr"] for r in _records(dirs[g])} for g in range(2)]
+    common = sorted(set(lrs[0]) & set(lrs[1]))  # (the first group to ask may take step 1 alone)
+    assert common[0] <= 3 and common[-1] == SPIKE_STEPS, common
+    assert [lrs[0][s] for s in common] == [lrs[1][s] for s in common], \
+        [(s, lrs[0][s], lrs[1][s]) for s in common if lrs[0][s] != lrs[1][s]]
+    fin = [[e for e in _ft_events(dirs[g]) if e["kind"] == "ft_finished"] for g in range(2)]
+    assert len(fin[0]) == len(fin[1]) == 1 and fin[0][0]["step"] == fin[1][0]["step"] == SPIKE_STEPS, fin
+    assert fin[0][0]["param_digest"] == fin[1][0]["param_digest"], "the groups finished with different parameters"
+    print(f"rolled back hot to steps {targets}; group 1 healed each time; both finished identical")

@@ -42,23 +42,52 @@ def test_each_group_reads_its_own_shard():
     assert (cfg.groups, cfg.group, cfg.dataset_path, cfg.dataset) == (3, 2, "/data/x", "c4_test")
 
 
-@pytest.mark.parametrize("kind", sorted(ft.GROUP_LOCAL_DIRECTIVES))
-def test_directives_that_would_split_the_groups_are_refused_in_torchft_mode(kind):
-    """Only replica group 0 hears the daemon: a directive changing its parameters or LR alone would
-    make the groups diverge, so the trainer refuses it (the daemon falls back to a cold restart for
-    a rollback). The guard runs before any trainer state is touched: a bare object is enough."""
+@pytest.mark.parametrize("kind", sorted(ft.LEADING_DIRECTIVES))
+def test_group_0_applies_a_leading_directive_and_leads_other_groups_refuse_it(kind):
+    """Only replica group 0 hears the daemon: it applies a directive every group must share and then
+    leads (the others heal from it at the next quorum, training/ft.py). A leading directive in any
+    other group is refused before any trainer state is touched: a bare object is enough."""
     from types import SimpleNamespace
 
     from supervisor.protocol import Directive
     from training.trainer import SupervisedTrainer
 
-    me = SimpleNamespace(config=SimpleNamespace(fault_tolerance=ft.ReplicaConfig(enable=True, group_size=2)))
     d = Directive(id="a1", kind=kind, scale=0.5, n=1, step=0, steps=10)
-    with pytest.raises(ValueError, match="refused in torchft mode"):
-        SupervisedTrainer._execute(me, d)
-    me.config.fault_tolerance.enable = False  # off: the same directive goes on to its handler
-    with pytest.raises(AttributeError):
-        SupervisedTrainer._execute(me, d)
+    other = SimpleNamespace(config=SimpleNamespace(fault_tolerance=ft.ReplicaConfig(enable=True, group_size=2,
+                                                                                     replica_id=1)))
+    with pytest.raises(ValueError, match="only group 0 takes directives"):
+        SupervisedTrainer._execute(other, d)
+    assert not hasattr(other, "_ft_lead_pending")
+    g0 = SimpleNamespace(config=SimpleNamespace(fault_tolerance=ft.ReplicaConfig(enable=True, group_size=2)),
+                         _ft_lead_pending=False, _execute_kind=lambda d: f"did {d.kind}")
+    assert SupervisedTrainer._execute(g0, d) == f"did {kind}; the other replica groups heal from group 0 at the next step"
+    assert g0._ft_lead_pending is True
+    off = SimpleNamespace(config=SimpleNamespace(fault_tolerance=ft.ReplicaConfig(enable=False)),
+                          _ft_lead_pending=False, _execute_kind=lambda d: "did")
+    assert SupervisedTrainer._execute(off, d) == "did" and off._ft_lead_pending is False
+
+
+def test_leading_makes_this_group_the_only_one_at_the_quorums_max_step():
+    """`lead` puts this group's torchft step count one past a peer in step with it (the quorum then
+    heals the peer from us), and keeps the committed-batch count."""
+    from types import SimpleNamespace
+
+    class Manager:
+        def __init__(self):
+            self.sd = {"step": 41, "batches_committed": 82}
+
+        def current_step(self):
+            return self.sd["step"]
+
+        def batches_committed(self):
+            return self.sd["batches_committed"]
+
+        def load_state_dict(self, sd):
+            self.sd = dict(sd)
+
+    me = SimpleNamespace(manager=Manager(), leads=0)
+    ft.ReplicaSync.lead(me)
+    assert me.manager.sd == {"step": 42, "batches_committed": 82} and me.leads == 1
 
 
 @pytest.mark.parametrize("groups,nproc", [(2, 1), (3, 2)])
@@ -141,18 +170,20 @@ def test_only_global_rank_0_posts_step_records_every_rank_heartbeats(tmp_path):
 
 
 def test_a_resent_refused_directive_is_refused_again_not_acked_as_applied():
-    """The daemon resends a directive until it hears back; a refusal (torchft mode) answered to a
+    """The daemon resends a directive until it hears back; a refusal (here: a directive reaching a
+    torchft group other than 0) answered to a
     resend as "already applied, ok" told the goodput bench a hot rollback happened that never did."""
     from types import SimpleNamespace
 
     from training.trainer import SupervisedTrainer
 
     acks = []
-    me = SimpleNamespace(config=SimpleNamespace(fault_tolerance=ft.ReplicaConfig(enable=True, group_size=2)),
+    me = SimpleNamespace(config=SimpleNamespace(fault_tolerance=ft.ReplicaConfig(enable=True, group_size=2,
+                                                                                  replica_id=1)),
                          _applied={}, _ack=lambda did, kind, ok, detail, seconds=None: acks.append((did, ok, detail)))
     me._execute = lambda d: SupervisedTrainer._execute(me, d)
     raw = {"id": "a2", "kind": "rollback", "step": 48, "skip_batches": 18}
     SupervisedTrainer._apply_one(me, raw)
     SupervisedTrainer._apply_one(me, raw)
     assert [(did, ok) for did, ok, _ in acks] == [("a2", False), ("a2", False)], acks
-    assert acks[1][2].startswith("already refused: rollback is refused in torchft mode")
+    assert acks[1][2].startswith("already refused: rollback reached replica group 1")
