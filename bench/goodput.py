@@ -18,10 +18,9 @@ interval, seed) clean and under a fault schedule, each way:
                         that many replica groups of one rank each (README, "torchft mode"). A
                         fault's rank= is the global rank, so rank=1 is group 1 (killed, SIGSTOPped
                         and slowed alone: the other group keeps stepping, or waits for it in the
-                        allreduce); the spike and the NaN batch hit every group. Hot rollback is
-                        refused in torchft mode (directives reach group 0 only), so a divergence
-                        costs a cold rollback of every group, and skip_updates is refused too
-                        (the actions table shows each refusal)
+                        allreduce); the spike and the NaN batch hit every group. Directives reach
+                        group 0, which leads: the other group heals from it at the next quorum,
+                        so a rollback is hot here too (training/ft.py)
 
 For supervisor ways also the journal's actions in order (a replica group relaunched alone, a new
 generation from a checkpoint, a refused directive) and a restart table from the journal: per new generation, seconds from
@@ -226,6 +225,12 @@ WAYS = {"torchrun": TorchrunWay(), "supervisor": SupervisorWay(),
         # fault rate as an operator tells it the fleet's (5 faults in ~160 s of training: one per ~32 s)
         "supervisor-adaptive": SupervisorWay("supervisor-adaptive", {
             "launch": {"warm_spare": True},
+            "checkpoints": {"async_mode": "async", "adaptive": True, "mtbf_prior_hours": ADAPTIVE_MTBF_S / 3600,
+                            "min_interval_steps": 5}}),
+        # torchft mode with the same async saves and interval (a relaunched group heals from its peer;
+        # the interval bounds what a rollback recomputes)
+        "supervisor-torchft-adaptive": SupervisorWay("supervisor-torchft-adaptive", {
+            "fault_tolerance": {"mode": "torchft"},
             "checkpoints": {"async_mode": "async", "adaptive": True, "mtbf_prior_hours": ADAPTIVE_MTBF_S / 3600,
                             "min_interval_steps": 5}})}
 
@@ -464,7 +469,7 @@ def main() -> int:
             loads.append(os.getloadavg()[0])
             print(f"{name} faulted: rc {bad.rc}, reached step {rows[-1]['max_step']}, "
                   f"ETTR {_f(rows[-1]['ettr'])} (1-min load average {loads[-1]:.1f})", flush=True)
-            if name.startswith("supervisor") and name != "supervisor-torchft" and hc is None:
+            if name.startswith("supervisor") and not name.startswith("supervisor-torchft") and hc is None:
                 hc = hot_vs_cold(job, bad, tmp / "hotcold")
         text = report(job, rows, hc) + ("\n\n1-min load average at the start and after each way: "
                                         + ", ".join(f"{x:.1f}" for x in loads))
