@@ -323,9 +323,12 @@ class ControlPlane:
         if target > sup.last_step and sup.last_step > 0:
             raise Refusal(400, f"checkpoint step-{target} is ahead of the run (at step {sup.last_step})")
         hot = sup.generations.alive()
+        # earlier rollbacks' data windows after this checkpoint are skipped again (supervisor/data_lineage.py)
+        carried = sup.remedies.carried_skip(target)
         return {
             "action": "rollback", "target_step": target, "checkpoint": str(info.path), "from_step": sup.last_step,
             "steps_to_redo": max(0, sup.last_step - target), "skip_batches": skip_batches,
+            "carried_skip": carried, "batches_skipped": skip_batches + carried,
             "lr_scale": lr_scale if lr_scale is not None else sup.lr_scale,
             "ramp_steps": ramp_steps if lr_scale is not None else 0,
             "mode": "hot: the running trainer reloads step-%d in-process" % target if hot else
@@ -580,7 +583,9 @@ class ControlPlane:
 
 
 def describe_rollback(plan: dict, b: RollbackBody) -> str:
-    return (f"roll back from step {plan['from_step']} to step {plan['target_step']}, skip {b.skip_batches} batches, "
+    carried = plan.get("carried_skip", 0)
+    also = f" (+{carried} an earlier rollback skipped after step {plan['target_step']}, skipped again)" if carried else ""
+    return (f"roll back from step {plan['from_step']} to step {plan['target_step']}, skip {b.skip_batches} batches{also}, "
             f"LR scale {plan['lr_scale']:g}; {len(plan['quarantine'])} newer checkpoint(s) to quarantine")
 
 

@@ -92,3 +92,16 @@ def test_a_dry_run_resume_sets_no_corrupt_checkpoint_aside(env):
         time.sleep(0.05)
     assert not (sup.workdir / "checkpoint" / "step-25").exists()
     assert any(p.name.startswith("step-25.corrupt") for p in (sup.workdir / "quarantine").iterdir())
+
+
+def test_a_dry_run_rollback_names_the_skip_an_earlier_rollback_carries(env):
+    """The plan is what would happen: a load of step-20 after a generation that started from it and
+    skipped 7 batches skips them again (supervisor/data_lineage.py), and the plan says so."""
+    sup, client, headers = env
+    plain = _dry(client, headers, "commands/rollback", {"to_step": 20, "skip_batches": 3})
+    assert (plain["plan"]["carried_skip"], plain["plan"]["batches_skipped"]) == (0, 3)
+    assert "skipped again" not in plain["message"]
+    sup.journal.record_generation_start(generation=1, run_id="t", load_step=20, skip_batches=7)
+    out = _dry(client, headers, "commands/rollback", {"to_step": 20, "skip_batches": 3})
+    assert (out["plan"]["skip_batches"], out["plan"]["carried_skip"], out["plan"]["batches_skipped"]) == (3, 7, 10)
+    assert "skip 3 batches (+7 an earlier rollback skipped after step 20, skipped again)" in out["message"]
