@@ -142,6 +142,7 @@ class OnDemandCheckpointer(CheckpointManager):
         self._view: ModelView | None = None
         self._mesh = None  # torchtitan's async gloo group as a 1-D mesh (ModelView's all-gathers)
         self._writer: ThreadPoolExecutor | None = None
+        self._inflight: str | None = None  # the folder the async save in flight writes
 
     def _should_save(self, curr_step: int, last_step: bool = False) -> bool:
         return self._requested and not last_step and super()._should_save(curr_step, True)
@@ -151,6 +152,8 @@ class OnDemandCheckpointer(CheckpointManager):
         (the twins are reused), refills the twins (``training.snapshot``), re-derives the hook-made
         model tensors from them, and hands the result to the writer thread, which runs ``dcp.save``
         (planning, collectives on torchtitan's async gloo group, files, ``.metadata`` last)."""
+        if self._should_save(curr_step, last_step):
+            self._inflight = self._create_checkpoint_id(curr_step)
         if self.async_mode != AsyncMode.ASYNC or not self.snapshot_saves or last_step:
             return super()._save(curr_step, last_step)
         if not self._should_save(curr_step, last_step):
@@ -178,6 +181,23 @@ class OnDemandCheckpointer(CheckpointManager):
         self.save_future = self._writer.submit(self._write, staged, self._create_checkpoint_id(curr_step))
         self._purge_stale_checkpoints()
         return True
+
+    def _wait_for_saving(self) -> None:
+        """Await the async save in flight. One whose folder is gone failed because the supervisor
+        moved it aside meanwhile (a rollback quarantines the checkpoints newer than its target,
+        and one of them was still being written): that checkpoint was being discarded anyway, so
+        the failure is logged, not raised; it had crashed the trainer at the rollback's own wait
+        (FileNotFoundError on the folder's shard; torchft mode, a save every 5 steps). Any other
+        failure is raised: crash-only, the restart is the recovery."""
+        try:
+            super()._wait_for_saving()
+        except (Exception, torch_dcp.api.CheckpointException) as e:  # dcp's is a BaseException
+            self.save_future = None
+            folder, self._inflight = self._inflight, None
+            if folder is None or Path(folder).exists():
+                raise
+            logger.warning(f"the async save to {folder} failed after its folder was moved aside "
+                           f"(a rollback's quarantine): {type(e).__name__}")
 
     def _write(self, staged: dict[str, Any], checkpoint_id: str) -> None:
         """On the writer thread: planning, collectives on the async group, files, metadata last."""

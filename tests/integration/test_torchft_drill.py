@@ -237,3 +237,37 @@ def test_a_rollback_is_hot_in_torchft_mode_and_every_group_rewinds(tmp_path):
     assert len(fin[0]) == len(fin[1]) == 1 and fin[0][0]["step"] == fin[1][0]["step"] == SPIKE_STEPS, fin
     assert fin[0][0]["param_digest"] == fin[1][0]["param_digest"], "the groups finished with different parameters"
     print(f"rolled back hot to steps {targets}; group 1 healed each time; both finished identical")
+
+
+def test_async_saves_every_5_steps_keep_rollbacks_hot(tmp_path):
+    """A rollback quarantines the checkpoints newer than its target while group 0's async writer
+    may still be writing one of them (here step-40, the NaN update's step): that write fails, and
+    the rollback's wait for it had crashed group 0 (the rollback then went cold after the directive
+    timeout: 70 s lost in bench/goodput.py). Now the failed write of a moved-aside folder is logged
+    and the rollback stays hot; the quarantined folder is kept."""
+    workdir = tmp_path / "run"
+    cfg = drill_config(workdir, free_port(), nproc_per_node=1, steps=90, checkpoint_interval=5,
+                       faults="nan@40:applied=1,spike@60:lr=300:steps=3")
+    cfg["checkpoints"] = {"async_mode": "async"}
+    cfg["fault_tolerance"] = {"mode": "torchft", "groups": 2,
+                              "lighthouse": {"heartbeat_timeout_ms": HEARTBEAT_MS, "join_timeout_ms": 2000}}
+    d = Daemon(tmp_path, cfg).start()
+    try:
+        assert d.wait_exit(400) == 0, d.log_tail()
+    finally:
+        d.cleanup()
+    j = d.journal()
+    try:
+        gens, actions = j.generations(), j.actions()
+    finally:
+        j.close()
+    rb = [a for a in actions if a["kind"].startswith("rollback")]
+    assert rb and all(a["state"] == "done" and a["outcome"]["mode"] == "hot" for a in rb), rb
+    assert len(gens) == 1, gens
+    moved = [s for a in rb for s in a["outcome"]["quarantined"]]
+    assert moved and all(list((workdir / "quarantine").glob(f"step-{s}.rollback-*")) for s in moved), moved
+    fin = [[e for e in _ft_events(group_workdir(workdir, g)) if e["kind"] == "ft_finished"] for g in range(2)]
+    assert fin[0][0]["step"] == fin[1][0]["step"] == 90 and fin[0][0]["param_digest"] == fin[1][0]["param_digest"]
+    log = "".join(p.read_text(errors="replace") for p in (workdir / "logs" / "replica-0").glob("*.log"))
+    print(f"rollbacks {[a['outcome']['target_step'] for a in rb]} hot; quarantined {moved}; a failed write of a "
+          f"moved-aside folder was {'seen' if 'moved aside' in log else 'not hit this time'}")

@@ -97,3 +97,49 @@ def test_model_view_refuses_a_hook_it_cannot_reproduce():
     model = torch.nn.Sequential(Fused(salt=salt))
     with pytest.raises(Unpairable, match="differs from the live one"):
         ModelView([model], model.state_dict(), mesh_fn=lambda: None)
+
+
+def _waiting_checkpointer(folder, error):
+    """An OnDemandCheckpointer with only what its wait reads: an async save in flight to
+    ``folder`` that failed with ``error`` (built without torchtitan's __init__)."""
+    from concurrent.futures import Future
+
+    from torchtitan.components.checkpoint import AsyncMode
+
+    from training.trainer import OnDemandCheckpointer
+
+    ck = object.__new__(OnDemandCheckpointer)
+    ck.enable, ck.async_mode, ck._inflight, ck._writer = True, AsyncMode.ASYNC, str(folder), None
+    ck.save_future = Future()
+    ck.save_future.set_exception(error)
+    return ck
+
+
+def _dcp_failure():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException("write failed", {0: FileNotFoundError("step-40/.metadata.tmp")})
+
+
+def test_an_async_save_whose_folder_a_rollback_moved_aside_does_not_crash_the_wait(tmp_path):
+    """A rollback quarantines the checkpoints newer than its target; one still being written fails
+    (dcp raises CheckpointException, a BaseException) and the rollback's own wait for it crashed
+    the trainer (torchft mode, a save every 5 steps). Its folder is gone: the wait goes on."""
+    ck = _waiting_checkpointer(tmp_path / "checkpoint" / "step-40", _dcp_failure())
+    ck.maybe_wait_for_saving()
+    assert ck.save_future is None and ck._inflight is None
+    ck.maybe_wait_for_saving()  # nothing in flight any more
+
+
+def test_an_async_save_that_failed_for_another_reason_still_raises(tmp_path):
+    """The folder is still there: a real I/O failure, raised (crash-only: a restart recovers)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    folder = tmp_path / "checkpoint" / "step-40"
+    folder.mkdir(parents=True)
+    ck = _waiting_checkpointer(folder, _dcp_failure())
+    with pytest.raises(CheckpointException):
+        ck.maybe_wait_for_saving()
+    ck = _waiting_checkpointer(folder, OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        ck.maybe_wait_for_saving()
