@@ -109,10 +109,11 @@ def test_daemon_relaunches_only_the_dead_replica_group(tmp_path):
         d.cleanup()
     assert _the_group_restart(d)["outcome"]["replica_group"] == 1
     # The survivor never went back, skipped, or stopped longer than the heartbeat timeout + 2 s.
-    # (The first group to ask for a quorum may take a step alone before the other joins and heals.)
+    # (The first group to ask for a quorum takes steps alone until the other joins and heals: under
+    # CI load group 1 once took steps 1-3 alone and group 0 began at step 4.)
     rec0 = _records(dirs[0])
     steps0 = [r["step"] for r in rec0]
-    assert steps0[0] <= 3 and steps0 == list(range(steps0[0], STEPS + 1)), f"group 0 restarted or skipped: {steps0}"
+    assert steps0[0] < KILL_AT and steps0 == list(range(steps0[0], STEPS + 1)), f"group 0 restarted or skipped: {steps0}"
     times = [r["wall_time"] for r in rec0 if r["wall_time"] >= killed_at - 5]
     worst = max(b - a for a, b in zip(times, times[1:]))
     print(f"group 0's longest gap between steps around the kill: {worst:.2f} s (limit {HEARTBEAT_MS / 1000 + 2:.1f} s)")
@@ -157,7 +158,8 @@ def test_a_sigstopped_replica_group_is_dumped_and_relaunched_alone(tmp_path):
     stopped_at = acted["created_at"]
     rec0 = _records(dirs[0])
     steps0 = [r["step"] for r in rec0]
-    assert steps0[0] <= 3 and steps0 == list(range(steps0[0], STOP_STEPS + 1)), f"group 0 restarted or skipped: {steps0}"
+    assert steps0[0] < STOP_AT and steps0 == list(range(steps0[0], STOP_STEPS + 1)), \
+        f"group 0 restarted or skipped: {steps0}"
     ev0, ev1 = _ft_events(dirs[0]), _ft_events(dirs[1])
     healed = [e for e in ev1 if e["kind"] == "ft_healed" and e["wall_time"] > stopped_at]
     assert healed, f"group 1 did not heal after its relaunch: {ev1}\n{d.log_tail()}"
@@ -230,7 +232,7 @@ def test_a_rollback_is_hot_in_torchft_mode_and_every_group_rewinds(tmp_path):
     # cleared by the heal, as the leader's by its rollback): every step's final LR is the same
     lrs = [{r["step"]: r["lr"] for r in _records(dirs[g])} for g in range(2)]
     common = sorted(set(lrs[0]) & set(lrs[1]))  # (the first group to ask may take step 1 alone)
-    assert common[0] <= 3 and common[-1] == SPIKE_STEPS, common
+    assert common[0] < 30 and common[-1] == SPIKE_STEPS, common  # every step from before the spike
     assert [lrs[0][s] for s in common] == [lrs[1][s] for s in common], \
         [(s, lrs[0][s], lrs[1][s]) for s in common if lrs[0][s] != lrs[1][s]]
     fin = [[e for e in _ft_events(dirs[g]) if e["kind"] == "ft_finished"] for g in range(2)]
