@@ -69,13 +69,18 @@ def _kill_group(pid: int) -> None:
             pass
 
 
-def _the_group_restart(d: Daemon) -> dict:
-    """The run's one restart action, which relaunched one replica group: no job-wide restart (one generation)."""
+def _journal_rows(d: Daemon) -> tuple[list[dict], list[dict]]:
+    """The run's generations and actions, from its journal."""
     j = d.journal()
     try:
-        gens, actions = j.generations(), j.actions()
+        return j.generations(), j.actions()
     finally:
         j.close()
+
+
+def _the_group_restart(d: Daemon) -> dict:
+    """The run's one restart action, which relaunched one replica group: no job-wide restart (one generation)."""
+    gens, actions = _journal_rows(d)
     assert len(gens) == 1, f"a job-wide restart happened: {gens}"
     acted = [a for a in actions if a["kind"] in ("restart", "kill_restart_hang", "exclude_node")]
     assert len(acted) == 1 and acted[0]["state"] == "done", acted
@@ -199,11 +204,7 @@ def test_a_rollback_is_hot_in_torchft_mode_and_every_group_rewinds(tmp_path):
         assert d.wait_exit(400) == 0, d.log_tail()
     finally:
         d.cleanup()
-    j = d.journal()
-    try:
-        gens, actions = j.generations(), j.actions()
-    finally:
-        j.close()
+    gens, actions = _journal_rows(d)
     assert len(gens) == 1, f"a process restart happened: {gens}"
     rb = sorted((a for a in actions if a["kind"].startswith("rollback")), key=lambda a: a["id"])
     assert len(rb) == 2 and all(a["state"] == "done" and a["outcome"]["mode"] == "hot" for a in rb), rb
@@ -258,11 +259,7 @@ def test_async_saves_every_5_steps_keep_rollbacks_hot(tmp_path):
         assert d.wait_exit(400) == 0, d.log_tail()
     finally:
         d.cleanup()
-    j = d.journal()
-    try:
-        gens, actions = j.generations(), j.actions()
-    finally:
-        j.close()
+    gens, actions = _journal_rows(d)
     rb = [a for a in actions if a["kind"].startswith("rollback")]
     assert rb and all(a["state"] == "done" and a["outcome"]["mode"] == "hot" for a in rb), rb
     assert len(gens) == 1, gens
