@@ -152,13 +152,14 @@ class OnDemandCheckpointer(CheckpointManager):
         (the twins are reused), refills the twins (``training.snapshot``), re-derives the hook-made
         model tensors from them, and hands the result to the writer thread, which runs ``dcp.save``
         (planning, collectives on torchtitan's async gloo group, files, ``.metadata`` last)."""
-        if self._should_save(curr_step, last_step):
-            self._inflight = self._create_checkpoint_id(curr_step)
-        if self.async_mode != AsyncMode.ASYNC or not self.snapshot_saves or last_step:
-            return super()._save(curr_step, last_step)
         if not self._should_save(curr_step, last_step):
             return False
+        # the previous write is awaited before this one is named in flight: a failure of *that*
+        # write is judged by *its* folder (upstream's _save waits again, a no-op by then)
         self.maybe_wait_for_saving()
+        self._inflight = self._create_checkpoint_id(curr_step)
+        if self.async_mode != AsyncMode.ASYNC or not self.snapshot_saves or last_step:
+            return super()._save(curr_step, last_step)
         begin, builds = time.perf_counter(), self._snapshot.builds
         try:
             staged = self._snapshot.take(self._live_state())

@@ -143,3 +143,18 @@ def test_an_async_save_that_failed_for_another_reason_still_raises(tmp_path):
     ck = _waiting_checkpointer(folder, OSError("disk full"))
     with pytest.raises(OSError, match="disk full"):
         ck.maybe_wait_for_saving()
+
+
+def test_the_next_save_judges_a_failed_write_by_its_own_folder(tmp_path):
+    """The next save first awaits the write in flight; that write failed with its folder still
+    there (a real failure), so the save raises. It was swallowed while the new save's folder,
+    not yet created, was already named in flight when the wait ran."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    folder = tmp_path / "checkpoint" / "step-40"
+    folder.mkdir(parents=True)
+    ck = _waiting_checkpointer(folder, _dcp_failure())
+    ck._should_save = lambda step, last_step=False: True
+    ck._create_checkpoint_id = lambda step, folder="": str(tmp_path / "checkpoint" / f"step-{step}")
+    with pytest.raises(CheckpointException):
+        ck._save(45)
