@@ -22,6 +22,8 @@ Crash-only (a spare is disposable; any doubt kills it):
   still names a process with the recorded start time and a ``--spare <its folder>`` command line.
   A restarted daemon never adopts a spare (its ranks hold the old daemon's trainer token); the
   ranks also exit by themselves once their owner daemon is gone.
+- Folders do not pile up: a discarded spare's folder goes with it, and starting a spare sweeps
+  every other ``spare-*`` folder but the one handed out last (`WarmSpare.sweep`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import shutil
 
 import psutil
 
@@ -183,6 +187,7 @@ class WarmSpare:
         self.retry_s, self.reap_s = retry_s, reap_s
         self.spare: Spare | None = None
         self._failed_at = -1e18
+        self._in_use: str | None = None  # the folder of the spare handed out last (its ranks read it)
         self._owner = f"{os.getpid()}:{psutil.Process().create_time()!r}"
 
     def ensure(self, popen, prefix: list[str], python: str, nproc: int, env: dict[str, str],
@@ -195,6 +200,7 @@ class WarmSpare:
             self.discard("the spare died while parked")
         if time.monotonic() - self._failed_at < self.retry_s:
             return None
+        self.sweep()
         name = f"spare-{time.time_ns()}"
         folder = self.spares_dir / name
         folder.mkdir(parents=True, exist_ok=False)
@@ -214,7 +220,7 @@ class WarmSpare:
         s = self.spare
         why = verdict(s.record.key if s else None, s.alive() if s else False, spare_key(python, nproc, env))
         if why == "use":
-            self.spare = None
+            self.spare, self._in_use = None, s.record.folder
             return s, why
         if s is not None:
             self.discard(why)
@@ -228,4 +234,18 @@ class WarmSpare:
         if not s.alive():
             self._failed_at = time.monotonic()
         s.kill(self.reap_s)
+        shutil.rmtree(s.record.folder, ignore_errors=True)
         return reason
+
+    def sweep(self) -> list[str]:
+        """Remove the folders of spares that are gone (discarded, or handed out before the last
+        one), so a daemon that runs for months and restarts often keeps at most two: the parked
+        spare's and the one the running generation was handed. Only ``spare-*`` folders in
+        `spares_dir` (this class's own names) are touched. The removed paths."""
+        keep = {self._in_use, None if self.spare is None else self.spare.record.folder}
+        gone = []
+        for d in sorted(self.spares_dir.glob("spare-*")) if self.spares_dir.is_dir() else []:
+            if d.is_dir() and not d.is_symlink() and str(d) not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append(str(d))
+        return gone

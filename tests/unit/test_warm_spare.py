@@ -139,3 +139,38 @@ def test_a_spare_session_yields_the_cpu_while_parked_and_takes_it_back_at_the_ha
     finally:
         agent.kill()
         agent.wait()
+
+
+def test_spare_folders_are_swept_keeping_only_the_parked_and_the_handed_out_one(tmp_path):
+    """A daemon that runs for months makes a spare folder per restart; the gone ones are removed
+    (real `sleep` processes stand in for parked torchruns, each in its own session)."""
+    spares, logs = tmp_path / "spares", tmp_path / "logs"
+    logs.mkdir()
+    procs = []
+
+    def popen(cmd, log_path, env):
+        procs.append(subprocess.Popen(["sleep", "30"], start_new_session=True))
+        return procs[-1]
+
+    ws = launch_spare.WarmSpare(spares, logs, retry_s=0.0, reap_s=5.0)
+    other = spares / "not-a-spare"
+    other.mkdir(parents=True)
+    folders = []
+    try:
+        for _ in range(3):
+            s = ws.ensure(popen, ["torchrun"], "/py", 1, {}, {})
+            folders.append(Path(s.record.folder))
+            taken, why = ws.take("/py", 1, {})
+            assert why == "use" and taken is s
+        parked = ws.ensure(popen, ["torchrun"], "/py", 1, {}, {})
+        # the first two handed-out spares' folders are gone; the last handed-out one is kept (its
+        # generation's ranks read it), and so is the parked one's and anything not ours
+        assert [f.is_dir() for f in folders] == [False, False, True]
+        assert Path(parked.record.folder).is_dir() and other.is_dir()
+        assert ws.discard("test") == "test"
+        assert not Path(parked.record.folder).exists()
+        assert procs[-1].wait(timeout=5) != 0  # discarded: killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
