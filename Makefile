@@ -25,7 +25,7 @@ demo: setup
 # trains real ranks on both cores and several are timing-sensitive.
 test: setup obs-tools deploy-tools
 	$(PY) -m pytest -q -n 2 tests/unit
-	$(PY) -m pytest -q tests/integration tests/e2e
+	$(PY) -m pytest -q --durations=25 tests/integration tests/e2e
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not drill and not integration"

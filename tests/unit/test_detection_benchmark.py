@@ -30,7 +30,7 @@ def tallies():
 
 #: A ratchet, not a pass: the diverged events the detectors miss on the committed curves (the
 #: issue asks for none; any other miss fails, and catching one of these must remove it here).
-#: The tuning half (seeds 1-4) has none since the landing-damage and stuck-high rules (loss_spike.py),
+#: Seeds 1-4 have none since the landing-damage and stuck-high rules (loss_spike.py),
 #: which caught the two misses of seeds 3-4 (a 100 % corrupt 10-step window that landed on trend; an
 #: LR x300 blow-up still 2.9x its median at patience) after those seeds were retired into tuning.
 KNOWN_MISSES = {
@@ -41,6 +41,11 @@ KNOWN_MISSES = {
     # an LR x100 10-step spike that came back in band (spike_recovered at step 93) and ends 27 %
     # above its twin
     "tiny-lr0.0008-s6-p13-lr_spike",
+    # found by the one scoring of the next fresh test half (seeds 7-8, 2026-12-02), the detector
+    # unchanged: the same class, an LR x100 10-step spike back in the onset's band after 27 steps
+    # (1.53x its pre-spike trend, where benign gradual returns sit at 1.33-1.50x) that ends 77 %
+    # above its twin
+    "tiny-lr0.0008-s7-p13-lr_spike",
 }
 
 
@@ -57,6 +62,9 @@ KNOWN_FALSE_HEAVY = {
     # test half, seeds 5-6: a 25 % corrupt 10-step window whose spike opened at 1.97x its median
     # (the tuning half's reached 1.23x); landed_after_damage rolled it back, it came back by itself
     "tiny-lr0.002-s5-p21-bad_batch",
+    # test half, seeds 7-8: 10 fully corrupt steps still 2.61x the median at patience (stuck_high,
+    # bar 2.5x); the label calls it recovered because it came back 36 steps after the window
+    "tiny-lr0.002-s8-p22-bad_batch",
 }
 
 
