@@ -19,8 +19,9 @@ Failure model and guarantees:
   record does not move them backwards (counters it carries are still counted).
 - Ages (checkpoint, last step, heartbeat per rank) are computed at scrape time from stored wall
   times, so they keep growing while nothing arrives; each is absent until its first event.
-- ``dropped_records`` on a StepRecord is the trainer process's running total (see
-  training/telemetry.py), so ``titan_telemetry_dropped_records_total`` grows by its increase per
+- ``dropped_records`` (and ``dropped_heartbeats``) on a StepRecord is the trainer process's running
+  total (see training/telemetry.py), so ``titan_telemetry_dropped_records_total`` (and
+  ``..._heartbeats_total``) grows by its increase per
   generation (a new generation is a new process whose count starts at 0); resent or
   reordered records never count twice.
 - Restarts, rollbacks and lost work are attributed to the kind of the incident open when they
@@ -120,6 +121,8 @@ SERIES: tuple[Series, ...] = (
            "Checkpoint interval that minimizes expected lost time (Young/Daly)."),
     Series("telemetry_dropped_records_total", "counter", "", (),
            "Telemetry records the trainer dropped (daemon slow or away)."),
+    Series("telemetry_dropped_heartbeats_total", "counter", "", (),
+           "Heartbeats of rank 0 its node agent's relay did not take (agent gone or refusing; agents backend)."),
     Series("http_requests_total", "counter", "", ("route", "code"),
            "HTTP requests answered, by route template and status code (4xx on /v1/telemetry = refused telemetry)."),
     Series("http_request_duration_seconds", "histogram", "seconds", ("route",),
@@ -193,7 +196,8 @@ class Metrics:
         self._clock = clock
         self._lock = threading.Lock()
         self._last_wall = -math.inf
-        self._dropped_seen: dict[int, int] = {}  # generation -> highest running total seen
+        # (field, generation) -> highest running total seen
+        self._dropped_seen: dict[tuple[str, int], int] = {}
         self._state: str | None = None
         self._known_states: list[str] = list(self.config.states)
         self._incident_kind: str | None = None
@@ -243,11 +247,13 @@ class Metrics:
         m = self.m
         with self._lock:
             gen = int(record_field(record, "generation", 0) or 0)
-            total = int(record_field(record, "dropped_records", 0) or 0)
-            seen = self._dropped_seen.get(gen, 0)
-            if total > seen:
-                m["telemetry_dropped_records_total"].inc(total - seen)
-                self._dropped_seen[gen] = total
+            for field, series in (("dropped_records", "telemetry_dropped_records_total"),
+                                  ("dropped_heartbeats", "telemetry_dropped_heartbeats_total")):
+                total = int(record_field(record, field, 0) or 0)
+                seen = self._dropped_seen.get((field, gen), 0)
+                if total > seen:
+                    m[series].inc(total - seen)
+                    self._dropped_seen[(field, gen)] = total
             if record_field(record, "update_skipped", False):
                 m["updates_skipped_total"].inc()
             secs = record_field(record, "step_seconds")

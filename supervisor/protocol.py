@@ -96,6 +96,8 @@ class StepRecord(_Timed):
     # Per-rank seconds of this step, gathered to rank 0 every K steps (else None).
     rank_step_seconds: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(None, max_length=65536)
     dropped_records: NonNegInt = 0
+    # rank 0's beats its node agent's relay did not take (agents backend), a running total
+    dropped_heartbeats: NonNegInt = 0
 
     @field_validator("lr", "tokens_per_s", "step_seconds", "peak_mem_gib", "lr_scale")
     @classmethod

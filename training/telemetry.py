@@ -113,6 +113,7 @@ class TelemetryClient:
     # --- training thread -------------------------------------------------------------------
     def record(self, rec: dict) -> None:
         rec["dropped_records"] = self.dropped
+        rec["dropped_heartbeats"] = self.heartbeats_dropped
         self._write_spool(rec)
         self._enqueue(("record", rec))
 

@@ -150,7 +150,8 @@ def supervisor_health() -> db.Dashboard:
         .with_panel(ts("Refused requests (4xx) by route", "reqps",
                        q(f"titan:http_requests_refused:rate5m{{{RUN}}}", "{{route}}"))) \
         .with_panel(ts("Telemetry dropped by the trainer", "short",
-                       q(f"rate(titan_telemetry_dropped_records_total{{{RUN}}}[5m])", "{{run_id}}")))
+                       q(f"rate(titan_telemetry_dropped_records_total{{{RUN}}}[5m])", "records {{run_id}}"),
+                       q(f"rate(titan_telemetry_dropped_heartbeats_total{{{RUN}}}[5m])", "heartbeats {{run_id}}")))
     d = d.with_row(db.Row("Daemon")) \
         .with_panel(ts("Event loop lag", "s", q(f"titan_event_loop_lag_seconds{{{RUN}}}", "{{instance}}"), w=8)) \
         .with_panel(ts("Scrape up", "none", q('up{job="titan-supervisor"}', "{{instance}}"), w=8)) \

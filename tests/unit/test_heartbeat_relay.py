@@ -256,3 +256,24 @@ def test_an_agent_reports_its_ranks_beats_keeps_them_while_the_daemon_is_away_an
             again.relay.close()
     finally:
         agent.run.stop(2.0)
+
+
+def test_beats_the_relay_does_not_take_ride_on_the_next_record_as_a_running_total(tmp_path, monkeypatch):
+    """The agent is gone (its socket does not exist): the rank's beats are dropped and counted, and
+    the count reaches the daemon on the next step record (`titan_telemetry_dropped_heartbeats_total`)."""
+    from training.telemetry import TelemetryClient, TelemetryConfig
+
+    monkeypatch.setenv("TITAN_SUPERVISOR_RELAY_SOCKET", str(tmp_path / "gone.sock"))
+    monkeypatch.setenv("TITAN_SUPERVISOR_RELAY_TOKEN", "x" * 32)
+    c = TelemetryClient(TelemetryConfig(url="http://127.0.0.1:9", run_id="t", generation=0, rank=0,
+                                        heartbeat_s=0.05))
+    try:
+        deadline = time.time() + 20
+        while c.heartbeats_dropped < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert c.heartbeats_dropped >= 2
+        rec = {"step": 1}
+        c.record(rec)
+        assert rec["dropped_heartbeats"] >= 2 and rec["dropped_records"] == c.dropped
+    finally:
+        c.close(0.5)

@@ -84,6 +84,19 @@ def test_dropped_records_are_a_running_total_per_generation():
     assert value(m, "titan_telemetry_dropped_records_total") == 8
 
 
+def test_dropped_heartbeats_are_counted_apart_from_dropped_records():
+    """Rank 0's relay beats that did not get through ride on its records, a running total of
+    their own: the two counts never mix, and each resets with a new generation."""
+    m = Metrics()
+    m.observe_step(record(1, 1.0, dropped_records=3, dropped_heartbeats=5))
+    m.observe_step(record(2, 2.0, dropped_records=3, dropped_heartbeats=7))
+    m.observe_step(record(3, 3.0, dropped_records=4, dropped_heartbeats=6))  # reordered
+    assert value(m, "titan_telemetry_dropped_heartbeats_total") == 7
+    assert value(m, "titan_telemetry_dropped_records_total") == 4
+    m.observe_step(record(4, 4.0, generation=1, dropped_heartbeats=1))
+    assert value(m, "titan_telemetry_dropped_heartbeats_total") == 8
+
+
 def test_counters_by_kind():
     m = Metrics()
     m.observe_incident("loss_spike")
