@@ -161,7 +161,7 @@ class Conn:
     async def post(self, path: str, body: bytes) -> int:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(b"POST %s HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n%s"
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n%s"
                           b"Content-Length: %d\r\n\r\n" % (path.encode(), self.auth, len(body)) + body)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])

@@ -27,6 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from supervisor.auth import TokenStore
+from supervisor.browser_guard import guard
 from supervisor.health import fault_kind
 from supervisor.protocol import Heartbeat, TelemetryBatch, wire_context
 from supervisor.ratelimit import RateLimiter, route_class
@@ -107,6 +109,8 @@ def build_app(sup) -> FastAPI:
         return dispatch
 
     sup.metrics.add_asgi_middleware(app, _node_reports)  # first added: innermost of ours
+    # what only a browser would send is refused before any route (supervisor/browser_guard.py)
+    sup.metrics.add_asgi_middleware(app, guard(open_mode=not TokenStore.from_settings(sup.settings).configured))
     sup.metrics.instrument(app)  # request counts and latency by route (supervisor/metrics.py)
     limiter = RateLimiter(sup.settings.server.rate_limit)
 

@@ -193,6 +193,10 @@ class ControlPlane:
         if not self.tokens.configured:
             if need == "viewer":
                 return Principal("anonymous", "viewer")
+            if need == "alerts":  # a webhook is no human at a loopback shell: it needs its own token
+                raise Refusal(401, "no tokens are configured on this supervisor, so the alerts webhook is "
+                                   "refused: create one with `titan-supervisor token add alertmanager --role "
+                                   "alerts --file FILE` and set server.token_file")
             if server.allow_unauthenticated_loopback and server.loopback:
                 return Principal("local", "admin")
             raise Refusal(401, "no tokens are configured on this supervisor, so commands are refused: create "

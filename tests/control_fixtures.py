@@ -104,5 +104,5 @@ def sup(tmp_path, tokens):
 
 @pytest.fixture
 def client(sup):
-    with TestClient(build_app(sup)) as c:
+    with TestClient(build_app(sup), base_url="http://127.0.0.1") as c:
         yield c

@@ -46,7 +46,7 @@ def test_no_request_makes_the_api_fail(api_schema):
 
     sup, admin = STATE["sup"], STATE["tokens"]["admin"]
     ran = []
-    http = TestClient(api_schema.app).__enter__()
+    http = TestClient(api_schema.app, base_url="http://127.0.0.1").__enter__()
 
     def send(case):
         # schemathesis' own transport needs urllib3 internals that urllib3-future (pulled in by the

@@ -99,14 +99,14 @@ def test_without_tokens_reads_are_open_and_commands_refused(tmp_path):
     s = Settings.load(run={"workdir": str(tmp_path / "w"), "run_id": "t"}, server={"port": 0})
     sup = Supervisor(s)
     try:
-        c = TestClient(build_app(sup))
+        c = TestClient(build_app(sup), base_url="http://127.0.0.1")
         assert c.get("/v1/status").status_code == 200
         r = c.post("/v1/commands/pause", json={"reason": "x"})
         assert r.status_code == 401 and "no tokens are configured" in r.json()["error"]
         s2 = Settings.load(run={"workdir": str(tmp_path / "w"), "run_id": "t"},
                            server={"port": 0, "allow_unauthenticated_loopback": True})
         sup.settings = s2
-        r = TestClient(build_app(sup)).post("/v1/policy", json={"mode": "off", "reason": "x"})
+        r = TestClient(build_app(sup), base_url="http://127.0.0.1").post("/v1/policy", json={"mode": "off", "reason": "x"})
         assert r.status_code == 200 and sup.journal.commands()[0]["actor"] == "local"
     finally:
         sup.journal.close()

@@ -52,7 +52,7 @@ RUNNING = [
 def env(tmp_path):
     tokens = make_tokens(tmp_path)
     sup = make_sup(tmp_path, tokens)
-    with TestClient(build_app(sup)) as client:
+    with TestClient(build_app(sup), base_url="http://127.0.0.1") as client:
         yield sup, client, {"Authorization": f"Bearer {tokens['admin']}"}
     sup.journal.close()
 

@@ -120,11 +120,11 @@ def live(tmp_path_factory):
     sup.gen = Generation(LaunchSpec(0, 2, "tiny", tmp, "http://127.0.0.1:1", "t"), parent.pid, tmp / "g.log", parent)
     sup.journal.record_generation_start(generation=0, run_id="t")
     app = build_app(sup)
-    clients = {"trainer": TestClient(app, raise_server_exceptions=False,
+    clients = {"trainer": TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False,
                                      headers={"Authorization": f"Bearer {sup.trainer_token}"}),
-               "op": TestClient(app, raise_server_exceptions=False, headers={"Authorization": "Bearer op"}),
-               "am": TestClient(app, raise_server_exceptions=False, headers={"Authorization": "Bearer am"}),
-               "anon": TestClient(app, raise_server_exceptions=False)}
+               "op": TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False, headers={"Authorization": "Bearer op"}),
+               "am": TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False, headers={"Authorization": "Bearer am"}),
+               "anon": TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False)}
     rss0 = psutil.Process().memory_info().rss
     yield {"sup": sup, "c": clients, "rank0": rank0, "parent": parent, "victim": victim, "rss0": rss0}
     for p in (parent, victim):

@@ -66,7 +66,7 @@ def sup(tmp_path):
 @pytest.fixture
 def trainer(sup):
     """A client holding the trainer token (what the daemon's own ranks get)."""
-    return TestClient(build_app(sup), headers={"Authorization": f"Bearer {sup.trainer_token}"})
+    return TestClient(build_app(sup), base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {sup.trainer_token}"})
 
 
 def errors_metric(client, kind) -> float:
@@ -209,7 +209,7 @@ def _send_chunked_until_answered(port: int, path: str, token: str, total: int) -
     import select
 
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
               "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
     chunk = b"100000\r\n" + b" " * 2**20 + b"\r\n"
     sent = 0
@@ -252,9 +252,9 @@ def test_finding_4_huge_bodies_are_refused_while_streaming_and_alerts_are_queued
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert sent < 2**29, f"{sent} bytes were taken before the answer"
         assert _rss_mib() - rss0 < 200, "memory grew with the body"
-        assert errors_metric(TestClient(build_app(sup)), "body_too_large") >= 1
+        assert errors_metric(TestClient(build_app(sup), base_url="http://127.0.0.1"), "body_too_large") >= 1
     # alerts: no token configured -> refused like a command (was open: 6 requests made 6,002 findings)
-    client = TestClient(build_app(sup))
+    client = TestClient(build_app(sup), base_url="http://127.0.0.1")
     payload = {"version": "4", "status": "firing", "alerts": [
         {"status": "firing", "labels": {"alertname": f"GpuXid{i}", "node": f"n{i % 50}"}} for i in range(1000)]}
     assert client.post("/v1/alerts", json=payload).status_code == 401
@@ -268,7 +268,7 @@ def test_finding_4_alert_storm_is_capped_and_processed_off_the_request_path(tmp_
     monkeypatch.setenv("TITAN_SUPERVISOR_TOKENS", f"am:alerts:{hash_token('am-secret')}")
     sup = make_sup(tmp_path)
     try:
-        client = TestClient(build_app(sup), headers={"Authorization": "Bearer am-secret"})
+        client = TestClient(build_app(sup), base_url="http://127.0.0.1", headers={"Authorization": "Bearer am-secret"})
         payload = {"version": "4", "status": "firing", "alerts": [
             {"status": "firing", "labels": {"alertname": f"GpuXid{i}", "node": f"n{i % 50}"}} for i in range(1000)]}
         t0 = time.perf_counter()
@@ -310,8 +310,8 @@ def test_finding_5_audit_survives_1e400_surrogates_escape_codes_and_odd_alert_ra
                        f"op:operator:{hash_token('op-secret')},am:alerts:{hash_token('am-secret')}")
     sup = make_sup(tmp_path)
     try:
-        anon = TestClient(build_app(sup), raise_server_exceptions=False)
-        op = TestClient(build_app(sup), headers={"Authorization": "Bearer op-secret"}, raise_server_exceptions=False)
+        anon = TestClient(build_app(sup), base_url="http://127.0.0.1", raise_server_exceptions=False)
+        op = TestClient(build_app(sup), base_url="http://127.0.0.1", headers={"Authorization": "Bearer op-secret"}, raise_server_exceptions=False)
         hostile = "\x1b[2J\x1b[1;1H[link=http://evil]click[/link] [red]FAKE LOG LINE[/red]\r"
         attempts = [
             anon.post("/v1/commands/lr", content=b'{"reason": "x", "scale": 1e400}',
@@ -333,7 +333,7 @@ def test_finding_5_audit_survives_1e400_surrogates_escape_codes_and_odd_alert_ra
         assert "\x1b[2J" not in text and "\r" not in text.replace("\r\n", "\n")
         assert "[link=http://evil]" in text and "\\x1b[2J" in text  # shown as the text it is
         # alerts with odd ranks: ignored and listed, no 500, no finding
-        am = TestClient(build_app(sup), headers={"Authorization": "Bearer am-secret"}, raise_server_exceptions=False)
+        am = TestClient(build_app(sup), base_url="http://127.0.0.1", headers={"Authorization": "Bearer am-secret"}, raise_server_exceptions=False)
         for rank in ("²", "1" * 30, "-1", "65536"):
             r = am.post("/v1/alerts", json={"version": "4", "status": "firing", "alerts": [
                 {"status": "firing", "labels": {"alertname": hostile, "node": "n1", "rank": rank}}]})
@@ -452,7 +452,58 @@ def test_finding_4_the_daemons_own_stall_is_not_blamed_on_the_ranks(sup):
     sup.suite.reset_generation(0, now - 60, resume_step=None, world_size=2)
     sup.suite.observe_record(StepRecord.model_validate(record(1, wall_time=now - 30)))
     sup._check_own_stall(sup.settings.launch.poll_interval_s + 0.2)  # a normal tick: nothing deferred
-    assert errors_metric(TestClient(build_app(sup)), "loop_stall") == 0
+    assert errors_metric(TestClient(build_app(sup), base_url="http://127.0.0.1"), "loop_stall") == 0
     sup._check_own_stall(30.0)  # the loop itself did not run for ~30 s
     assert [f.kind for f in sup.suite.tick(now + 1) if f.kind == "hang"] == []
-    assert errors_metric(TestClient(build_app(sup)), "loop_stall") == 1
+    assert errors_metric(TestClient(build_app(sup), base_url="http://127.0.0.1"), "loop_stall") == 1
+
+
+# --- browsers ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,headers,open_mode,status", [
+    ("POST", {b"content-type": b"application/json", b"host": b"127.0.0.1:8642"}, True, None),
+    ("POST", {b"content-type": b"application/json; charset=utf-8", b"host": b"localhost:1"}, True, None),
+    ("POST", {b"content-type": b"application/merge-patch+json", b"host": b"[::1]:8642"}, True, None),
+    ("POST", {b"host": b"127.0.0.1"}, True, None),  # no body, no type (an ack)
+    ("POST", {b"content-length": b"12", b"host": b"127.0.0.1"}, True, 415),  # a body and no type
+    ("POST", {b"content-type": b"text/plain;charset=UTF-8", b"host": b"127.0.0.1"}, True, 415),
+    ("POST", {b"content-type": b"application/x-www-form-urlencoded", b"host": b"127.0.0.1"}, False, 415),
+    ("POST", {b"content-type": b"application/json", b"origin": b"null", b"host": b"127.0.0.1"}, False, 403),
+    ("POST", {b"content-type": b"application/json", b"host": b"attacker.example:8642"}, True, 403),
+    ("GET", {b"host": b"attacker.example:8642"}, True, 403),  # DNS rebinding reads the status
+    ("GET", {b"host": b"10.0.0.5:8642"}, False, None),  # with tokens: a scrape by address
+    ("GET", {b"host": b"127.0.0.1", b"origin": b"http://x"}, True, None),  # reads change nothing
+])
+def test_what_only_a_browser_sends_is_refused(method, headers, open_mode, status):
+    from supervisor.browser_guard import refusal
+
+    got = refusal(method, headers, open_mode=open_mode)
+    assert (got and got[0]) == status, got
+
+
+def test_a_web_page_cannot_drive_an_unauthenticated_loopback_daemon(tmp_path):
+    """With no tokens and `allow_unauthenticated_loopback = true`, a page in a browser on the same
+    machine could switch the policy off with a text/plain form post, and a DNS-rebinding page could
+    read the status; the alerts webhook was open too. Now each is refused and changes nothing, and
+    the local CLI's own request (JSON, to 127.0.0.1, no Origin) still works."""
+    sup = make_sup(tmp_path, allow_unauthenticated_loopback=True)
+    try:
+        c = TestClient(build_app(sup), base_url="http://127.0.0.1", raise_server_exceptions=False)
+        body = json.dumps({"mode": "off", "reason": "x"}).encode()
+        form = c.post("/v1/policy", content=body, headers={"Content-Type": "text/plain;charset=UTF-8",
+                                                            "Origin": "http://attacker.example"})
+        assert form.status_code == 403 and "browser" in form.json()["error"]
+        plain = c.post("/v1/policy", content=body, headers={"Content-Type": "text/plain"})
+        assert plain.status_code == 415
+        rebound = TestClient(build_app(sup), base_url="http://attacker.example:8642", raise_server_exceptions=False)
+        assert rebound.post("/v1/policy", json={"mode": "off", "reason": "x"}).status_code == 403
+        assert rebound.get("/v1/status").status_code == 403
+        alert = {"version": "4", "status": "firing", "alerts": [{"status": "firing", "labels": {"alertname": "GpuXid",
+                                                                                             "node": "gpu-017"}}]}
+        assert c.post("/v1/alerts", json=alert).status_code == 401 and sup.alerts.pending == 0
+        assert sup.journal.commands() == [] or all(not row["accepted"] for row in sup.journal.commands())
+        assert c.get("/v1/status").json()["mode"] == "auto"
+        ok = c.post("/v1/policy", json={"mode": "off", "reason": "x"})
+        assert ok.status_code == 200 and sup.journal.commands()[-1]["actor"] == "local"
+    finally:
+        sup.journal.close()

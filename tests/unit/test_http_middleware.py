@@ -33,7 +33,7 @@ def _hb(sup, rank=0):
 def test_a_flood_past_the_limit_is_429_before_the_route_and_counted(tmp_path):
     sup = _sup(tmp_path, trainer_per_s=5)
     try:
-        with TestClient(build_app(sup)) as c:
+        with TestClient(build_app(sup), base_url="http://127.0.0.1") as c:
             auth = {"Authorization": f"Bearer {sup.trainer_token}"} if sup.trainer_token else {}
             codes = [c.post("/v1/heartbeat", json=_hb(sup), headers=auth).status_code for _ in range(12)]
             assert 429 in codes and codes.index(429) >= 4, codes  # the bucket holds ~5 first
@@ -52,7 +52,7 @@ def test_a_flood_past_the_limit_is_429_before_the_route_and_counted(tmp_path):
 def test_every_request_is_counted_by_route_template_and_status(tmp_path):
     sup = _sup(tmp_path, trainer_per_s=1000)
     try:
-        with TestClient(build_app(sup)) as c:
+        with TestClient(build_app(sup), base_url="http://127.0.0.1") as c:
             assert c.post("/v1/heartbeat", content=b"{not json", headers={"Content-Type": "application/json"}
                           ).status_code in (400, 401)
             code = c.post("/v1/heartbeat", content=b"{not json").status_code

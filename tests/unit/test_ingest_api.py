@@ -36,7 +36,7 @@ def sup(tmp_path):
 @pytest.fixture
 def client(sup):
     """A client holding the trainer token, as the ranks the daemon launches do."""
-    return TestClient(build_app(sup), headers={"Authorization": f"Bearer {sup.trainer_token}"})
+    return TestClient(build_app(sup), base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {sup.trainer_token}"})
 
 
 def steps_in_journal(sup) -> int:
@@ -123,7 +123,7 @@ def test_trainer_token_guards_telemetry_and_heartbeats_when_required(tmp_path):
     sup.generation = 0
     try:
         assert sup.trainer_token and len(sup.trainer_token) >= 32
-        client = TestClient(build_app(sup))
+        client = TestClient(build_app(sup), base_url="http://127.0.0.1")
         body = {"run_id": "t", "generation": 0, "records": [record(1)]}
         hb = {"run_id": "t", "generation": 0, "rank": 0, "step": 1, "pid": 1, "host": "h", "wall_time": time.time()}
         for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -144,6 +144,6 @@ def test_trainer_token_guards_telemetry_and_heartbeats_when_required(tmp_path):
 
 def test_loopback_default_requires_the_trainer_token(sup, client):
     assert sup.trainer_token is not None
-    bare = TestClient(build_app(sup))
+    bare = TestClient(build_app(sup), base_url="http://127.0.0.1")
     assert bare.post("/v1/telemetry", json={"run_id": "t", "generation": 0, "records": [record(1)]}).status_code == 401
     assert client.post("/v1/telemetry", json={"run_id": "t", "generation": 0, "records": [record(1)]}).status_code == 200

@@ -46,7 +46,7 @@ def scrape(tmp_path):
                          tmp_path / "g.log", None)
     sup.journal.record_generation_start(generation=0, run_id="t")
     try:
-        c = TestClient(build_app(sup), headers={"Authorization": f"Bearer {sup.trainer_token}"})
+        c = TestClient(build_app(sup), base_url="http://127.0.0.1", headers={"Authorization": f"Bearer {sup.trainer_token}"})
         assert c.post("/v1/heartbeat", json={"run_id": "t", "generation": 0, "rank": 1, "step": 1, "pid": rank1.pid,
                                              "host": "node-b", "wall_time": time.time()}).status_code == 200
         assert c.post("/v1/telemetry", json={"run_id": "t", "generation": 0,

@@ -32,7 +32,7 @@ def setup(tmp_path):
                       launch={"backend": "agents", "agents": {"nodes": ["node-a", "node-b"]}})
     sup = Supervisor(s)
     sup.generation = 0
-    yield sup, TestClient(build_app(sup)), tok
+    yield sup, TestClient(build_app(sup), base_url="http://127.0.0.1"), tok
     sup.journal.close()
 
 
@@ -124,7 +124,7 @@ def test_nodes_commands_are_refused_without_agents(tmp_path):
     sup = Supervisor(Settings.load(run={"workdir": str(tmp_path / "run"), "run_id": "t"},
                                    server={"port": 0, "token_file": str(f)}))
     try:
-        r = TestClient(build_app(sup)).post("/v1/commands/nodes-exclude", json={"reason": "x", "node": "n1"},
+        r = TestClient(build_app(sup), base_url="http://127.0.0.1").post("/v1/commands/nodes-exclude", json={"reason": "x", "node": "n1"},
                                             headers={"Authorization": f"Bearer {op}"})
         assert r.status_code == 409 and "launch.backend = local" in r.text
     finally:
@@ -300,7 +300,7 @@ def test_node_reports_have_their_own_rate_limit_bucket(tmp_path):
                       launch={"backend": "agents"})
     sup = Supervisor(s)
     try:
-        client = TestClient(build_app(sup))
+        client = TestClient(build_app(sup), base_url="http://127.0.0.1")
         # a bucket of 3 (0.05/s x 60 s) that refills one token in 20 s: no timing in the outcome
         codes = [post(client, tok, report("node-a")).status_code for _ in range(8)]
         assert codes == [200] * 3 + [429] * 5, codes

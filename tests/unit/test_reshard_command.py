@@ -53,7 +53,7 @@ def test_a_reshard_that_cannot_keep_the_global_batch_is_refused(tmp_path, tokens
     sup = Supervisor(s)
     try:
         sup.status.state = "running"
-        with TestClient(build_app(sup)) as c:
+        with TestClient(build_app(sup), base_url="http://127.0.0.1") as c:
             r = c.post("/v1/commands/reshard", json={"reason": "x", "ranks": 2, "dry_run": True},
                        headers=hdr(tokens, "operator"))
             assert r.status_code == 409 and "global_batch_size 12 is not a multiple of 2 ranks x local batch 4" \
