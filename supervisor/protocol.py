@@ -35,7 +35,9 @@ def record_field(record: Any, name: str, default: Any = None) -> Any:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a bool, a string or a float where an int is expected is an error, not converted
+    # (``true`` was step 1, ``"35"`` step 35; a float field still takes an int)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # Every number from the wire has a range (docs/architecture.md §3; issue "hostile input"): an
@@ -152,6 +154,18 @@ class TelemetryBatch(_Strict):
     generation: Generation
     records: list[StepRecord] = Field(default_factory=list, max_length=10_000)
     events: list[Event] = Field(default_factory=list, max_length=10_000)
+
+    @field_validator("records")
+    @classmethod
+    def _records_are_the_batchs(cls, records: list[StepRecord], info: ValidationInfo) -> list[StepRecord]:
+        # the batch's run and generation decide whether it is ignored; a record naming another
+        # one would be journaled under a run or generation it does not belong to
+        run, gen = info.data.get("run_id"), info.data.get("generation")
+        for i, r in enumerate(records):
+            if r.run_id != run or r.generation != gen:
+                raise ValueError(f"record {i} names run {r.run_id[:64]!r} generation {r.generation}, "
+                                 f"not the batch's run {str(run)[:64]!r} generation {gen}")
+        return records
 
 
 class Heartbeat(_Timed):

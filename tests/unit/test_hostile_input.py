@@ -507,3 +507,22 @@ def test_a_web_page_cannot_drive_an_unauthenticated_loopback_daemon(tmp_path):
         assert ok.status_code == 200 and sup.journal.commands()[-1]["actor"] == "local"
     finally:
         sup.journal.close()
+
+
+@pytest.mark.parametrize("patch,field", [
+    ({"step": True}, "records.0.step"), ({"step": "35"}, "records.0.step"), ({"step": 36.0}, "records.0.step"),
+    ({"update_skipped": "yes"}, "records.0.update_skipped"), ({"wall_time": "1796000000"}, "records.0.wall_time"),
+    ({"run_id": "OTHER-RUN"}, "records"), ({"generation": 99}, "records"),
+])
+def test_telemetry_types_are_not_coerced_and_records_are_the_batchs(trainer, sup, patch, field):
+    """pydantic converted `true` to step 1 and "35" to step 35, and took a record of another run
+    inside this run's batch; each is a 400 naming the field now, and nothing is journaled."""
+    rec = {"run_id": "t", "generation": 0, "step": 5, "loss": 3.0, "grad_norm": 1.0, "lr": 1e-3, "lr_scale": 1.0,
+           "tokens_per_s": 1.0, "step_seconds": 0.1, "wall_time": time.time(), **patch}
+    r = trainer.post("/v1/telemetry", json={"run_id": "t", "generation": 0, "records": [rec]})
+    assert r.status_code == 400, r.text
+    assert any(d["field"].startswith(field) for d in r.json()["details"]), r.json()
+    assert sup.journal.recent_steps(10) == []
+    good = trainer.post("/v1/telemetry", json={"run_id": "t", "generation": 0, "records": [{**rec, **{
+        "step": 5, "update_skipped": False, "wall_time": time.time(), "run_id": "t", "generation": 0}}]})
+    assert good.status_code == 200 and len(sup.journal.recent_steps(10)) == 1  # the same record, well-typed
