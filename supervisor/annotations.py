@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from tenacity import Retrying, stop_after_attempt, wait_exponential
 
+from supervisor.wire import web_text
+
 EVENTS = ("opened", "acted", "resolved")
 
 
@@ -106,7 +108,7 @@ class GrafanaAnnotator:
         title = f"{ev.kind} {ev.event}" + (f" ({ev.action})" if ev.action else "")
         ref = f" [incident {ev.incident_id}]" if ev.incident_id is not None else ""
         self.api.annotations.add_annotation(dashboard_uid=c.dashboard_uid, time_from=int(ev.at * 1000),
-                                            tags=ev.tags(), text=f"{title}{ref}: {ev.text}")
+                                            tags=ev.tags(), text=f"{title}{ref}: {web_text(ev.text)}")
 
     def _run(self) -> None:
         c = self.config

@@ -23,9 +23,11 @@ says what is wrong; nothing here changes any state.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
+import unicodedata
 from typing import Any
 
 import msgspec
@@ -134,7 +136,15 @@ def check_wall_time(t: float, now: float, *, future_s: float, past_s: float) -> 
         raise ValueError(f"is {now - t:.0f} s behind the supervisor's clock (at most {past_s:g} s allowed)")
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
+# What a terminal or a page does not show as itself: controls (C0, C1), format characters (bidi
+# marks and overrides, zero-width ones, soft hyphen, tag characters), line and paragraph
+# separators, private-use characters. By category, not a hand-written range list.
+_HIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp", "Co"})
+
+
+def _spell_hidden(s: str) -> str:
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in _HIDDEN else ch
+                   for ch in s)
 
 
 def inert(value: Any, *, newlines: bool = False, markup: bool = True) -> str:
@@ -144,9 +154,21 @@ def inert(value: Any, *, newlines: bool = False, markup: bool = True) -> str:
     s = clean_text(value if isinstance(value, str) else str(value))
     if not newlines:
         s = s.replace("\n", "\\n")
-    s = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), s.replace("\t", " "))
+    s = _spell_hidden(s.replace("\t", " ")) if newlines is False else "\n".join(
+        _spell_hidden(line) for line in s.replace("\t", " ").split("\n"))
     if markup:
         from rich.markup import escape
 
         s = escape(s)
     return s
+
+
+_MARKDOWN = re.compile(r"([\\`*_\[\]()#!|~>])")
+
+
+def web_text(value: Any, limit: int = 500) -> str:
+    """``value`` as text a web page (a Grafana annotation) shows literally: hidden characters and
+    newlines spelled out as by `inert`, HTML escaped, Markdown's link and emphasis characters
+    backslash-escaped; at most ``limit`` characters of the source."""
+    s = inert(str(value)[:limit], markup=False)
+    return _MARKDOWN.sub(r"\\\1", html.escape(s, quote=True))

@@ -94,3 +94,22 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="event"):
         a.post("exploded", run_id="r1", kind="hang", text="x")
     a.close()
+
+
+def test_text_from_outside_reaches_grafana_inert():
+    """A trainer's directive ack `detail` (free text) ended up raw in an annotation: HTML, a
+    Markdown link and a newline. What Grafana receives now shows them as text."""
+
+    g = FakeGrafana()
+    try:
+        a = annotator(g.url)
+        hostile = '<img src=x onerror=alert(1)> [click](http://evil.example) **PWNED**\n<script>alert(2)</script>\u202e'
+        a.post("acted", run_id="r1", kind="operator", action="checkpoint_now", text=f"detail={hostile}", at=1_700_000_000.0)
+        assert wait_for(lambda: a.sent == 1)
+        text = g.accepted[0]["text"]
+        assert "<" not in text and ">" not in text and "](" not in text and "**" not in text
+        assert "\n" not in text and "\u202e" not in text
+        assert "&lt;script&gt;alert\\(2\\)" in text and "\\[click\\]" in text  # still readable
+        a.close()
+    finally:
+        g.close()

@@ -526,3 +526,15 @@ def test_telemetry_types_are_not_coerced_and_records_are_the_batchs(trainer, sup
     good = trainer.post("/v1/telemetry", json={"run_id": "t", "generation": 0, "records": [{**rec, **{
         "step": 5, "update_skipped": False, "wall_time": time.time(), "run_id": "t", "generation": 0}}]})
     assert good.status_code == 200 and len(sup.journal.recent_steps(10)) == 1  # the same record, well-typed
+
+
+@pytest.mark.parametrize("hidden", ["\x1b", "\x9b", "\u202e", "\u061c", "\ufeff", "\u2060", "\xad", "\U000e0041",
+                                    "\u2028", "\u2029", "\ue000", "\u200b"])
+def test_every_hidden_character_is_spelled_out_when_printed(hidden):
+    """By Unicode category (controls, format characters, separators, private use), not a range
+    list: the Arabic letter mark, BOM, word joiner, soft hyphen and tag characters got through."""
+    from supervisor.wire import inert
+
+    out = inert(f"a{hidden}b")
+    assert hidden not in out and out.startswith("a\\") and out.endswith("b")
+    assert inert("é ü 中文 🙂") == "é ü 中文 🙂"  # visible text stays as it is
