@@ -31,6 +31,7 @@ from supervisor.config_types import PositiveInt, Seconds, doc
 NODE_LABELS = ("node", "Hostname", "hostname", "host", "kubernetes_node", "nodename", "instance")
 MAX_BODY = 4 * 1024 * 1024
 _RANK = re.compile(r"^[0-9]{1,5}$")
+_NODE = re.compile(r"^[A-Za-z0-9_.:@-]{1,255}$")
 
 
 class AlertmanagerAlert(BaseModel):
@@ -60,9 +61,18 @@ class AlertmanagerPayload(BaseModel):
 
 def node_of(labels: dict[str, str]) -> str | None:
     host = next((labels[k] for k in NODE_LABELS if labels.get(k)), None)
-    if host is not None and ":" in host and not host.startswith("["):
+    if host is not None and host.startswith("["):
+        host = host[1:].split("]", 1)[0]  # instance = [v6 address]:port
+    elif host is not None and host.count(":") == 1:
         host = host.rsplit(":", 1)[0]  # instance = host:port
     return host
+
+
+def is_node_name(host: str) -> bool:
+    """A host name or address as the rest of the daemon takes it (`protocol.NodeName`), with no
+    ``..``: it becomes an `exclude_node` target (a Kubernetes Node name, a registry key) and a
+    page's text, so an alert label must not carry a path, markup or a line break into them."""
+    return bool(_NODE.match(host)) and ".." not in host
 
 
 def rank_of(labels: dict[str, str]) -> tuple[bool, int | None]:
@@ -104,6 +114,8 @@ class AlertReceiver:
             ok, rank = rank_of(al.labels)
             why = ("resolved" if al.status != "firing" else
                    f"no node label ({', '.join(NODE_LABELS)})" if host is None else
+                   "node label is not a node name (letters, digits, _ . : @ -, at most 255)"
+                   if not is_node_name(host) else
                    "rank label is not a rank number below 65536" if not ok else None)
             if why is not None:
                 ignored.append({"index": i, "alertname": name, "why": why})

@@ -538,3 +538,30 @@ def test_every_hidden_character_is_spelled_out_when_printed(hidden):
     out = inert(f"a{hidden}b")
     assert hidden not in out and out.startswith("a\\") and out.endswith("b")
     assert inert("é ü 中文 🙂") == "é ü 中文 🙂"  # visible text stays as it is
+
+
+def test_an_alert_whose_node_label_is_no_node_name_is_ignored_and_names_why(tmp_path, monkeypatch):
+    """An Alertmanager label became an exclude_node target and a page's text as it came: a path
+    (`../../apis/...`), markup and a line break. It is ignored now, said why; a node name, an IP
+    and an `instance` host:port or [v6]:port still name a node."""
+    from supervisor.alert_receiver import node_of
+
+    monkeypatch.setenv("TITAN_SUPERVISOR_TOKENS", f"am:alerts:{hash_token('am-secret')}")
+    sup = make_sup(tmp_path)
+    try:
+        client = TestClient(build_app(sup), base_url="http://127.0.0.1", headers={"Authorization": "Bearer am-secret"})
+        bad = "../../apis/apps/v1/namespaces/default/deployments/x\n<b>**Xid**</b> " + "A" * 3000
+        labels = [{"alertname": "GpuEcc", "node": bad}, {"alertname": "GpuEcc", "node": "a..b"},
+                  {"alertname": "GpuEcc", "node": "gpu-017.cluster.local"}]
+        r = client.post("/v1/alerts", json={"version": "4", "status": "firing",
+                                             "alerts": [{"status": "firing", "labels": lb} for lb in labels]})
+        body = r.json()
+        assert r.status_code == 202 and [q["host"] for q in body["queued"]] == ["gpu-017.cluster.local"]
+        assert [i["index"] for i in body["ignored"]] == [0, 1]
+        assert all("not a node name" in i["why"] for i in body["ignored"])
+        assert sup.alerts.pending == 1
+    finally:
+        sup.journal.close()
+    assert node_of({"instance": "10.0.0.7:9100"}) == "10.0.0.7"
+    assert node_of({"instance": "[fd00::7]:9100"}) == "fd00::7"
+    assert node_of({"node": "fd00::7"}) == "fd00::7"
