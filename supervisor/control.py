@@ -232,11 +232,12 @@ class ControlPlane:
         reason = d.get("reason") if isinstance(d.get("reason"), str) else None
         rid = d.get("request_id") if isinstance(d.get("request_id"), str) else None
         args = {k: v for k, v in d.items() if k not in ("reason", "request_id")} if len(raw) <= 4096 else {}
-        args.update(extra)
+        args.update({k: str(v)[:32] for k, v in extra.items()})
         who: Principal | None = None
         try:
             who = self.identify(cred, spec.role)
             self.require(who, spec.role)
+            extra = {k: _int_arg(v, k) for k, v in extra.items()}  # path ids: after auth, audited
             if parse_error:
                 raise Refusal(400, parse_error)
             if not isinstance(obj, dict):
@@ -824,20 +825,19 @@ def _alert_route(r: APIRouter, cp: ControlPlane, cred_dep) -> None:
 
 
 
+_PATH_ID = re.compile(r"[0-9]{1,18}")
+
+
 def _int_arg(value, what: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise Refusal(400, f"{what} must be an integer, got {str(value)[:32]!r}") from None
+    """A path id: ASCII digits only (``int()`` took "１", " 1", "+1" and "1_0")."""
+    if not isinstance(value, str) or not _PATH_ID.fullmatch(value):
+        raise Refusal(400, f"{what} must be a number of at most 18 digits, got {str(value)[:32]!r}")
+    return int(value)
 
 
 def _command_route(r: APIRouter, cp: ControlPlane, spec: CommandSpec, cred_dep) -> None:
     async def handler(request: Request, cred: HTTPAuthorizationCredentials | None = cred_dep):
-        try:
-            extra = {k: _int_arg(request.path_params[k], k) for k in spec.path_args}
-        except Refusal as e:
-            return e.response()
-        return await cp.command(request, cred, spec, extra)
+        return await cp.command(request, cred, spec, {k: request.path_params[k] for k in spec.path_args})
     errors = {**_CMD_ERRORS, **({404: {"model": ErrorBody}} if spec.name == "ack" else {})}
     r.add_api_route(spec.path or f"/commands/{spec.name}", handler, methods=["POST"], tags=["commands"],
                     summary=spec.summary, responses=errors, openapi_extra=_body_doc(spec.body),

@@ -148,9 +148,12 @@ def test_incident_show_and_ack(sup, client, tokens):
     assert r.status_code == 200 and "already acknowledged by alice" in r.json()["message"]
     r = client.post("/v1/incidents/999/ack", json={"reason": "x"}, headers=hdr(tokens, "operator"))
     assert r.status_code == 404 and sup.journal.commands()[0]["accepted"] is False
+    # found by the schemathesis run: an id SQLite cannot hold was a 500; more than 18 digits is no id
     r = client.post(f"/v1/incidents/{2**70}/ack", json={"reason": "x"}, headers=hdr(tokens, "operator"))
-    assert r.status_code == 404  # found by the schemathesis run: an id SQLite cannot hold was a 500
+    assert r.status_code == 400 and "incident_id" in r.json()["error"]
     r = client.post(f"/v1/proposals/{2**70}/confirm", json={"reason": "x"}, headers=hdr(tokens, "operator"))
+    assert r.status_code == 400 and "decision_id" in r.json()["error"]
+    r = client.post(f"/v1/proposals/{10**17}/confirm", json={"reason": "x"}, headers=hdr(tokens, "operator"))
     assert r.status_code == 409
 
 
@@ -447,3 +450,21 @@ def test_bad_alert_payload_is_400_and_changes_nothing(sup, client, tokens, paylo
 def test_alerts_need_an_operator_token_once_tokens_exist(client, tokens):
     assert client.post("/v1/alerts", json=am()).status_code == 401
     assert client.post("/v1/alerts", json=am(), headers=hdr(tokens, "viewer")).status_code == 403
+
+
+@pytest.mark.parametrize("raw", ["１", " 1", "+1", "1_0", "abc", "9" * 19])
+def test_a_path_id_is_ascii_digits_checked_after_auth_and_audited(client, tokens, sup, raw):
+    """`int()` read "１" as incident 1 and "1_0" as 10, and the parse ran before auth (a 400 to
+    an anonymous caller) with no audit row. Now: 401 without a token, 400 naming the id for an
+    operator, and one audit row for each attempt."""
+    from urllib.parse import quote
+
+    sup.journal.open_incident("loss_spike", 31, summary="loss_spike", generation=0)
+    path = f"/v1/incidents/{quote(raw)}/ack"
+    before = len(sup.journal.commands())
+    assert client.post(path, json={"reason": "x"}).status_code == 401
+    r = client.post(path, json={"reason": "x"}, headers=hdr(tokens, "operator"))
+    assert r.status_code == 400 and "incident_id" in r.json()["error"], r.text
+    rows = sup.journal.commands()[before:]
+    assert len(rows) == 2 and not any(row["accepted"] for row in rows)
+    assert sup.journal.incidents()[0]["state"] == "open"
