@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--token-file", help="this agent's token (role agent)")
     a.add_argument("--python", help="Python that runs torchrun here (default: as the daemon says)")
     a.add_argument("--kernel-log", help="/dev/kmsg (default), dmesg, a file, or none")
-    a.add_argument("--interval", type=float, help="report interval until the daemon sets one (default 1 s)")
+    a.add_argument("--interval", type=oncall._pos_float, help="report interval until the daemon sets one (default 1 s)")
     a.set_defaults(func=_cmd_agent)
     oncall.add_subcommands(sub)
     return p

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import time
 import uuid
@@ -439,7 +441,7 @@ def _connection_parent() -> argparse.ArgumentParser:
     g.add_argument("--token-file", help="file holding the token (env TITAN_SUPERVISOR_TOKEN_FILE)")
     g.add_argument("--client-config", help="client TOML with url/token/token_file "
                                            "(default ~/.config/titan-supervisor/client.toml)")
-    g.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds (default 30)")
+    g.add_argument("--timeout", type=_pos_float, default=30.0, help="HTTP timeout in seconds (default 30)")
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")
     return p
 
@@ -456,14 +458,14 @@ def _mutating_parent() -> argparse.ArgumentParser:
 
 def _waiting(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-wait", action="store_true", help="return once the action has started")
-    p.add_argument("--wait-timeout", type=float, default=600.0, help="seconds to wait for the action (default 600)")
+    p.add_argument("--wait-timeout", type=_pos_float, default=600.0, help="seconds to wait for the action (default 600)")
 
 
 def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    # ASCII digits only: int() reads "４２" as 42 and "1_0" as 10
+    if not re.fullmatch(r"-?[0-9]{1,18}", s):
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer (ASCII digits, at most 18)")
+    v = int(s)
     if v < 0:
         raise argparse.ArgumentTypeError(f"{v} must be >= 0")
     return v
@@ -476,11 +478,18 @@ def _pos_int(s: str) -> int:
     return v
 
 
-def _pos_float(s: str) -> float:
+def _nonneg_float(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (math.isfinite(v) and v >= 0):  # nan, inf and -1 crashed later with a traceback
+        raise argparse.ArgumentTypeError(f"{s!r} must be a finite number >= 0")
+    return v
+
+
+def _pos_float(s: str) -> float:
+    v = _nonneg_float(s)
     if not v > 0:
         raise argparse.ArgumentTypeError(f"{s} must be > 0")
     return v
@@ -538,7 +547,7 @@ def add_subcommands(sub) -> None:
     def light(name, help_, example, build, destructive=False):
         p = add(name, help_, example, _command(f"/v1/commands/{name}", lambda a: build(a) | {"wait_s": a.wait},
                                                destructive=destructive), [conn, mut])
-        p.add_argument("--wait", type=float, default=10.0,
+        p.add_argument("--wait", type=_nonneg_float, default=10.0,
                        help="seconds to wait for the trainer to apply it (default 10)")
         return p
 

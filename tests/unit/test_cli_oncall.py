@@ -139,7 +139,14 @@ def test_exit_codes_mean_something(run, sup, argv, role, code, needle):
 
 def test_local_usage_errors_exit_2(run):
     for argv in (["rollback", "--to-step", "../etc", "--reason", "x"], ["rollback", "--to-step", "5"],
-                 ["skip-data", "--batches", "-1", "--reason", "x"], ["explode"]):
+                 ["skip-data", "--batches", "-1", "--reason", "x"], ["explode"],
+                 # found by an adversarial review: tracebacks (exit 1, read as "the action failed")
+                 # or a Unicode digit read as a step
+                 ["status", "--timeout", "nan"], ["status", "--timeout", "-1"], ["status", "--timeout", "inf"],
+                 ["lr", "--scale", "0.5", "--wait", "nan", "--reason", "x"],
+                 ["lr", "--scale", "inf", "--reason", "x"],
+                 ["rollback", "--to-step", "\uff14\uff12".encode().decode("unicode_escape"), "--reason", "x"],
+                 ["rollback", "--to-step", "1_0", "--reason", "x"], ["incidents", "+1"]):
         with pytest.raises(SystemExit) as e:
             run(*argv)
         assert e.value.code == 2
