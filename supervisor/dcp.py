@@ -29,6 +29,7 @@ import io
 import os
 import pickle
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -110,17 +111,39 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise UnsafeMetadata("refused persistent id")
 
 
+def _read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` of a regular file, never following a symlink and never blocking: a
+    ``.metadata`` linked to a FIFO hung the catalog scan in ``open()`` (and one linked to
+    /dev/zero would have read without end, its size being 0). OSError / ValueError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > max_bytes:
+            raise ValueError(f"file is {st.st_size} bytes, larger than the {max_bytes}-byte limit")
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            raise ValueError(f"file grew past the {max_bytes}-byte limit while read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_required_sizes(path: Path, max_bytes: int = MAX_METADATA_BYTES) -> dict[str, int]:
     """Parse a DCP ``.metadata`` without torch: ``{relative_path: max(offset + length)}``.
 
     Raises `UnsafeMetadata` for a pickle that asks for anything outside the allow-list, and
     ValueError / pickle.UnpicklingError / OSError for unreadable or malformed files.
     """
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise ValueError(f"file is {size} bytes, larger than the {max_bytes}-byte limit")
-    with open(path, "rb") as f:
-        meta = _MetadataUnpickler(io.BytesIO(f.read())).load()
+    raw = _read_regular_file(path, max_bytes)
+    meta = _MetadataUnpickler(io.BytesIO(raw)).load()
     storage = getattr(meta, "storage_data", None) if isinstance(meta, _Stub) else None
     if not isinstance(storage, dict):
         raise ValueError("no storage_data in metadata")

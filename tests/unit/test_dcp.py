@@ -224,3 +224,32 @@ def test_trainer_start_resolves_newest_valid_not_newest(tmp_path):
     with pytest.raises(StartError, match="step-20 in .* is invalid: shard __0_0.distcp is 5 bytes"):
         resolve_load_step(tmp_path, 20)
     assert resolve_load_step(tmp_path / "empty", -1) == (-1, [])
+
+
+@pytest.mark.parametrize("target", ["fifo", "dev_zero", "good_metadata"])
+def test_a_metadata_that_is_no_regular_file_is_invalid_and_never_blocks(tmp_path, target):
+    """`.metadata` linked to a FIFO hung the catalog scan in open() (found by an adversarial
+    review); linked to /dev/zero it would read without end (its size is 0). A symlink is not
+    followed at all, even to a good file: the folder is invalid, said why, at once."""
+    import threading
+
+    p = copy_fixture(tmp_path / "ck")
+    good = tmp_path / "elsewhere.metadata"
+    shutil.copy(p / ".metadata", good)
+    (p / ".metadata").unlink()
+    if target == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        (p / ".metadata").symlink_to(tmp_path / "fifo")
+    elif target == "dev_zero":
+        (p / ".metadata").symlink_to("/dev/zero")
+    else:
+        (p / ".metadata").symlink_to(good)
+    out: list = []
+    for judge in (lambda: check_folder(p), lambda: Catalog(tmp_path / "ck", tmp_path / "q").resolve(10)):
+        t = threading.Thread(target=lambda: out.append(judge()), daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "the check blocked"
+    verdict, info = out
+    assert not verdict.valid and ".metadata" in verdict.reason
+    assert not info.valid
