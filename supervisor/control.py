@@ -37,7 +37,7 @@ from typing import Any, Awaitable, Callable, Literal
 from fastapi import APIRouter, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supervisor.alert_receiver import MAX_BODY as MAX_ALERT_BODY
 from supervisor.alert_receiver import AlertmanagerPayload
@@ -63,6 +63,14 @@ class _Body(BaseModel):
 
 class Command(_Body):
     reason: str = Field(min_length=1, max_length=1000, description="Why (journaled with the command).")
+
+    @field_validator("reason")
+    @classmethod
+    def _says_something(cls, v: str) -> str:
+        if not v.strip():  # "   " was accepted: an audit row that says nothing
+            raise ValueError("must say why (it is only whitespace)")
+        return v
+
     dry_run: bool = Field(False, description="Only return the plan: what would happen. Changes nothing.")
     request_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
                                    description="Idempotency key: a retry with the same id returns the first "

@@ -170,6 +170,7 @@ def test_incident_show_and_ack(sup, client, tokens):
     ({"to_step": 20, "surprise": 1}, 400, "surprise"),
     ({"to_step": 20, "skip_batches": "5"}, 400, "skip_batches"),
     ({"to_step": 20, "reason": ""}, 400, "reason"),
+    ({"to_step": 20, "reason": " \t\n "}, 400, "only whitespace"),
     ({"to_step": 20, "request_id": "a b"}, 400, "request_id"),
 ])
 def test_bad_rollbacks_are_refused_naming_why_and_change_nothing(sup, client, tokens, body, status, needle):
