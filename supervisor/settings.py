@@ -65,8 +65,10 @@ class RunSettings(_Section):
     workdir: Path = Field(Path("runs/default"), description="torchtitan dump folder: checkpoints, spool, logs, journal.")
     preset: str = Field("tiny", description="training.presets name (tiny, small, llmjp3-1.8b, ...).")
     nproc_per_node: int = Field(2, ge=1, le=64, description="Trainer ranks on this node.")
-    steps: int | None = Field(None, ge=1, description="Total training steps (default: the preset's).")
-    checkpoint_interval: int | None = Field(None, ge=1, description="Steps between checkpoints (default: the preset's).")
+    # below 2**53, as every step on the wire (supervisor/wire.py): 10**29 steps was accepted
+    steps: int | None = Field(None, ge=1, lt=2**53, description="Total training steps (default: the preset's).")
+    checkpoint_interval: int | None = Field(None, ge=1, lt=2**53,
+                                            description="Steps between checkpoints (default: the preset's).")
     faults: str = Field("", description="Fault-injection spec for drills (training/faults.py); empty in production.")
     python: str = Field("", description="Python interpreter for the ranks (default: the daemon's).")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for the ranks.")

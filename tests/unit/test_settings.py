@@ -338,3 +338,11 @@ def test_no_float_default_is_nan_or_inf():
     for path, v, _ in leaves(Settings.defaults()):
         if isinstance(v, float):
             assert math.isfinite(v), path
+
+
+def test_a_step_count_no_run_could_reach_is_a_config_error():
+    """Steps are bounded like every step on the wire (< 2**53): 10**29 was accepted."""
+    for field in ("steps", "checkpoint_interval"):
+        with pytest.raises(ConfigError, match=f"run.{field}: Input should be less than"):
+            Settings.load(run={field: 10**29})
+    assert Settings.load(run={"steps": 2**53 - 1}).run.steps == 2**53 - 1
