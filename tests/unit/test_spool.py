@@ -28,3 +28,16 @@ def test_replay_cli_names_the_bad_line(tmp_path, content, needle):
     r = subprocess.run([sys.executable, "-m", "supervisor.cli", "replay", str(p)], env=trainer_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and needle in r.stderr
+
+
+@pytest.mark.parametrize("bad", [b"[" * 200_000, b'{"step": 3, "x": "\xff"}', b'{"step": 3, "pad": "' + b"a" * (17 << 20)])
+def test_a_corrupt_line_is_skipped_when_recovering_and_named_when_strict(tmp_path, bad):
+    """Found by an adversarial review: a line nested 200,000 deep (RecursionError) or holding a
+    byte that is not UTF-8 (UnicodeDecodeError) escaped as a traceback, from replay and from the
+    daemon's catch-up at start; an endless line was read whole. Lines split on \\n only: a raw
+    U+2028 inside a JSON string is data."""
+    p = tmp_path / "spool.jsonl"
+    p.write_bytes(b'{"step": 1}\n' + bad + b'\n{"step": 2, "s": "a\xe2\x80\xa8b"}\n')
+    assert read_spool(p, strict=False) == [{"step": 1}, {"step": 2, "s": "a\u2028b"}]
+    with pytest.raises(SpoolError, match=r"spool.jsonl:2: not JSON"):
+        read_spool(p, strict=True)
