@@ -259,7 +259,8 @@ def _handler(relay: HeartbeatRelay):
                 self.close_connection = True
                 return self._answer(404, f"only POST {PATH} is served here")
             declared = self.headers.get("Content-Length")
-            if declared is None or not declared.isdigit():
+            # ASCII digits: str.isdigit() is true for "²", which int() then refused with a traceback
+            if declared is None or not (declared.isascii() and declared.isdigit()) or len(declared) > 18:
                 self.close_connection = True
                 return self._answer(411, "a Content-Length is required")
             if int(declared) > MAX_BODY:

@@ -277,3 +277,20 @@ def test_beats_the_relay_does_not_take_ride_on_the_next_record_as_a_running_tota
         assert rec["dropped_heartbeats"] >= 2 and rec["dropped_records"] == c.dropped
     finally:
         c.close(0.5)
+
+
+@pytest.mark.parametrize("declared", [b"\xb2", b"1_0", b"-1", b"9" * 40])
+def test_a_content_length_that_is_no_ascii_number_is_a_411(relay, declared):
+    relay, _ = relay
+    """`str.isdigit()` is true for a superscript two, which int() then refused: the request was
+    dropped with a traceback and no answer (found by an adversarial review)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(relay.path)
+    try:
+        s.sendall(b"POST /v1/heartbeat HTTP/1.1\r\nHost: x\r\nContent-Length: " + declared + b"\r\n\r\n{}")
+        answer = s.recv(4096)
+    finally:
+        s.close()
+    assert answer.startswith(b"HTTP/1.0 411") or answer.startswith(b"HTTP/1.1 411"), answer[:200]
+    assert relay.take() == []
