@@ -8,8 +8,8 @@ Unset optional fields (None has no TOML spelling) are printed commented out.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +32,26 @@ def is_table(value: Any) -> bool:
     return isinstance(value, BaseModel) or (dataclasses.is_dataclass(value) and not isinstance(value, type))
 
 
+def toml_string(s: str) -> str:
+    """A TOML basic string: quotes and backslashes escaped, every control or hidden character
+    and every character beyond the BMP as a \\u / \\U escape (json.dumps wrote a surrogate pair
+    for an emoji, which TOML refuses, so the printed config did not load back)."""
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif unicodedata.category(ch) == "Cs":
+            raise ValueError(f"{s[:64]!r} holds a lone surrogate, which TOML cannot hold")
+        elif o < 0x20 or 0x7F <= o < 0xA0 or unicodedata.category(ch) in ("Cf", "Zl", "Zp", "Co"):
+            out.append(f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
+        elif o > 0xFFFF:
+            out.append(f"\\U{o:08x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -42,11 +62,11 @@ def value(v: Any) -> str:
             raise ValueError(f"{v!r} has no place in a config")
         return repr(v)
     if isinstance(v, (str, Path)):
-        return json.dumps(str(v))
+        return toml_string(str(v))
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{toml_string(str(k))} = {value(x)}" for k, x in v.items()) + "}"
     if is_table(v):
         return value({k: x for k, x, _ in children(v) if x is not None})
     raise TypeError(f"cannot render {type(v).__name__} as TOML")

@@ -346,3 +346,19 @@ def test_a_step_count_no_run_could_reach_is_a_config_error():
         with pytest.raises(ConfigError, match=f"run.{field}: Input should be less than"):
             Settings.load(run={field: 10**29})
     assert Settings.load(run={"steps": 2**53 - 1}).run.steps == 2**53 - 1
+
+
+def test_a_config_with_text_beyond_the_bmp_prints_as_toml_that_loads_back(tmp_path):
+    """json.dumps wrote the emoji of a workdir as a surrogate pair, which TOML refuses: the printed
+    config did not load back (found by an adversarial review). Hidden characters print escaped."""
+    from supervisor.settings_toml import toml_string
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[run]\nworkdir = "/tmp/wd-\U0001f680-\u202e"\nenv = {"K\u00e9" = "a\\"b\\\\c"}\n')
+    p = _cli("config", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert "\\U0001f680" in p.stdout and "\\u202e" in p.stdout and "\u202e" not in p.stdout
+    back = tomllib.loads(p.stdout)
+    assert back["run"]["workdir"] == "/tmp/wd-\U0001f680-\u202e" and back["run"]["env"] == {"K\u00e9": 'a"b\\c'}
+    with pytest.raises(ValueError, match="surrogate"):
+        toml_string("\ud800")
