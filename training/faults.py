@@ -44,22 +44,41 @@ Defaults say what a fault is:
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+def integer(s: str) -> int:
+    """ASCII digits only, below 2**53 (``int()`` took "٣" and "1_0"; 10**20 steps is no drill)."""
+    if not (s.isascii() and s.isdigit()) or len(s) > 15:
+        raise ValueError(s)
+    return int(s)
+
+
+def number(s: str) -> float:
+    """A finite float (``float()`` took nan, inf and 1e400, which crashed the rank at the step)."""
+    v = float(s)
+    if not math.isfinite(v):
+        raise ValueError(s)
+    return v
+
+
 KINDS = {
-    "spike": {"lr": float, "steps": int},
-    "nan": {"applied": int},
-    "badbatch": {"frac": float, "steps": int},
-    "drift": {"lr": float, "steps": int},
+    "spike": {"lr": number, "steps": integer},
+    "nan": {"applied": integer},
+    "badbatch": {"frac": number, "steps": integer},
+    "drift": {"lr": number, "steps": integer},
     "hang": {"mode": str},
     "crash": {},
-    "slow": {"seconds": float, "steps": int},
-    "oom": {"gib": float},
+    "slow": {"seconds": number, "steps": integer},
+    "oom": {"gib": number},
 }
+# (low, high, low allowed), checked at parse so that a spec that parses also runs
+RANGES = {"lr": (0.0, 1e6, False), "frac": (0.0, 1.0, False), "seconds": (0.0, 3600.0, True),
+          "gib": (0.0, 1e6, False), "steps": (0, 10**9, True), "applied": (0, 1, True)}
 COMMON = {"rank": str, "gen": str}
 JOB_WIDE = frozenset({"spike", "drift", "badbatch", "nan"})
 DATA = frozenset({"badbatch", "nan"})
@@ -101,7 +120,7 @@ def parse_faults(spec: str) -> list[Fault]:
         if kind not in KINDS:
             raise ValueError(f"fault {part!r}: unknown kind {kind!r} (known: {', '.join(sorted(KINDS))})")
         try:
-            step = int(step_s)
+            step = integer(step_s)
         except ValueError:
             raise ValueError(f"fault {part!r}: step {step_s!r} is not an integer") from None
         if step < 1:
@@ -116,12 +135,17 @@ def parse_faults(spec: str) -> list[Fault]:
                 typed = allowed[key](val)
             except ValueError:
                 raise ValueError(f"fault {part!r}: {key}={val!r} is not a valid {allowed[key].__name__}") from None
+            if key in RANGES:
+                low, high, closed = RANGES[key]
+                if not ((low <= typed if closed else low < typed) and typed <= high):
+                    raise ValueError(f"fault {part!r}: {key}={val!r} is out of range "
+                                     f"{'[' if closed else '('}{low:g}, {high:g}]")
             if key == "rank":
-                if typed != ALL and not typed.isdigit():
+                if typed != ALL and not (typed.isascii() and typed.isdigit()):
                     raise ValueError(f"fault {part!r}: rank must be a rank number or *")
                 rank = typed
             elif key == "gen":
-                if typed not in (ALL, ONCE) and not typed.isdigit():
+                if typed not in (ALL, ONCE) and not (typed.isascii() and typed.isdigit()):
                     raise ValueError(f"fault {part!r}: gen must be a generation number, * or once")
                 if kind in DATA and typed == ONCE:
                     raise ValueError(f"fault {part!r}: a data fault recurs with its batch; gen=once "

@@ -105,8 +105,14 @@ def test_data_faults_recur_with_their_batches_until_a_rollback_skips_them():
 @pytest.mark.parametrize("spec, needle", [
     ("boom@3", "unknown kind 'boom'"), ("nan", "expected KIND@STEP"), ("nan@x", "not an integer"),
     ("nan@0", ">= 1"), ("nan@3:lr=2", "unknown parameter 'lr=2'"), ("hang@3:mode=nap", "sleep or stop"),
-    ("slow@3:seconds=abc", "not a valid float"), ("nan@3:rank=x", "rank must be a rank number or \\*"),
+    ("slow@3:seconds=abc", "not a valid number"), ("nan@3:rank=x", "rank must be a rank number or \\*"),
     ("crash@3:gen=soon", "gen must be a generation number, \\* or once"), ("badbatch@3:gen=once", "data fault recurs"),
+    # found by an adversarial review: each parsed, then crashed the rank when it fired
+    ("slow@1:seconds=-1", "out of range"), ("slow@1:seconds=1e400", "not a valid number"),
+    ("slow@1:seconds=nan", "not a valid number"), ("spike@3:lr=inf", "not a valid number"),
+    ("badbatch@3:frac=nan", "not a valid number"), ("badbatch@3:frac=2", "out of range"),
+    ("spike@3:steps=99999999999999999999", "not a valid integer"),
+    ("spike@\u0663\u0660", "not an integer"), ("nan@3:rank=\u0663", "rank must be a rank number"),
 ])
 def test_bad_fault_spec_names_the_problem(spec, needle):
     with pytest.raises(ValueError, match=needle):
