@@ -44,6 +44,35 @@ from supervisor.config_types import PositiveInt, Seconds, doc
 from supervisor.launch.local import LauncherConfig
 
 MAX_PENDING_EXITS = 1024
+# under the daemon's 1 MiB cap on a report (supervisor/node_api.py MAX_REPORT_BODY), with room for
+# the fields `fit_report` does not shrink (a heartbeat per rank, health)
+REPORT_BUDGET = 900 * 1024
+
+
+def encode_report(body: dict) -> bytes:
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+def fit_report(body: dict, budget: int = REPORT_BUDGET) -> dict:
+    """``body`` made to fit ``budget`` bytes, so a report is never refused for its size: a report
+    the daemon refuses (413) keeps every exit pending and was refused again at every later tick,
+    until the node counted as lost and its crash evidence never arrived (found by an adversarial
+    review: two rank exits whose 60 log lines were long non-ASCII text). In order, as needed: each
+    exit's log tail cut to its last 10 lines of 500 characters, the stacks cut to their tail, and
+    exits left for the next report (`Agent.tick` removes only the exits it sent). Pure."""
+    if len(encode_report(body)) <= budget:
+        return body
+    out = dict(body)
+    out["exits"] = [{**ex, "log_tail": [x[:500] for x in (ex.get("log_tail") or [])[-10:]]} for ex in body["exits"]]
+    size = len(encode_report(out))
+    if size > budget and out.get("stacks"):
+        keep = max(0, len(out["stacks"]) - (size - budget) - 1024)
+        out["stacks"] = out["stacks"][len(out["stacks"]) - keep:] if keep else ""
+        size = len(encode_report(out))
+    while size > budget and out["exits"]:
+        out["exits"] = out["exits"][: len(out["exits"]) // 2]
+        size = len(encode_report(out))
+    return out
 ENV_PREFIX = "TITAN_SUPERVISOR_AGENT__"
 
 
@@ -163,11 +192,11 @@ class Agent:
                 "heartbeats": self.relay.take(), "health": self.health.collect()}
         if self._stacks is not None:
             body["stacks_id"], body["stacks"] = self._stacks[0], self._stacks[1][-200_000:]
-        return body
+        return fit_report(body)
 
     def post(self, body: dict) -> dict | None:
         req = urllib.request.Request(self.config.daemon_url.rstrip("/") + "/v1/nodes/report",
-                                     data=json.dumps(body).encode(), method="POST",
+                                     data=encode_report(body), method="POST",
                                      headers={"Content-Type": "application/json",
                                               **({"Authorization": f"Bearer {self.token}"} if self.token else {})})
         try:

@@ -323,3 +323,32 @@ def test_a_report_interval_too_long_for_the_heartbeat_timeout_is_a_config_error(
                   detect={"stall": {"heartbeat_timeout": 5.0}})
     Settings.load(run=run, launch={"backend": "local", "agents": {"report_interval_s": 3.0}},
                   detect={"stall": {"heartbeat_timeout": 5.0}})  # no agents: no relay
+
+
+def test_a_report_too_large_for_the_daemon_is_fitted_and_its_exits_still_arrive(setup):
+    """Two rank exits whose 60 log lines were long non-ASCII text made a 1.27 MB report (JSON's
+    \\u escapes): refused (413) at every tick with every exit kept pending, until the node counted
+    as lost and the crash evidence never arrived (found by an adversarial review). The agent now
+    sends UTF-8 and fits a report to its budget: eight such exits and 200,000 characters of stacks
+    arrive, each exit with its newest log lines."""
+    from supervisor.agent.main import REPORT_BUDGET, encode_report, fit_report
+
+    sup, client, tok = setup
+    tail = [f"line {i} " + "ошибка " * 400 for i in range(60)]
+    exits = [{"rank": r, "exitcode": 1, "pid": 100 + r, "signal": None, "classification": "crash",
+              "log_tail": [x[:2000] for x in tail], "wall_time": time.time()} for r in range(8)]
+    body = report(generation=0, state="running", exits=exits, stacks_id="s1", stacks="Ω" * 200_000)
+    assert len(encode_report(body)) > 1024 * 1024
+    assert post(client, tok["a"], body).status_code == 413  # as the agent sent it before: refused
+    fitted = fit_report(body)
+    assert len(encode_report(fitted)) <= REPORT_BUDGET
+    assert [e["rank"] for e in fitted["exits"]] == list(range(8))
+    assert fitted["exits"][0]["log_tail"][-1].startswith("line 59 ")
+    assert fitted["stacks"] and body["stacks"].endswith(fitted["stacks"])  # the newest part kept
+    r = client.post("/v1/nodes/report", content=encode_report(fitted),
+                    headers={"Authorization": f"Bearer {tok['a']}", "Content-Type": "application/json"})
+    assert r.status_code == 200, r.text[:300]
+    assert [ex.rank for _, ex in sup.nodes.get("node-a").exits] == list(range(8))
+    small = report(generation=0, state="running", exits=exits[:1])
+    small["exits"] = [{**exits[0], "log_tail": ["short"]}]
+    assert fit_report(small) is small  # what fits is sent as it is
