@@ -272,8 +272,18 @@ class NodeReport(_Timed):
     run_id: str = Field(min_length=1, max_length=128)
     agent_id: NodeName  # must equal the name of the agent token presenting it
     node: NodeName  # the host the ranks run on (what exclusion and the policy count by)
-    address: str = Field(default="", max_length=255)  # where the node's ranks can be reached (rendezvous host)
+    # where the node's ranks can be reached (the rendezvous host when this node is node rank 0): a
+    # host name or a bare IP address, it goes into every node's torchrun argv
+    address: str = Field(default="", max_length=255, pattern=r"^[A-Za-z0-9_.:-]*$")
     seq: NonNegInt = 0  # the agent's report counter (a restarted agent starts again at 0)
+
+    @field_validator("address")
+    @classmethod
+    def _no_dot_dot(cls, v: str) -> str:
+        if ".." in v:
+            raise ValueError("is no host name or IP address ('..')")
+        return v
+
     generation: Annotated[int, Field(ge=-1, lt=2**31)] = -1  # the generation it runs (-1: none)
     state: Literal["idle", "running", "exited", "stopped", "failed"] = "idle"
     node_rank: Annotated[int, Field(ge=0, lt=65536)] | None = None

@@ -26,6 +26,7 @@ Failure model:
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import sys
@@ -97,6 +98,11 @@ class AgentConfig:
     request_timeout_s: Annotated[Seconds, doc("timeout of one report")] = 5.0
     max_interval_s: Annotated[PositiveInt, doc("the longest report interval a reply may set")] = 60
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+    def __post_init__(self) -> None:
+        # what the daemon accepts as an address (protocol.NodeReport): a host name or a bare IP
+        if self.address and (not re.fullmatch(r"[A-Za-z0-9_.:-]{1,255}", self.address) or ".." in self.address):
+            raise ValueError(f"address {self.address[:64]!r} is no host name or bare IP address")
 
 
 def load_agent_config(path: str | None, environ: dict, overrides: dict) -> AgentConfig:

@@ -137,9 +137,15 @@ def _loopback(host: str) -> bool:
 
 
 def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port on ``host`` (IPv4 or IPv6: "::1" failed in an IPv4 socket with a gaierror that
+    escaped the launch); a host that cannot be bound is a LaunchError naming it."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.bind(addr)
+            return s.getsockname()[1]
+    except OSError as e:
+        raise LaunchError(f"cannot pick a rendezvous port on {host!r}: {e}") from None
 
 
 @dataclass

@@ -352,3 +352,36 @@ def test_a_report_too_large_for_the_daemon_is_fitted_and_its_exits_still_arrive(
     small = report(generation=0, state="running", exits=exits[:1])
     small["exits"] = [{**exits[0], "log_tail": ["short"]}]
     assert fit_report(small) is small  # what fits is sent as it is
+
+
+@pytest.mark.parametrize("address", ["evil.example/..;x", "a..b", "[::1]", "host name", "h\nx", "a@b"])
+def test_an_address_that_is_no_host_or_ip_is_refused(setup, address):
+    """The address of node rank 0 goes into every node's torchrun argv as the rendezvous host: it
+    must be a host name or a bare IP address (found by an adversarial review: anything went in)."""
+    sup, client, tok = setup
+    r = post(client, tok["a"], report(address=address))
+    assert r.status_code == 400 and "address" in r.text
+    assert sup.nodes.get("node-a") is None
+
+
+def test_a_rendezvous_port_is_picked_on_an_ipv6_loopback_too():
+    """'::1' raised a socket.gaierror from an IPv4 socket, which escaped the launch."""
+    from supervisor.launch.agents import LaunchError, _free_port
+
+    assert 0 < _free_port("127.0.0.1") < 65536
+    try:
+        assert 0 < _free_port("::1") < 65536
+    except LaunchError as e:  # a host without IPv6: still the launch's own error, naming the host
+        assert "'::1'" in str(e)
+    with pytest.raises(LaunchError, match="no-such-host.invalid"):
+        _free_port("no-such-host.invalid")
+
+
+def test_an_agent_refuses_to_start_with_an_address_the_daemon_would_refuse():
+    """Else every report of it is a 400 and the node never joins: a config error at start."""
+    from supervisor.agent.main import load_agent_config
+
+    base = {"daemon_url": "http://127.0.0.1:1", "run_id": "t"}
+    assert load_agent_config(None, {}, {**base, "address": "fd00::1"}).address == "fd00::1"
+    with pytest.raises(ValueError, match="no host name or bare IP address"):
+        load_agent_config(None, {}, {**base, "address": "[::1]"})
