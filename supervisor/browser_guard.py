@@ -81,7 +81,10 @@ def guard(open_mode: bool):
             if scope["type"] == "http":
                 no = refusal(scope["method"], _headers(scope), open_mode=open_mode)
                 if no is not None:
-                    return await JSONResponse({"error": no[1], "details": []}, status_code=no[0])(scope, receive, send)
+                    # Connection: close - the body is never read, so the connection is not drained
+                    # for keep-alive (a 1 GiB chunked body would be read to its end to no purpose)
+                    return await JSONResponse({"error": no[1], "details": []}, status_code=no[0],
+                                              headers={"Connection": "close"})(scope, receive, send)
             await inner(scope, receive, send)
         return check
     return wrap

