@@ -1,5 +1,8 @@
 """A rank process exited: `dead_rank`, or `oom` when the evidence says out-of-memory.
 
+The finding names the rank whose own (tagged) line shows the OOM when that is not the rank whose
+exit arrived first: a peer's collective breaks at once, and which exit is seen first is a race.
+
 Exit codes are decoded the two ways they reach us: a negative code is a signal number
 (Python's subprocess: -9 = SIGKILL), a code above 128 is 128 + signal (a shell or torchrun
 reporting it: 137 = SIGKILL). OOM is called only on evidence: the kernel OOM killer flag
@@ -20,7 +23,7 @@ import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from supervisor.detect.findings import CRITICAL, DEAD_RANK, OOM, Finding
+from supervisor.detect.findings import CRITICAL, DEAD_RANK, OOM, Finding, tagged_rank
 from supervisor.config_types import Strings, check_regexes, doc
 
 DEFAULT_OOM_PATTERNS: tuple[str, ...] = (
@@ -85,9 +88,11 @@ class DeadRankDetector:
         signum = signal_of(exitcode)
         oom_match = self.oom_line(log_lines)
         is_oom = oom_killed or oom_match is not None
+        witness = tagged_rank(oom_match) if oom_match is not None and not oom_killed else None
         return [Finding(
             kind=OOM if is_oom else DEAD_RANK, step=step, severity=CRITICAL,
-            wall_time=wall_time, rank=rank,
+            wall_time=wall_time, rank=rank if witness is None else witness,
             evidence={"exitcode": exitcode, "signal": signum, "signal_name": signal_name(signum),
-                      "oom_killed": bool(oom_killed), "oom_log_line": oom_match, "host": host},
+                      "oom_killed": bool(oom_killed), "oom_log_line": oom_match, "host": host,
+                      "exited_rank": rank},
         )]

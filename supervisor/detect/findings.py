@@ -9,6 +9,7 @@ numbers into `evidence` as the strings "nan", "inf", "-inf" (see `json_safe`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,19 @@ INFO = "info"
 WARNING = "warning"
 CRITICAL = "critical"
 SEVERITIES: tuple[str, ...] = (INFO, WARNING, CRITICAL)
+
+
+_RANK_TAG = re.compile(r"\[rank(\d{1,6})\]:")
+
+
+def tagged_rank(line: str) -> int | None:
+    """The rank a log line names as its writer (``[rankN]: ``, the tag torch.distributed's
+    excepthook puts on every line of an uncaught exception), or None for an untagged line.
+
+    A generation's log interleaves every rank, so the rank whose exit is being classified is not
+    always the one whose line shows the cause; the line's own tag is the better witness."""
+    m = _RANK_TAG.match(line)
+    return int(m.group(1)) if m else None
 
 
 def json_safe(value: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Annotated
 import re
 from dataclasses import dataclass, field
 
-from supervisor.detect.findings import HARDWARE, WARNING, Finding
+from supervisor.detect.findings import HARDWARE, WARNING, Finding, tagged_rank
 from supervisor.config_types import StringPairs, check_regexes, doc
 
 DEFAULT_HARDWARE_PATTERNS: tuple[tuple[str, str], ...] = (
@@ -61,8 +61,9 @@ class HardwareDetector:
                     host: str | None = None) -> list[Finding]:
         for name, rx in self._res:
             if rx.search(line):
+                tagged = tagged_rank(line)  # a peer's line in the exit's evidence names its own rank
                 return self._emit(name, "log", line.strip(), wall_time=wall_time, step=step,
-                                  rank=rank, host=host)
+                                  rank=rank if tagged is None else tagged, host=host)
         return []
 
     def observe_alert(self, name: str, *, wall_time: float, step: int, detail: str = "",

@@ -36,6 +36,7 @@ from typing import Annotated
 import psutil
 
 from supervisor.config_types import PositiveInt, Seconds, doc
+from supervisor.detect.findings import tagged_rank
 from supervisor.launch import stacks
 from supervisor.launch.spare import Spare, SpareRecord, WarmSpare
 from supervisor.launch.torchrun_report import root_cause
@@ -212,46 +213,61 @@ class Generation:
             return []
 
     def exit_lines(self, rank: int | None) -> list[str]:
-        """The lines a rank exit carries: the rank's own last lines, then the log's tail.
+        """The lines a rank exit carries: the rank's own last lines, its peers', then the log's tail.
 
         The generation log interleaves every rank and torchrun. A rank that dies of an uncaught
         exception writes its traceback before it exits, but by the time the exit is seen the other
         ranks' tracebacks (a peer's death breaks their collectives) and torchrun's report can fill
         the whole tail window, so the tail alone lost the error (an injected OOM was classified
-        `dead_rank`). torch.distributed's excepthook tags each line ``[rankN]: ``, so the rank's
-        own lines are picked out of a much wider window; they do not depend on timing.
+        `dead_rank`). torch.distributed's excepthook tags each line ``[rankN]: ``, so each rank's
+        own lines are picked out of a much wider window; they do not depend on timing. The peers'
+        lines come too: which rank's exit is seen first is a race (a collateral exit can be), and
+        the detectors attribute a tagged line to the rank that wrote it (`tagged_rank`).
         """
         tail = self.log_tail()
         if rank is None:
             return tail
-        tag = f"[rank{rank}]:"
-        own = [line for line in self.log_tail(sys.maxsize, self.config.rank_scan_bytes) if line.startswith(tag)]
-        return own[-self.config.rank_lines:] + tail
+        by_rank: dict[int, list[str]] = {}
+        for line in self.log_tail(sys.maxsize, self.config.rank_scan_bytes):
+            r = tagged_rank(line)
+            if r is not None:
+                by_rank.setdefault(r, []).append(line)
+        n = self.config.rank_lines
+        own = by_rank.pop(rank, [])[-n:]
+        peers = [line for r in sorted(by_rank) for line in by_rank[r][-n:]]
+        return own + peers + tail
 
     def poll(self) -> list[RankExit]:
-        """New rank exits since the last poll (each reported once)."""
+        """New rank exits since the last poll (each reported once), the root cause first.
+
+        Exits are held, for at most ``exitcode_wait_s`` after the first death, until torchrun's
+        failure report (which names the root cause, ~0.4 s after a crash) is in the log: before
+        it, a peer that died of the broken collective could be reported first, because its exit
+        line can precede the report and it sorts first by rank (a collateral rank 0 was named for
+        rank 1's OOM, and for rank 1's SIGKILL, in loaded CI runs)."""
         out: list[RankExit] = []
         now = time.time()
-        # The root cause first: the rank torchrun names as the first observed failure, else the
-        # rank seen dead first (torchrun SIGTERMs the others after the first death).
         root = self._root_cause_rank()
-        order = sorted(self.rank_pids.items(),
-                       key=lambda rp: (rp[0] != root, self._dead_since.get(rp[0], now), rp[0]))
-        for rank, pid in order:
-            if rank in self._reported:
+        dead = [r for r, pid in self.rank_pids.items() if r not in self._reported and not _pid_alive(pid)]
+        for rank in dead:
+            self._dead_since.setdefault(rank, now)
+        if (dead and root is None and not self.exit_expected and self.alive()
+                and now - min(self._dead_since[r] for r in dead) < self.config.exitcode_wait_s):
+            dead = []
+        # The root cause first, then the rank seen dead first (torchrun SIGTERMs the others).
+        for rank in sorted(dead, key=lambda r: (r != root, self._dead_since[r], r)):
+            pid = self.rank_pids[rank]
+            first = self._dead_since[rank]
+            # torchrun logs the exit code ~0.4 s after the death: wait for it, briefly.
+            code = self._exitcode_from_log(rank)
+            if code is None and self.exit_expected:
+                if self.alive() and now - first < self.config.finish_exit_wait_s:
+                    continue  # a normal exit: torchrun's own exit code will tell
+                code = self._proc.returncode if self._proc is not None and self._proc.returncode is not None else 0
+            elif code is None and now - first < self.config.exitcode_wait_s and self.alive():
                 continue
-            if not _pid_alive(pid):
-                # torchrun logs the exit code ~0.4 s after the death: wait for it, briefly.
-                first = self._dead_since.setdefault(rank, now)
-                code = self._exitcode_from_log(rank)
-                if code is None and self.exit_expected:
-                    if self.alive() and now - first < self.config.finish_exit_wait_s:
-                        continue  # a normal exit: torchrun's own exit code will tell
-                    code = self._proc.returncode if self._proc is not None and self._proc.returncode is not None else 0
-                elif code is None and now - first < self.config.exitcode_wait_s and self.alive():
-                    continue
-                self._reported.add(rank)
-                out.append(RankExit(rank, code if code is not None else -9, pid, self.exit_lines(rank), now))
+            self._reported.add(rank)
+            out.append(RankExit(rank, code if code is not None else -9, pid, self.exit_lines(rank), now))
         if self.exited is None and not self.alive():
             code = self._proc.returncode if self._proc is not None else None
             if code is None:  # adopted: not our child, so no exit status; the trainer told us

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 import urllib.error
 import urllib.request
 
@@ -38,6 +39,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.drill]
 RSS_BOUND_MIB = 300  # the daemon idles at ~90 MiB; a 1 GiB body read whole took it to 1.8 GB
 ATTACK_S = 60.0
 STEPS = 300
+CLOSED = -1  # connection refused: the daemon stopped listening (the run finished); the attack ends
 HOSTILE = "\x1b[2J\x1b[1;1H[link=http://evil]click[/link] fake log line\r"
 
 
@@ -49,6 +51,10 @@ def post(url: str, body: bytes, headers: dict | None = None, timeout: float = 10
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ConnectionRefusedError):
+            return CLOSED
+        return 0
     except OSError:
         return 0
 
@@ -68,7 +74,10 @@ def steal_trainer_token(workdir) -> tuple[str, list[int]]:
 
 
 def big_chunked_body(port: int, token: str) -> int:
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    except ConnectionRefusedError:  # the run finished and the daemon stopped listening
+        return 0
     s.sendall(f"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
               "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
     chunk, sent = b"100000\r\n" + b"{" * 2**20 + b"\r\n", 0
@@ -94,6 +103,9 @@ class Attacker:
 
     def note(self, what: str, code: int) -> None:
         self.codes.setdefault(what, []).append(code)
+
+    def closed(self) -> bool:
+        return any(c == CLOSED for codes in self.codes.values() for c in codes[-50:])
 
     def heartbeats(self, n: int) -> None:
         now = time.time()
@@ -160,7 +172,7 @@ def test_hostile_local_client_cannot_kill_stall_or_corrupt_a_live_run(tmp_path):
         threading.Thread(target=watch_rss, daemon=True).start()
         a = Attacker(d, token, operator, am, victim.pid)
         t0, rounds = time.time(), 0
-        while time.time() - t0 < ATTACK_S and d.proc.poll() is None:
+        while time.time() - t0 < ATTACK_S and d.proc.poll() is None and not a.closed():
             a.heartbeats(50)
             if rounds < 10:
                 a.alerts()  # 10 x 1,000 = 10,000 alerts
@@ -173,22 +185,29 @@ def test_hostile_local_client_cannot_kill_stall_or_corrupt_a_live_run(tmp_path):
         assert d.wait_exit(240) == 0, d.log_tail()
         stop.set()
         assert victim.poll() is None, "a process outside the run was signalled"
-        # 0 = no answer within the client's 10 s (seen once in CI, 2026-12-02, in a window where two
-        # other drills on the next tests also lost timing races): not an acceptance, and rare
+        # 0 = no answer within the client's 10 s, or a reset (seen in CI, 2026-12-02, in a window
+        # where two other drills also lost timing races): not an acceptance, and rare. CLOSED: the
+        # run finished and the daemon stopped listening during the last round (its process lives on
+        # a while, so the loop's poll() did not see it yet)
         hb = a.codes["heartbeat"]
-        assert set(hb) <= {0, 400, 403, 429}, hb[:20]
-        assert hb.count(0) <= max(5, len(hb) // 100), (hb.count(0), len(hb))
-        assert all(c in (202, 429) for c in a.codes["alerts"]), a.codes["alerts"]
-        assert all(c in (400, 401, 200, 429) for c in a.codes["command"]), a.codes["command"]
-        assert all(c == 413 for c in a.codes["declared_1gib"])
+        assert set(hb) <= {0, CLOSED, 400, 403, 429}, Counter(hb)
+        assert hb.count(0) <= max(5, len(hb) // 100), Counter(hb)
+        assert set(a.codes["alerts"]) <= {CLOSED, 202, 429}, Counter(a.codes["alerts"])
+        # 409: the run's trainer had exited (its last step) and the daemon not yet: a dry run needs a
+        # running trainer (CI, 2026-12-02); every answer but a rate limit is audited
+        cmd = a.codes["command"]
+        assert set(cmd) <= {0, CLOSED, 200, 400, 401, 409, 429}, Counter(cmd)
+        assert cmd.count(0) <= max(2, len(cmd) // 100), Counter(cmd)
+        assert set(a.codes["declared_1gib"]) <= {CLOSED, 413}, Counter(a.codes["declared_1gib"])
         with Journal.open(d.workdir / "supervisor" / "journal.sqlite", readonly=True) as j:
             gens = j.generations()
             steps = j.recent_steps(limit=100_000)
             audit = j.commands(limit=100_000)
         assert len(gens) == 1, f"{len(gens) - 1} restart(s): {gens}"
         assert max(s["step"] for s in steps) == STEPS
-        answered = sum(1 for c in a.codes["command"] if c != 429)
-        assert len(audit) == answered, (len(audit), answered)
+        answered = sum(1 for c in cmd if c not in (0, CLOSED, 429))
+        # an unanswered one (0) may or may not have reached the daemon before the client gave up
+        assert answered <= len(audit) <= answered + cmd.count(0), (len(audit), Counter(cmd))
         buf = io.StringIO()
         from rich.console import Console
 

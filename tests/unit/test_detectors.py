@@ -684,6 +684,20 @@ def test_oom_needs_evidence_and_only_one_finding_per_generation():
     assert det.observe_exit(2, -9, T0, 9)[0].kind == DEAD_RANK  # bare SIGKILL is not an OOM
 
 
+def test_a_death_s_evidence_names_the_rank_that_wrote_it():
+    """An exit's lines hold its peers' lines too; a tagged line is attributed to its writer."""
+    (f,) = DeadRankDetector().observe_exit(0, 1, T0, 9, log_lines=[
+        "[rank0]: RuntimeError: Connection closed by peer", "[rank3]: torch.OutOfMemoryError: CUDA out of memory"])
+    assert (f.kind, f.rank, f.evidence["exited_rank"]) == (OOM, 3, 0)
+    (g,) = DeadRankDetector().observe_exit(2, 1, T0, 9, log_lines=["torch.OutOfMemoryError: out of memory"])
+    assert g.rank == 2  # an untagged line: the exiting rank
+    (h,) = DeadRankDetector().observe_exit(0, -9, T0, 9, oom_killed=True, log_lines=["[rank5]: out of memory"])
+    assert h.rank == 0  # the kernel's word about this process outranks a peer's line
+    suite = DetectorSuite(generation=0, now=T0)
+    found = suite.observe_log("[rank7]: NCCL error: unhandled system error", wall_time=T0, step=3, rank=0)
+    assert [(x.kind, x.rank) for x in found] == [(HARDWARE, 7)]
+
+
 # --- stragglers ------------------------------------------------------------------------------
 def test_straggler_needs_m_of_n_and_fires_once_per_episode():
     det = StragglerDetector()  # ratio 1.5, 3 of last 5

@@ -61,10 +61,57 @@ def test_a_dead_ranks_own_error_is_found_after_the_other_ranks_buried_it(tmp_pat
     exits = {e.rank: e for e in gen.poll()}
     assert exits[1].exitcode == 1
     assert oom in exits[1].log_tail
-    assert not any(line.startswith("[rank1]") for line in exits[0].log_tail[:-60])  # rank 0 carries its own
+    assert exits[0].log_tail[0].startswith("[rank0]")  # rank 0's exit carries its own lines first...
+    assert oom in exits[0].log_tail  # ...and its peers': which exit is seen first is a race
     found = DeadRankDetector().observe_exit(1, exits[1].exitcode, 0.0, 14, log_lines=exits[1].log_tail)
     assert [f.kind for f in found] == [OOM]
     assert "OutOfMemoryError" in found[0].evidence["oom_log_line"]
+
+
+def test_exits_wait_for_torchrun_s_report_and_an_oom_is_named_by_the_rank_that_wrote_it(tmp_path):
+    """CI, 2026-12-02: rank 1 raised an OutOfMemoryError, rank 0's collective broke, and torchrun's
+    "failed ... local_rank: 0" line was in the log before its report. Rank 0 was reported first and
+    the OOM was called `dead_rank` of rank 0. Now no exit is reported while torchrun (alive) has
+    not written its report, and the OOM is attributed by the tag of the line that shows it."""
+    import os
+
+    from supervisor.detect.dead_rank import DeadRankDetector
+    from supervisor.detect.findings import OOM
+
+    oom = "[rank1]: torch.OutOfMemoryError: CPU out of memory (injected)"
+    rank0 = [f"[rank0]:   File \"torch/_ops.py\", line {i}, in __call__" for i in range(100)]
+    rank0.append("[rank0]: RuntimeError: Connection closed by peer [127.0.0.1]:3998.")
+    log = tmp_path / "generation-0.log"
+    log.write_text("\n".join([oom] + rank0 + [
+        "E1202 06:01:02.000000 1 api.py:1002] failed (exitcode: 1) local_rank: 0 (pid: 4000) of binary: py"]) + "\n")
+    # torchrun's pid is this test process: alive, so the launcher waits for its report
+    gen = Generation(LaunchSpec(0, 2, "tiny", Path(tmp_path), "http://x", "r"), os.getpid(), log, None)
+    gen.note_rank_pid(0, 4000)
+    gen.note_rank_pid(1, 4001)
+    assert gen.poll() == []  # both dead, rank 0's exit code known, no report yet: held
+    with log.open("a") as f:
+        f.write(_report([(1, 1)], (0, 1)))  # torchrun's tie-break names the collateral rank 0
+    exits = gen.poll()
+    assert [(e.rank, e.exitcode) for e in exits] == [(0, 1), (1, 1)]
+    (f,) = DeadRankDetector().observe_exit(0, 1, 0.0, 12, log_lines=exits[0].log_tail)
+    assert (f.kind, f.rank, f.evidence["exited_rank"]) == (OOM, 1, 0)
+    assert f.evidence["oom_log_line"] == oom
+
+
+def test_held_exits_are_reported_when_torchrun_writes_no_report(tmp_path):
+    """The wait for the report is bounded: a rank's death is never lost to a silent torchrun."""
+    import os
+
+    log = tmp_path / "generation-0.log"
+    log.write_text("[titan] step: 3 loss: 7.1\n")
+    gen = Generation(LaunchSpec(0, 2, "tiny", Path(tmp_path), "http://x", "r"), os.getpid(), log, None)
+    gen.config.exitcode_wait_s = 0.2
+    gen.note_rank_pid(1, 4001)
+    assert gen.poll() == []
+    import time
+
+    time.sleep(0.25)
+    assert [(e.rank, e.exitcode) for e in gen.poll()] == [(1, -9)]
 
 
 def _report(failures: list[tuple[int, int]], root: tuple[int, int]) -> str:
