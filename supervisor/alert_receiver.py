@@ -27,11 +27,11 @@ from typing import Annotated, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from supervisor.config_types import PositiveInt, Seconds, doc
+from supervisor.hosts import is_node_name, strip_port
 
 NODE_LABELS = ("node", "Hostname", "hostname", "host", "kubernetes_node", "nodename", "instance")
 MAX_BODY = 4 * 1024 * 1024
 _RANK = re.compile(r"^[0-9]{1,5}$")
-_NODE = re.compile(r"^[A-Za-z0-9_.:@-]{1,255}$")
 
 
 class AlertmanagerAlert(BaseModel):
@@ -61,18 +61,7 @@ class AlertmanagerPayload(BaseModel):
 
 def node_of(labels: dict[str, str]) -> str | None:
     host = next((labels[k] for k in NODE_LABELS if labels.get(k)), None)
-    if host is not None and host.startswith("["):
-        host = host[1:].split("]", 1)[0]  # instance = [v6 address]:port
-    elif host is not None and host.count(":") == 1:
-        host = host.rsplit(":", 1)[0]  # instance = host:port
-    return host
-
-
-def is_node_name(host: str) -> bool:
-    """A host name or address as the rest of the daemon takes it (`protocol.NodeName`), with no
-    ``..``: it becomes an `exclude_node` target (a Kubernetes Node name, a registry key) and a
-    page's text, so an alert label must not carry a path, markup or a line break into them."""
-    return bool(_NODE.match(host)) and ".." not in host
+    return None if host is None else strip_port(host)  # instance = host:port or [v6]:port
 
 
 def rank_of(labels: dict[str, str]) -> tuple[bool, int | None]:

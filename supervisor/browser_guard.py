@@ -21,9 +21,9 @@ every mode, before any route runs (so nothing is read, journaled or changed):
 
 from __future__ import annotations
 
-import ipaddress
-
 from fastapi.responses import JSONResponse
+
+from supervisor.hosts import is_loopback
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -39,17 +39,7 @@ def is_json(content_type: str) -> bool:
 
 def is_loopback_host(host: str) -> bool:
     """``Host`` header value (name or address, optional port) names this machine's loopback."""
-    h = host.strip().lower()
-    if h.startswith("["):  # [::1]:8642
-        h = h[1:].split("]", 1)[0]
-    elif h.count(":") == 1:
-        h = h.rsplit(":", 1)[0]
-    if h == "localhost" or h.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(host)
 
 
 def refusal(method: str, headers: dict[bytes, bytes], *, open_mode: bool) -> tuple[int, str] | None:

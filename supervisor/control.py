@@ -48,7 +48,7 @@ from supervisor.policy import (KILL_RESTART_HANG, RESTART, ROLLBACK, ROLLBACK_LR
                                Decision)
 from supervisor.run_plan import local_batch
 from supervisor.run_state import ACTIVE, RESUMABLE, json_number
-from supervisor.wire import WireError, json_safe, loads, read_body
+from supervisor.wire import WireError, ascii_int, json_safe, loads, read_body
 
 MAX_BODY = 64 * 1024
 STATUS_SCHEMA = 1
@@ -833,14 +833,12 @@ def _alert_route(r: APIRouter, cp: ControlPlane, cred_dep) -> None:
 
 
 
-_PATH_ID = re.compile(r"[0-9]{1,18}")
-
-
 def _int_arg(value, what: str) -> int:
     """A path id: ASCII digits only (``int()`` took "１", " 1", "+1" and "1_0")."""
-    if not isinstance(value, str) or not _PATH_ID.fullmatch(value):
+    n = ascii_int(value)
+    if n is None:
         raise Refusal(400, f"{what} must be a number of at most 18 digits, got {str(value)[:32]!r}")
-    return int(value)
+    return n
 
 
 def _command_route(r: APIRouter, cp: ControlPlane, spec: CommandSpec, cred_dep) -> None:

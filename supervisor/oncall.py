@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 import uuid
 from datetime import datetime, timezone
 
 from supervisor import client as C
-from supervisor.wire import inert
+from supervisor.wire import ascii_int, inert
 
 FMT = argparse.RawDescriptionHelpFormatter
 
@@ -462,12 +461,11 @@ def _waiting(p: argparse.ArgumentParser) -> None:
 
 
 def _nonneg_int(s: str) -> int:
-    # ASCII digits only: int() reads "４２" as 42 and "1_0" as 10
-    if not re.fullmatch(r"-?[0-9]{1,18}", s):
+    v = ascii_int(s.removeprefix("-"))
+    if v is None:
         raise argparse.ArgumentTypeError(f"{s!r} is not an integer (ASCII digits, at most 18)")
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+    if s.startswith("-") and v != 0:
+        raise argparse.ArgumentTypeError(f"{s} must be >= 0")
     return v
 
 

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from supervisor.hosts import NODE_NAME_PATTERN, is_address
 from supervisor.wire import MAX_WIRE_INT, check_wall_time
 
 
@@ -215,7 +216,7 @@ class TelemetryReply(_Strict):
 # desired state (`NodeOrder`): the agent reconciles towards it, so a lost reply costs one
 # interval, never a wrong action.
 
-NodeName = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:@-]+$")]
+NodeName = Annotated[str, Field(min_length=1, max_length=255, pattern=NODE_NAME_PATTERN)]
 ExitCode = Annotated[int, Field(ge=-255, le=255)]
 
 
@@ -274,14 +275,14 @@ class NodeReport(_Timed):
     node: NodeName  # the host the ranks run on (what exclusion and the policy count by)
     # where the node's ranks can be reached (the rendezvous host when this node is node rank 0): a
     # host name or a bare IP address, it goes into every node's torchrun argv
-    address: str = Field(default="", max_length=255, pattern=r"^[A-Za-z0-9_.:-]*$")
+    address: str = Field(default="", max_length=255)
     seq: NonNegInt = 0  # the agent's report counter (a restarted agent starts again at 0)
 
     @field_validator("address")
     @classmethod
-    def _no_dot_dot(cls, v: str) -> str:
-        if ".." in v:
-            raise ValueError("is no host name or IP address ('..')")
+    def _an_address(cls, v: str) -> str:
+        if v and not is_address(v):
+            raise ValueError("is no host name or bare IP address")
         return v
 
     generation: Annotated[int, Field(ge=-1, lt=2**31)] = -1  # the generation it runs (-1: none)

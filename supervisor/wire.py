@@ -36,6 +36,18 @@ import msgspec
 MAX_WIRE_INT = 2**53
 
 
+def ascii_int(text: object, max_digits: int = 18) -> int | None:
+    """``text`` as a non-negative integer when it is 1..``max_digits`` ASCII digits, else None.
+
+    The one check for an integer written as text by someone else (a path id, a header, a CLI
+    argument, a fault spec, a child's environment): ``int()`` reads "４２" as 42, "1_0" as 10 and
+    " +1" as 1, and ``str.isdigit()`` is true for "²", which ``int()`` then refuses with a
+    ValueError. 18 digits stay below 2**63 (SQLite's integer)."""
+    if isinstance(text, str) and 0 < len(text) <= max_digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
 class WireError(Exception):
     """A request that is refused before anything happens (status: the HTTP status to answer)."""
 
@@ -48,9 +60,8 @@ async def read_body(request, limit: int) -> bytes:
     """The request body, or `WireError(413)` as soon as it is known to exceed ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        try:
-            n = int(declared)
-        except ValueError:
+        n = ascii_int(declared)
+        if n is None:
             raise WireError(400, f"Content-Length {declared[:32]!r} is not a number") from None
         if n > limit:
             raise WireError(413, f"body is {n} bytes; the limit is {limit}")

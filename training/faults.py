@@ -51,11 +51,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from supervisor.wire import ascii_int
+
+
 def integer(s: str) -> int:
     """ASCII digits only, below 2**53 (``int()`` took "٣" and "1_0"; 10**20 steps is no drill)."""
-    if not (s.isascii() and s.isdigit()) or len(s) > 15:
+    n = ascii_int(s, max_digits=15)
+    if n is None:
         raise ValueError(s)
-    return int(s)
+    return n
 
 
 def number(s: str) -> float:

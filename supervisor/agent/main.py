@@ -26,7 +26,6 @@ Failure model:
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import sys
@@ -42,6 +41,7 @@ from supervisor.agent.health import HealthProbe
 from supervisor.agent.ranks import NodeRun
 from supervisor.agent.relay import ENV_SOCKET, ENV_TOKEN, HeartbeatRelay
 from supervisor.config_types import PositiveInt, Seconds, doc
+from supervisor.hosts import is_address
 from supervisor.launch.local import LauncherConfig
 
 MAX_PENDING_EXITS = 1024
@@ -101,7 +101,7 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         # what the daemon accepts as an address (protocol.NodeReport): a host name or a bare IP
-        if self.address and (not re.fullmatch(r"[A-Za-z0-9_.:-]{1,255}", self.address) or ".." in self.address):
+        if self.address and not is_address(self.address):
             raise ValueError(f"address {self.address[:64]!r} is no host name or bare IP address")
 
 

@@ -26,6 +26,7 @@ import psutil
 
 from supervisor.launch.local import Generation, LauncherConfig, LaunchSpec, RankExit
 from supervisor.agent.health import KERNEL_PATTERNS
+from supervisor.wire import ascii_int
 
 _OOM = re.compile(r"out of memory|OutOfMemoryError|oom-kill|Killed process", re.IGNORECASE)
 _HARDWARE = re.compile("|".join(f"(?:{rx})" for _, rx in KERNEL_PATTERNS), re.IGNORECASE)
@@ -178,8 +179,9 @@ class NodeRun:
                 rank = child.environ().get("RANK")
             except psutil.Error:
                 continue
-            if rank is not None and rank.isdigit():
-                self.gen.note_rank_pid(int(rank), child.pid)
+            n = ascii_int(rank, max_digits=6)
+            if n is not None:
+                self.gen.note_rank_pid(n, child.pid)
 
     def ranks(self) -> list[dict]:
         out = []

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Callable
 
 from supervisor.protocol import Heartbeat, wire_context
-from supervisor.wire import WireError, loads
+from supervisor.wire import WireError, ascii_int, loads
 
 PATH = "/v1/heartbeat"
 MAX_BODY = 4096
@@ -258,17 +258,16 @@ def _handler(relay: HeartbeatRelay):
             if self.path != PATH:
                 self.close_connection = True
                 return self._answer(404, f"only POST {PATH} is served here")
-            declared = self.headers.get("Content-Length")
-            # ASCII digits: str.isdigit() is true for "²", which int() then refused with a traceback
-            if declared is None or not (declared.isascii() and declared.isdigit()) or len(declared) > 18:
+            size = ascii_int(self.headers.get("Content-Length"))  # "²" once escaped as a traceback
+            if size is None:
                 self.close_connection = True
                 return self._answer(411, "a Content-Length is required")
-            if int(declared) > MAX_BODY:
+            if size > MAX_BODY:
                 self.close_connection = True
-                if int(declared) <= DRAIN_LIMIT:  # read and dropped, so the sender sees the answer
-                    self.rfile.read(int(declared))  # rather than a broken pipe mid-body (CI, 2026-12-01)
-                return self._answer(413, f"body is {declared} bytes; the limit is {MAX_BODY}")
-            body = self.rfile.read(int(declared))
+                if size <= DRAIN_LIMIT:  # read and dropped, so the sender sees the answer
+                    self.rfile.read(size)  # rather than a broken pipe mid-body (CI, 2026-12-01)
+                return self._answer(413, f"body is {size} bytes; the limit is {MAX_BODY}")
+            body = self.rfile.read(size)
             scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
             try:
                 relay.accept(token.strip() if scheme.lower() == "bearer" else "", body)

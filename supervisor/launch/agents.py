@@ -28,7 +28,6 @@ process trees; `owns` only checks a heartbeat's pid against what the agents repo
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 import time
@@ -38,6 +37,7 @@ from typing import Annotated
 
 from supervisor.config_types import NonNegativeInt, PositiveInt, Seconds, SecondsOrZero, Strings, doc
 from supervisor.grow import GrowBack
+from supervisor.hosts import is_loopback
 from supervisor.launch.local import LaunchSpec, RankExit
 from supervisor.nodes import NodeRegistry, NodeView
 from supervisor.protocol import NodeOrder
@@ -125,15 +125,6 @@ def node_argv(spec: LaunchSpec, *, nnodes: int, node_rank: int, endpoint: str, a
             "--rdzv-endpoint", endpoint, "--rdzv-id", f"{spec.run_id}-g{spec.generation}-a{attempt}",
             "--rdzv-conf", f"is_host={1 if node_rank == 0 else 0}"]
     return cmd[:i] + rdzv + cmd[i + 1:] + list(extra)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _free_port(host: str) -> int:
@@ -395,7 +386,7 @@ class AgentLauncher:
 
     def _endpoint(self, head: NodeView, generation: int, attempt: int) -> str:
         host = self.config.rdzv_host or head.address or head.node
-        if _loopback(host):
+        if is_loopback(host):
             port = _free_port(host if host != "localhost" else "127.0.0.1")
         else:
             port = self.config.rdzv_port_base + (generation * 8 + attempt) % self.config.rdzv_port_span

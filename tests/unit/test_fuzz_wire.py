@@ -192,3 +192,18 @@ def test_after_fuzzing_the_journal_reads_renders_and_nothing_was_signalled(live)
     assert set(sup.gen.rank_pids.values()) <= {live["rank0"]}
     grown = (psutil.Process().memory_info().rss - live["rss0"]) / 2**20
     assert grown < 300, f"memory grew {grown:.0f} MiB"
+
+
+@given(st.text(max_size=24))
+@settings(max_examples=300, deadline=None)
+def test_ascii_int_takes_only_plain_digits_and_never_raises(text):
+    """The one integer-from-text check every route, header, CLI flag and fault spec uses."""
+    from supervisor.wire import ascii_int
+
+    n = ascii_int(text)
+    plain = 0 < len(text) <= 18 and all(c in "0123456789" for c in text)
+    assert (n is not None) == plain
+    if plain:
+        assert n == int(text) and 0 <= n < 2**63
+    for odd in ("²", "４２", "1_0", " 1", "+1", "-1", "", "1" * 19, "٣"):
+        assert ascii_int(odd) is None
