@@ -110,6 +110,7 @@ def _waiting_checkpointer(folder, error):
 
     ck = object.__new__(OnDemandCheckpointer)
     ck.enable, ck.async_mode, ck._inflight, ck._writer = True, AsyncMode.ASYNC, str(folder), None
+    ck.stager = None  # what torchtitan's __del__ (close) reads
     ck.save_future = Future()
     ck.save_future.set_exception(error)
     return ck
