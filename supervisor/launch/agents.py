@@ -384,9 +384,17 @@ class AgentLauncher:
                               f"{c.min_nodes} (launch.agents.min_nodes); excluded: {sorted(self.registry.excluded)}")
         return sorted(live, key=lambda v: v.node)
 
-    def _endpoint(self, head: NodeView, generation: int, attempt: int) -> str:
+    def _endpoint(self, head: NodeView, generation: int, attempt: int, members: list[NodeView]) -> str:
         host = self.config.rdzv_host or head.address or head.node
         if is_loopback(host):
+            # two agents on one machine (the drills) share a loopback rendezvous; a node on another
+            # machine would time out against its own loopback, once per restart, with no word why
+            far = sorted(f"{v.node} ({v.address})" for v in members if v.address and not is_loopback(v.address))
+            if far:
+                why = "launch.agents.rdzv_host" if self.config.rdzv_host else f"node {head.node}'s agent address"
+                raise LaunchError(f"the rendezvous host {host} ({why}) is a loopback address, which "
+                                  f"{', '.join(far)} on other machines cannot reach: give the agent of "
+                                  f"{head.node} --address <a name or IP the other nodes reach>")
             port = _free_port(host if host != "localhost" else "127.0.0.1")
         else:
             port = self.config.rdzv_port_base + (generation * 8 + attempt) % self.config.rdzv_port_span
@@ -398,7 +406,7 @@ class AgentLauncher:
         self._started_once = True
         for attempt in range(len(chosen)):
             members = [_Member(v.agent_id, v.node, r) for r, v in enumerate(chosen)]
-            endpoint = self._endpoint(chosen[0], spec.generation, attempt)
+            endpoint = self._endpoint(chosen[0], spec.generation, attempt, chosen)
             world = len(members) * spec.nproc
             extra = tuple(self.config.reshard_args) if written_world(spec.workdir, spec.load_step) not in (None, world) else ()
             for m in members:

@@ -93,8 +93,9 @@ class Agents:
     """Posts reports for named agents into the registry, as running agents would: each obeys its
     order (run -> 'running', stop -> 'stopped') unless told to misbehave."""
 
-    def __init__(self, reg: NodeRegistry, names, *, fail=(), silent=()) -> None:
+    def __init__(self, reg: NodeRegistry, names, *, fail=(), silent=(), addresses=None) -> None:
         self.reg, self.names = reg, list(names)
+        self.addresses = addresses or {}
         self.fail, self.silent = set(fail), set(silent)
         self.exits: dict[str, list] = {}
         self.ranks: dict[str, list] = {}
@@ -114,7 +115,8 @@ class Agents:
             gen, state = order.generation, ("failed" if name in self.fail else "running")
         elif v is not None and v.report.generation >= 0:
             gen, state = v.report.generation, "stopped"
-        body = {"run_id": "r", "agent_id": name, "node": name, "address": "127.0.0.1", "wall_time": time.time(),
+        body = {"run_id": "r", "agent_id": name, "node": name, "address": self.addresses.get(name, "127.0.0.1"),
+                "wall_time": time.time(),
                 "generation": gen, "state": state, "exit_code": 1 if state == "failed" else None,
                 "exits": self.exits.pop(name, []), "ranks": self.ranks.get(name, []), **kw}
         if order is not None and order.stacks_id:
@@ -249,6 +251,18 @@ def test_too_few_nodes_refuse_the_start(tmp_path, reg):
     try:
         with pytest.raises(LaunchError, match="min_nodes"):
             launcher(reg, min_nodes=2).start(spec(tmp_path))
+    finally:
+        agents.close()
+
+
+def test_a_loopback_rendezvous_is_refused_when_a_node_is_on_another_machine(tmp_path, reg):
+    """Node rank 0's agent reports 127.0.0.1 (its --address left to a loopback name), node 2 is at
+    10.0.0.2: its torchrun would wait on its own loopback. The start says so; nothing is ordered."""
+    agents = Agents(reg, ["n1", "n2"], addresses={"n2": "10.0.0.2"})
+    try:
+        with pytest.raises(LaunchError, match=r"127\.0\.0\.1 .*loopback.*n2 \(10\.0\.0\.2\)"):
+            launcher(reg).start(spec(tmp_path))
+        assert agents.argv == {}
     finally:
         agents.close()
 
