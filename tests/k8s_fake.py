@@ -5,9 +5,10 @@ What is real: HTTP on 127.0.0.1 (HTTP/1.1, bearer-token auth), chunked watch str
 resource versions and ``timeoutSeconds``, JSON merge patches, 404 Status objects — and the
 containers: when a pod is scheduled, its command runs as a real local process in its own session
 (so the trainer really trains), and its phase, exit code (128 + signal when killed), reason
-(``Completed``/``Error``/``OOMKilled``) and termination message (the log's tail, as
-``FallbackToLogsOnError`` does) come from that process. Deleting a pod sends SIGTERM to its
-process group and SIGKILL after the grace period, then the pod disappears (a DELETED event).
+(``Completed``/``Error``/``OOMKilled``) and termination message (the file at the container's
+``terminationMessagePath`` if it wrote one, else the log's tail, as ``FallbackToLogsOnError``
+does) come from that process. Deleting a pod sends SIGTERM to its first process and SIGKILL to its
+process group after the grace period, then the pod disappears (a DELETED event).
 
 Only the endpoints the launcher uses exist: JobSets (create, list, get, delete), pods (list,
 watch, delete) and nodes (get, list, merge-patch). The JobSet controller makes one pod per
@@ -34,6 +35,7 @@ from urllib.parse import parse_qs, urlparse
 
 JOBSETS = "/apis/jobset.x-k8s.io/v1alpha2/namespaces/"
 MESSAGE_BYTES, MESSAGE_LINES = 2048, 80  # the kubelet's FallbackToLogsOnError limits
+TERMINATION_FILE_BYTES = 4096  # the kubelet's limit on a termination message file
 
 
 def _now() -> str:
@@ -171,6 +173,12 @@ class FakeKubernetes:
         c = pod["spec"]["containers"][0]
         name = pod["metadata"]["name"]
         env = dict(self.env, **{e["name"]: e["value"] for e in c.get("env") or []})
+        # the kubelet mounts a fresh file at terminationMessagePath; here it is a file of the pod's,
+        # and an env value naming that path names the file (no container filesystem to mount into)
+        mounted = c.get("terminationMessagePath", "/dev/termination-log")
+        message_file = self.workdir / f"{name}.termination-log"
+        message_file.write_bytes(b"")
+        env = {k: (str(message_file) if v == mounted else v) for k, v in env.items()}
         log = open(self.workdir / f"{name}.log", "ab")
         proc = subprocess.Popen(list(c.get("command") or []) + list(c.get("args") or []), stdout=log,
                                 stderr=subprocess.STDOUT, env=env, cwd=self.cwd, start_new_session=True)
@@ -192,7 +200,10 @@ class FakeKubernetes:
             return
         reason = "OOMKilled" if name in self._oom else ("Completed" if code == 0 else "Error")
         term = {"exitCode": code, "reason": reason, "finishedAt": _now()}
-        if code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        written = (self.workdir / f"{name}.termination-log").read_bytes()[:TERMINATION_FILE_BYTES]
+        if written:  # the message file wins whenever the container wrote one
+            term["message"] = written.decode(errors="replace")
+        elif code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             tail = (self.workdir / f"{name}.log").read_bytes()[-MESSAGE_BYTES:].decode(errors="replace")
             term["message"] = "\n".join(tail.splitlines()[-MESSAGE_LINES:])
         status = pod["status"]
@@ -206,8 +217,13 @@ class FakeKubernetes:
 
     @staticmethod
     def _signal(proc: subprocess.Popen, sig: int) -> None:
+        """SIGTERM goes to the container's first process (what the kubelet does); SIGKILL ends
+        everything in it (here: its process group)."""
         try:
-            os.killpg(proc.pid, sig)
+            if sig == signal.SIGKILL:
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 

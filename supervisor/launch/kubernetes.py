@@ -20,8 +20,9 @@ Failure model:
   generation). A broken watch is re-established from a fresh LIST, so a pod deleted while the
   stream was down is still seen as gone. ``poll`` turns each pod that ended into one
   ``RankExit`` (the same path as the local launcher): the rank and its exit code are read from
-  torchrun's failure report in the container's termination message
-  (``terminationMessagePolicy: FallbackToLogsOnError``), else the pod's first rank with the
+  torchrun's failure report in the container's termination message, which the pod's first
+  process (`pod_entry`) writes without tracebacks so no report is cut off (else the kubelet
+  falls back to the log's tail: ``terminationMessagePolicy: FallbackToLogsOnError``), else the pod's first rank with the
   container's exit code (128 + signal for a killed container). ``OOMKilled`` sets
   ``RankExit.oom_killed``; an evicted pod or one the cluster deleted (node lost, taint
   eviction) is a rank exit with exit code 137 and a log line saying why; ``RankExit.host`` is
@@ -47,6 +48,7 @@ from typing import Annotated, Any
 
 from supervisor.config_types import NonNegativeInt, PositiveInt, Seconds, doc
 from supervisor.launch.local import LaunchSpec, RankExit
+from supervisor.launch.pod_entry import ENV_TERMINATION_LOG
 from supervisor.launch.torchrun_report import root_cause
 
 NAME_LABEL, COMPONENT_LABEL = "app.kubernetes.io/name", "app.kubernetes.io/component"
@@ -54,6 +56,8 @@ RUN_LABEL, GENERATION_LABEL = "titan-supervisor/run-id", "titan-supervisor/gener
 JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 KILLED = 137  # what Kubernetes reports for a container that was SIGKILLed (128 + 9)
+
+TERMINATION_LOG = "/dev/termination-log"  # the kubelet's default terminationMessagePath
 
 
 @dataclass
@@ -422,9 +426,14 @@ class KubernetesLauncher:
 
     def _pod_spec(self, spec: LaunchSpec, env: dict[str, str], labels: dict[str, str]) -> dict:
         c = self.config
+        # the pod's first process is pod_entry: it writes a termination message that names every
+        # failed rank even when tracebacks fill the log's tail (supervisor/launch/pod_entry.py)
+        env = {**env, ENV_TERMINATION_LOG: TERMINATION_LOG}
         container: dict[str, Any] = {
-            "name": "trainer", "image": c.image, "command": spec.command(),
+            "name": "trainer", "image": c.image,
+            "command": [spec.interpreter(), "-m", "supervisor.launch.pod_entry", "--", *spec.command()],
             "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
+            "terminationMessagePath": TERMINATION_LOG,
             "terminationMessagePolicy": "FallbackToLogsOnError",
             "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
             "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
