@@ -18,7 +18,6 @@ queued. A `rank` label must be a plain decimal below 65536, else the alert is ig
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -28,10 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from supervisor.config_types import PositiveInt, Seconds, doc
 from supervisor.hosts import is_node_name, strip_port
+from supervisor.wire import ascii_int
 
 NODE_LABELS = ("node", "Hostname", "hostname", "host", "kubernetes_node", "nodename", "instance")
 MAX_BODY = 4 * 1024 * 1024
-_RANK = re.compile(r"^[0-9]{1,5}$")
 
 
 class AlertmanagerAlert(BaseModel):
@@ -69,9 +68,10 @@ def rank_of(labels: dict[str, str]) -> tuple[bool, int | None]:
     rank = labels.get("rank")
     if rank is None:
         return True, None
-    if not _RANK.match(rank) or int(rank) >= 65536:
+    n = ascii_int(rank, max_digits=5)
+    if n is None or n >= 65536:
         return False, None
-    return True, int(rank)
+    return True, n
 
 
 class AlertReceiver:

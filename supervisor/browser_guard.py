@@ -37,16 +37,11 @@ def is_json(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-def is_loopback_host(host: str) -> bool:
-    """``Host`` header value (name or address, optional port) names this machine's loopback."""
-    return is_loopback(host)
-
-
 def refusal(method: str, headers: dict[bytes, bytes], *, open_mode: bool) -> tuple[int, str] | None:
     """(status, why) if the request must be refused, else None. Pure."""
     if open_mode:
         host = headers.get(b"host", b"").decode("latin-1")
-        if host and not is_loopback_host(host):
+        if host and not is_loopback(host):
             return 403, ("this supervisor has no tokens configured and answers only requests addressed "
                          f"to a loopback host, not {host[:64]!r} (a DNS-rebinding page names its own)")
     if method in SAFE_METHODS:

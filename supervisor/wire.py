@@ -62,7 +62,7 @@ async def read_body(request, limit: int) -> bytes:
     if declared is not None:
         n = ascii_int(declared)
         if n is None:
-            raise WireError(400, f"Content-Length {declared[:32]!r} is not a number") from None
+            raise WireError(400, f"Content-Length {declared[:32]!r} is not a number")
         if n > limit:
             raise WireError(413, f"body is {n} bytes; the limit is {limit}")
     chunks, size = [], 0

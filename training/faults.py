@@ -145,11 +145,11 @@ def parse_faults(spec: str) -> list[Fault]:
                     raise ValueError(f"fault {part!r}: {key}={val!r} is out of range "
                                      f"{'[' if closed else '('}{low:g}, {high:g}]")
             if key == "rank":
-                if typed != ALL and not (typed.isascii() and typed.isdigit()):
+                if typed != ALL and ascii_int(typed, max_digits=15) is None:
                     raise ValueError(f"fault {part!r}: rank must be a rank number or *")
                 rank = typed
             elif key == "gen":
-                if typed not in (ALL, ONCE) and not (typed.isascii() and typed.isdigit()):
+                if typed not in (ALL, ONCE) and ascii_int(typed, max_digits=15) is None:
                     raise ValueError(f"fault {part!r}: gen must be a generation number, * or once")
                 if kind in DATA and typed == ONCE:
                     raise ValueError(f"fault {part!r}: a data fault recurs with its batch; gen=once "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,21 @@ def tagged_rank(line: str) -> int | None:
     always the one whose line shows the cause; the line's own tag is the better witness."""
     m = _RANK_TAG.match(line)
     return int(m.group(1)) if m else None
+
+
+def by_writer(lines: Iterable[str], n: int, first: int | None = None) -> tuple[list[str], list[str]]:
+    """(each rank's last ``n`` tagged lines, ``first``'s ahead and then by rank; the untagged lines).
+
+    The evidence of how a generation died, however much its ranks and torchrun wrote after it:
+    a dead rank's exit (supervisor/launch/local.py) and a pod's termination message
+    (supervisor/launch/torchrun_report.py) both carry it."""
+    tagged: dict[int, list[str]] = {}
+    rest: list[str] = []
+    for line in lines:
+        r = tagged_rank(line)
+        (rest if r is None else tagged.setdefault(r, [])).append(line)
+    order = ([first] if first in tagged else []) + sorted(r for r in tagged if r != first)
+    return [line for r in order for line in tagged[r][-n:]], rest
 
 
 def json_safe(value: Any) -> Any:

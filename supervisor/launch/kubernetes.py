@@ -22,8 +22,8 @@ Failure model:
   ``RankExit`` (the same path as the local launcher): the rank and its exit code are read from
   torchrun's failure report in the container's termination message, which the pod's first
   process (`pod_entry`) writes without tracebacks so no report is cut off (else the kubelet
-  falls back to the log's tail: ``terminationMessagePolicy: FallbackToLogsOnError``), else the pod's first rank with the
-  container's exit code (128 + signal for a killed container). ``OOMKilled`` sets
+  falls back to the log's tail: ``terminationMessagePolicy: FallbackToLogsOnError``), else
+  the pod's first rank with the container's exit code (128 + signal for a killed container). ``OOMKilled`` sets
   ``RankExit.oom_killed``; an evicted pod or one the cluster deleted (node lost, taint
   eviction) is a rank exit with exit code 137 and a log line saying why; ``RankExit.host`` is
   the pod's node, so the policy can count crashes per node and exclude one.

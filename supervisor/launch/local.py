@@ -36,7 +36,7 @@ from typing import Annotated
 import psutil
 
 from supervisor.config_types import PositiveInt, Seconds, doc
-from supervisor.detect.findings import tagged_rank
+from supervisor.detect.findings import by_writer
 from supervisor.launch import stacks
 from supervisor.launch.spare import Spare, SpareRecord, WarmSpare
 from supervisor.launch.torchrun_report import root_cause
@@ -222,20 +222,14 @@ class Generation:
         `dead_rank`). torch.distributed's excepthook tags each line ``[rankN]: ``, so each rank's
         own lines are picked out of a much wider window; they do not depend on timing. The peers'
         lines come too: which rank's exit is seen first is a race (a collateral exit can be), and
-        the detectors attribute a tagged line to the rank that wrote it (`tagged_rank`).
+        the detectors attribute a tagged line to the rank that wrote it (`findings.tagged_rank`).
         """
         tail = self.log_tail()
         if rank is None:
             return tail
-        by_rank: dict[int, list[str]] = {}
-        for line in self.log_tail(sys.maxsize, self.config.rank_scan_bytes):
-            r = tagged_rank(line)
-            if r is not None:
-                by_rank.setdefault(r, []).append(line)
-        n = self.config.rank_lines
-        own = by_rank.pop(rank, [])[-n:]
-        peers = [line for r in sorted(by_rank) for line in by_rank[r][-n:]]
-        return own + peers + tail
+        tagged, _ = by_writer(self.log_tail(sys.maxsize, self.config.rank_scan_bytes), self.config.rank_lines,
+                              first=rank)
+        return tagged + tail
 
     def poll(self) -> list[RankExit]:
         """New rank exits since the last poll (each reported once), the root cause first.

@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 import signal
 
+from supervisor.detect.findings import by_writer
+
 _ROOT_HEADER = "Root Cause (first observed failure):"
 _ENTRY = re.compile(r"\brank\s*:\s*(\d+)\b.*?\bexitcode\s*:\s*(-?\d+)", re.S)
 # what torchrun, the daemon or an operator send to stop ranks: never a root cause by themselves
@@ -48,7 +50,6 @@ def root_cause(text: str) -> tuple[int, int] | None:
 
 #: the kubelet keeps at most this much of a container's termination message file
 MESSAGE_BYTES = 4096
-_RANK_TAG = re.compile(r"^\[rank(\d{1,6})\]:")
 
 
 def _compact_report(text: str) -> tuple[int, str] | None:
@@ -86,14 +87,8 @@ def termination_message(text: str, *, limit: int = MESSAGE_BYTES, rank_lines: in
     lines keep the evidence the OOM and hardware detectors read."""
     report = _compact_report(text)
     before, tail = (text[:report[0]], report[1]) if report else (text, "")
-    per_rank: dict[int, list[str]] = {}
-    rest: list[str] = []
-    for line in before.splitlines():
-        if not line.strip():
-            continue
-        m = _RANK_TAG.match(line)
-        (per_rank.setdefault(int(m.group(1)), []) if m else rest).append(line[:line_chars])
-    lines = [x for r in sorted(per_rank) for x in per_rank[r][-rank_lines:]] + rest[-tail_lines:]
+    tagged, rest = by_writer((line[:line_chars] for line in before.splitlines() if line.strip()), rank_lines)
+    lines = tagged + rest[-tail_lines:]
     budget = limit - len(tail.encode())
     kept: list[str] = []
     for line in reversed(lines):  # the newest lines are kept when they do not all fit
