@@ -15,6 +15,7 @@ import re
 NODE_NAME_PATTERN = r"^[A-Za-z0-9_.:@-]{1,255}$"
 #: where a node is reached: a host name or a bare IP address (no ``@``, no brackets, no port)
 ADDRESS_PATTERN = r"^[A-Za-z0-9_.:-]{1,255}$"
+# fullmatch, not match: Python's ``$`` also matches before a trailing newline ("node1\n" passed)
 _NODE_NAME, _ADDRESS = re.compile(NODE_NAME_PATTERN), re.compile(ADDRESS_PATTERN)
 
 
@@ -30,12 +31,12 @@ def strip_port(hostport: str) -> str:
 def is_node_name(name: str) -> bool:
     """A node name the daemon keeps: it becomes an `exclude_node` target (a Kubernetes Node name, a
     registry key) and a page's text, so it carries no path (``..``), markup or line break."""
-    return bool(_NODE_NAME.match(name)) and ".." not in name
+    return bool(_NODE_NAME.fullmatch(name)) and ".." not in name
 
 
 def is_address(host: str) -> bool:
     """A host name or a bare IP address, safe to put into a command line."""
-    return bool(_ADDRESS.match(host)) and ".." not in host
+    return bool(_ADDRESS.fullmatch(host)) and ".." not in host
 
 
 def is_loopback(host: str) -> bool:

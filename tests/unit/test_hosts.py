@@ -26,8 +26,8 @@ def test_not_loopback(host):
 
 def test_node_names_and_addresses():
     assert is_node_name("gpu-node-17.cluster.local") and is_node_name("agent@node1") and is_node_name("fd00::7")
-    for bad in ("", "a" * 256, "../etc", "node 1", "node\n1", "[x]", "nöde", "a/b"):
+    for bad in ("", "a" * 256, "../etc", "node 1", "node\n1", "node1\n", "[x]", "nöde", "a/b"):
         assert not is_node_name(bad), bad
     assert is_address("10.0.0.7") and is_address("fd00::7") and is_address("node-1.example")
-    for bad in ("", "agent@node1", "[::1]", "a..b", "$(reboot)", "a b", "a" * 256):
+    for bad in ("", "agent@node1", "[::1]", "a..b", "$(reboot)", "a b", "a" * 256, "10.0.0.7\n"):
         assert not is_address(bad), bad
