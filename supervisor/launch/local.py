@@ -241,10 +241,13 @@ class Generation:
         rank 1's OOM, and for rank 1's SIGKILL, in loaded CI runs)."""
         out: list[RankExit] = []
         now = time.time()
-        root = self._root_cause_rank()
         dead = [r for r, pid in self.rank_pids.items() if r not in self._reported and not _pid_alive(pid)]
         for rank in dead:
             self._dead_since.setdefault(rank, now)
+        # the log is read only when there is a death to explain, once per poll (not every tick)
+        report = self._scan_text() if dead else ""
+        cause = root_cause(report)
+        root = cause[0] if cause else None
         if (dead and root is None and not self.exit_expected and self.alive()
                 and now - min(self._dead_since[r] for r in dead) < self.config.exitcode_wait_s):
             dead = []
@@ -253,7 +256,7 @@ class Generation:
             pid = self.rank_pids[rank]
             first = self._dead_since[rank]
             # torchrun logs the exit code ~0.4 s after the death: wait for it, briefly.
-            code = self._exitcode_from_log(rank)
+            code = self._exitcode_from_log(rank, report)
             if code is None and self.exit_expected:
                 if self.alive() and now - first < self.config.finish_exit_wait_s:
                     continue  # a normal exit: torchrun's own exit code will tell
@@ -269,21 +272,21 @@ class Generation:
             self.exited = code
             if self.exited != 0 and not out and len(self._reported) < max(1, len(self.rank_pids)):
                 rank = next((r for r in sorted(self.rank_pids) if r not in self._reported), None)
-                logged = self._exitcode_from_log(rank) if rank is not None else None
+                logged = self._exitcode_from_log(rank, self._scan_text()) if rank is not None else None
                 out.append(RankExit(rank, logged if logged is not None else self.exited, None,
                                    self.exit_lines(rank), now))
                 if rank is not None:
                     self._reported.add(rank)
         return out
 
-    def _root_cause_rank(self) -> int | None:
-        cause = root_cause("\n".join(self.log_tail(self.config.log_scan_lines)))
-        return cause[0] if cause else None
+    def _scan_text(self) -> str:
+        """The log's last ``log_scan_lines``: where torchrun's exit lines and report are."""
+        return "\n".join(self.log_tail(self.config.log_scan_lines))
 
-    def _exitcode_from_log(self, rank: int | None) -> int | None:
-        """The exit code torchrun reported for this rank's pid, if it has yet."""
+    def _exitcode_from_log(self, rank: int | None, text: str) -> int | None:
+        """The exit code torchrun reported for this rank's pid in ``text`` (the log's last
+        ``log_scan_lines``), if it has yet."""
         pid = self.rank_pids.get(rank) if rank is not None else None
-        text = "\n".join(self.log_tail(self.config.log_scan_lines))
         for pattern in _EXIT_BY_PID:
             for m in pattern.finditer(text):
                 if pid is None or int(m.group(2)) == pid:
