@@ -595,8 +595,15 @@ class Policy:
             if cause == "stuck_high":
                 return (f"loss spike at step {onset} is still at {_fmt(ev.get('level'))}, "
                         f"{_fmt(ev.get('level_ratio'))}x its median {_fmt(ev.get('median'))} after "
-                        f"{ev.get('patience_steps')} steps (>= {_fmt(ev.get('stuck_level_ratio'))}x): the "
+                        f"{ev.get('patience_steps')} steps (>= {_fmt(ev.get('stuck_level_ratio'))}x) with grad "
+                        f"norms {_fmt(ev.get('grad_ratio'))}x theirs (>= {_fmt(ev.get('stuck_grad_ratio'))}x): the "
                         f"weights were thrown out of their basin, a cool would take longer than a rollback")
+            if cause == "lr_burst":
+                return (f"loss spike at step {onset} came with an off-schedule LR burst: steps "
+                        f"{ev.get('burst_start')}-{ev.get('burst_end')} ran at up to "
+                        f"{_fmt(ev.get('burst_peak_factor'))}x the schedule's peak LR and moved the weights "
+                        f"{_fmt(ev.get('burst_displacement'))} extra normal steps (>= "
+                        f"{_fmt(ev.get('burst_displacement_bar'))}): too far to come back by themselves")
             if cause == "poisoned_update":
                 return (f"non-finite gradient at step {onset} reached the weights (update applied, "
                         f"grad norm {ev.get('grad_norm')}): every later step computes on poisoned "
@@ -675,7 +682,8 @@ def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
         f"rung 2 cool_lr     the spike is still above {band} after {ls.patience_steps} steps (slow_recovery): LR "
         f"scale x{p.cool_lr_factor:g} at once, no work thrown away; one cool per spike, never below "
         f"{p.min_lr_scale:g}; unless the level (mean of the last {ls.level_window} losses) is already >= "
-        f"{ls.stuck_level_ratio:g}x the median -> rung 3 at once. Back in band -> rewarm_lr to the scale before "
+        f"{ls.stuck_level_ratio:g}x the median while its grad norms are >= {ls.stuck_grad_ratio:g}x theirs "
+        f"(the weights, not the batches) -> rung 3 at once. Back in band -> rewarm_lr to the scale before "
         f"the cool over {p.rewarm_steps} steps. Worse (mean of the {ls.level_window} losses after patience > "
         f"{100 * ls.worsening_tolerance:g}% above the level at patience) or not back by onset + "
         f"{ls.recovery_steps} steps -> rung 3.",
@@ -683,7 +691,10 @@ def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
         f"{ls.severe_grad_ratio:g}x its median at the onset); a spike that ends a drift (the grad-norm median of the "
         f"{ls.drift_window} steps before it >= {ls.drift_grad_ratio:g}x that of the {ls.drift_window} before those); "
         f"a non-finite gradient whose update reached the weights; a spike that landed high or after long "
-        f"damage (rung 1); a spike stuck high at patience (rung 2); "
+        f"damage (rung 1); a spike stuck high at patience (rung 2); a spike with an off-schedule LR burst "
+        f"(LR / supervisor scale > {ls.lr_burst.factor:g}x the schedule's peak for at most {ls.lr_burst.max_steps} "
+        f"steps) that moved the weights >= {ls.burst_displacement:g} extra normal steps (sum of LR/peak - 1), "
+        f"judged when the burst ends; "
         f"{ls.cluster_size} spikes within {ls.cluster_window_steps} steps; and the cases above. Back to the newest "
         f"valid checkpoint >= {p.min_steps_before_onset} steps before the onset, skipping the data up to the onset "
         f"+ {p.data_skip_margin_steps} steps; a cool for that spike is undone. Budget: "

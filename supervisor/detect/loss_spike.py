@@ -48,15 +48,24 @@ Life of a spike (measured on bench/detection, see the README's decision section)
   cools the LR and watches. An LR x100 spike of 1-3 steps on these models routinely takes
   20-40 steps to come back by itself, so a fixed short deadline rolls back good work. Unless
   the level there (mean of the last `level_window` losses) is still at least
-  `stuck_level_ratio` x the median (cause "stuck_high"): the update threw the weights out of
-  their basin (tuning half: benign slow recoveries at most 2.17x at patience, the diverged
-  ones 2.94x and 4.46x).
+  `stuck_level_ratio` x the median while the grad norm there (median of the last
+  `stuck_grad_window`) is still at least `stuck_grad_ratio` x its pre-spike median (cause
+  "stuck_high"): the update threw the weights out of their basin (tuning half: benign slow
+  recoveries at most 2.17x at patience, the diverged ones 2.94x and more). The gradient test
+  is what tells weights from data: ten fully corrupt batches sat 2.6x and 4.8x above the
+  median at patience with grad norms already back at 0.9x and 2.8x, and came back by
+  themselves; every LR blow-up the rule caught still had 9.6-19x.
 - while it stays out, a sustained level test: once `level_window` steps after patience have
   passed (the cooled LR had time to act; one step later an oscillating loss tripped the test
   on a spike that came back by itself), if the mean of the last `level_window` usable losses
   is above the level at patience by more than `worsening_tolerance` (relative), the spike is
   getting worse -> `divergence` (cause "worsening"); not back by onset + `recovery_steps`
   -> `divergence` (cause "no_recovery").
+- an off-schedule LR burst (lr_burst.py) that ended at most 2 steps before the onset or
+  after it, and moved the weights at least `burst_displacement` extra normal steps ->
+  `divergence` (cause "lr_burst", onset = the burst's first step if it came first): the
+  tiny model's x100 10-step bursts came back into the onset's band by themselves and stayed
+  20-80 % above their twins; on the loss and grad curves they look like benign slow decays.
 Independently, `cluster_size` onsets within `cluster_window_steps` -> `divergence` (cause
 "cluster", onset = first spike of the cluster).
 
@@ -70,13 +79,13 @@ restores the baseline that held at a checkpoint after a rollback.
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from supervisor.detect.findings import (CRITICAL, DIVERGENCE, INFO, LOSS_SPIKE, SLOW_RECOVERY,
                                         SPIKE_RECOVERED, WARNING, Finding, json_safe)
+from supervisor.detect.lr_burst import Burst, LrBurstTracker
 from supervisor.detect.robust import RollingWindow, median, theil_sen
 from supervisor.config_types import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, doc
 
@@ -88,6 +97,8 @@ class _OpenSpike:
     peak: float
     peak_step: int
     recent: list[float] = field(default_factory=list)  # usable losses since the onset
+    grad_median: float | None = None  # the healthy grad-norm median at the onset
+    grad_ratios: list[float] = field(default_factory=list)  # grad norm / grad_median since the onset
     level_at_patience: float | None = None  # mean of the last level_window losses at patience
     trend: "_Trend | None" = None  # the pre-spike trend, frozen at the onset
 
@@ -157,7 +168,16 @@ class LossSpikeDetector:
             "trained that long on what caused it")] = 4.0
         stuck_level_ratio: Annotated[PositiveFloat, doc(
             "at patience, a level at least this multiple of the median is a divergence, not a slow "
-            "recovery: the update threw the weights out of their basin")] = 2.5
+            "recovery: the update threw the weights out of their basin ...")] = 2.5
+        stuck_grad_ratio: Annotated[PositiveFloat, doc(
+            "... if the grad norm there (median of the last `stuck_grad_window`) is still at least this "
+            "multiple of the pre-spike median: a high loss with ordinary gradients measures the batches, "
+            "not the weights")] = 5.0
+        stuck_grad_window: Annotated[PositiveInt, doc("grad norms in that median")] = 3
+        burst_displacement: Annotated[PositiveFloat, doc(
+            "a spike during or right after an off-schedule LR burst that moved the weights at least this "
+            "many extra normal steps (lr_burst.py) is a divergence")] = 600.0
+        lr_burst: LrBurstTracker.Config = field(default_factory=LrBurstTracker.Config)
         trend_horizon: Annotated[PositiveInt, doc(
             "steps past the last pre-spike loss the trend is extrapolated; later landings are judged "
             "against its value there (a looser bar: the curve keeps falling)")] = 20
@@ -174,6 +194,8 @@ class LossSpikeDetector:
         self._grads = RollingWindow(c.window, history=c.history)
         self._open: _OpenSpike | None = None
         self._onsets: list[int] = []
+        self._bursts = LrBurstTracker(c.lr_burst)
+        self._last_burst: Burst | None = None
 
     @property
     def open_spike_onset(self) -> int | None:
@@ -185,6 +207,8 @@ class LossSpikeDetector:
         self._grads.clear()
         self._open = None
         self._onsets = []
+        self._bursts.reset()
+        self._last_burst = None
 
     def rewind(self, to_step: int) -> None:
         """After a rollback to checkpoint `to_step`: the baseline and spike history as of then."""
@@ -192,6 +216,8 @@ class LossSpikeDetector:
         self._grads.rewind(to_step)
         self._open = None
         self._onsets = [s for s in self._onsets if s <= to_step]
+        self._bursts.drop_open()  # the schedule's peak still holds; the steps after to_step did not happen
+        self._last_burst = None
 
     def restart_baseline(self) -> None:
         """The level changed (a divergence was declared): judge from a fresh baseline."""
@@ -199,13 +225,19 @@ class LossSpikeDetector:
         self._grads.restart()
         self._open = None
         self._onsets = []
+        self._last_burst = None
 
     def observe(self, record) -> list[Finding]:
         c = self.config
         step, loss, t = record.step, record.loss, record.wall_time
         usable = math.isfinite(loss) and not record.update_skipped
+        # a record without an LR (an older or foreign telemetry source) just has no bursts
+        burst = self._bursts.observe(step, getattr(record, "lr", math.nan), getattr(record, "lr_scale", 1.0),
+                                     record.update_skipped)
+        if burst is not None:
+            self._last_burst = burst
         if self._open is not None:
-            return self._follow_open_spike(step, loss, t, usable)
+            return self._follow_open_spike(step, loss, t, usable, record.grad_norm)
         if not usable:
             return []
         if len(self._window) >= c.warmup:
@@ -242,7 +274,9 @@ class LossSpikeDetector:
         step, loss, t = record.step, record.loss, record.wall_time
         grad_ratio = self._grad_ratio(record.grad_norm)
         self._open = _OpenSpike(onset=step, median=med, peak=loss, peak_step=step, recent=[loss],
-                                trend=_Trend.fit(self._window.samples()))
+                                trend=_Trend.fit(self._window.samples()),
+                                grad_median=self._grads.stats()[0] if len(self._grads) else None,
+                                grad_ratios=[] if grad_ratio is None else [grad_ratio])
         evidence = {"loss": loss, "median": med, "scale": scale, "z": round(z, 3),
                     "relative_jump": round(rel, 4), "window": len(self._window),
                     "grad_norm": record.grad_norm,
@@ -267,6 +301,9 @@ class LossSpikeDetector:
                           "drift_grad_ratio": c.drift_grad_ratio, "drift_window": c.drift_window}))
             self.restart_baseline()
             return out
+        burst = self._burst_divergence(self._open, step, t, loss, True)
+        if burst:
+            return out + burst
         self._onsets = [s for s in self._onsets if step - s < c.cluster_window_steps] + [step]
         if len(self._onsets) >= c.cluster_size:
             onsets = list(self._onsets)
@@ -279,10 +316,15 @@ class LossSpikeDetector:
             self.restart_baseline()
         return out
 
-    def _follow_open_spike(self, step, loss, t, usable) -> list[Finding]:
+    def _follow_open_spike(self, step, loss, t, usable, grad_norm) -> list[Finding]:
         c = self.config
         sp = self._open
         assert sp is not None
+        if sp.grad_median and math.isfinite(grad_norm):
+            sp.grad_ratios.append(grad_norm / sp.grad_median)
+        burst = self._burst_divergence(sp, step, t, loss, usable)
+        if burst:
+            return burst
         if usable and loss <= sp.median * (1.0 + c.recovery_tolerance):
             landed = self._landed_high(sp, step, loss, t)
             if landed is not None:
@@ -305,10 +347,12 @@ class LossSpikeDetector:
         level = sum(sp.recent[-c.level_window:]) / len(sp.recent[-c.level_window:])
         if sp.level_at_patience is None:
             sp.level_at_patience = level
-            if level >= c.stuck_level_ratio * sp.median:
+            grads = median(sp.grad_ratios[-c.stuck_grad_window:]) if sp.grad_ratios else None
+            if level >= c.stuck_level_ratio * sp.median and grads is not None and grads >= c.stuck_grad_ratio:
                 return self._diverge(sp, step, t, loss, usable, {
                     "cause": "stuck_high", "level": level, "level_ratio": round(level / sp.median, 3),
-                    "stuck_level_ratio": c.stuck_level_ratio, "patience_steps": c.patience_steps})
+                    "stuck_level_ratio": c.stuck_level_ratio, "grad_ratio": round(grads, 3),
+                    "stuck_grad_ratio": c.stuck_grad_ratio, "patience_steps": c.patience_steps})
             return [Finding(
                 kind=SLOW_RECOVERY, step=step, severity=WARNING, wall_time=t,
                 evidence={"onset_step": sp.onset, "loss": json_safe(loss), "median": sp.median,
@@ -340,6 +384,20 @@ class LossSpikeDetector:
         if usable:
             self._window.add(step, loss)
         return [finding]
+
+    def _burst_divergence(self, sp: _OpenSpike, step: int, t: float, loss: float,
+                          usable: bool) -> list[Finding]:
+        """The open spike came with an off-schedule LR burst that moved the weights too far to
+        come back by themselves (lr_burst.py): ended at most 2 steps before the onset (a step's
+        update shows in the next step's loss) or after it. The divergence's onset is the burst's
+        first step if that came first, so the rollback lands before any of its updates."""
+        b = self._last_burst
+        if b is None or b.end < sp.onset - 2 or b.displacement < self.config.burst_displacement:
+            return []
+        # the onset is the burst's first step when it came first: the rollback target must predate it
+        return self._diverge(sp, step, t, loss, usable, {
+            "cause": "lr_burst", "onset_step": min(sp.onset, b.start), "spike_onset_step": sp.onset,
+            **b.evidence(), "burst_displacement_bar": self.config.burst_displacement})
 
     def _landed_high(self, sp: _OpenSpike, step: int, loss: float, t: float) -> list[Finding] | None:
         """A one-step return to the band that lands well above the pre-spike trend: the

@@ -131,10 +131,22 @@ def test_damage_and_stuck_high_divergences_roll_back_and_name_the_numbers():
     assert d.reason.startswith("loss spike at step 55 dropped back in one step (6.739 -> 3.162) after 10 steps "
                                "whose summed excess over the median 3.61 was 6.84 (>= 4): the weights trained")
     d = P.decide(finding(DIVERGENCE, 81, cause="stuck_high", onset_step=76, level=6.92, level_ratio=2.939,
-                         median=2.355, patience_steps=5, stuck_level_ratio=2.5), state(), History())
+                         median=2.355, patience_steps=5, stuck_level_ratio=2.5, grad_ratio=11.0,
+                         stuck_grad_ratio=4.0), state(), History())
     assert (d.action, d.target_step) == (ROLLBACK, 57)
     assert d.reason.startswith("loss spike at step 76 is still at 6.92, 2.939x its median 2.355 after 5 steps "
-                               "(>= 2.5x): the weights were thrown out of their basin")
+                               "(>= 2.5x) with grad norms 11x theirs (>= 4x): the weights were thrown out of "
+                               "their basin")
+
+
+def test_lr_burst_divergence_rolls_back_before_the_burst_and_names_it():
+    d = P.decide(finding(DIVERGENCE, 80, cause="lr_burst", onset_step=71, burst_start=70, burst_end=79,
+                         burst_steps=10, burst_peak_factor=100.0, burst_displacement=990.0,
+                         burst_displacement_bar=600.0), state(), History())
+    assert d.action == ROLLBACK and d.target_step is not None and d.target_step <= 69
+    assert d.reason.startswith("loss spike at step 71 came with an off-schedule LR burst: steps 70-79 ran at up "
+                               "to 100x the schedule's peak LR and moved the weights 990 extra normal steps "
+                               "(>= 600): too far")
 
 
 # --- rungs 4 and 5: same region again -----------------------------------------------------------
