@@ -86,18 +86,24 @@ def test_clean_run_raises_no_finding(clean_run):
     assert max(r["step"] for r in clean_run["records"]) == STEPS
 
 
-def test_unrecovered_spike_is_rolled_back_hot_and_the_run_finishes(clean_run, make_daemon):
-    # rank=0: the spike on one rank's shard, as this drill was timed (a job-wide x1000 spike is a
-    # severe blow-up rolled back before the step-40 checkpoint the quarantine check below needs)
-    d = make_daemon(steps=STEPS, faults="spike@35:lr=1000:steps=3:rank=0").start()
+def test_lr_burst_spike_is_rolled_back_hot_at_the_burst_end_and_the_run_finishes(clean_run, make_daemon):
+    # rank=0: the spike on one rank's shard (a job-wide x1000 spike is a severe blow-up at the onset);
+    # here the loss is 3.3x its median and the grad norm 20x, just short of the blow-up bar, and the
+    # LR burst (steps 35-37, 1000x: 2997 extra normal steps) decides when it ends, at step 38.
+    # Checkpoints every 5 steps, so the one saved inside the burst (35) must be quarantined.
+    d = make_daemon(steps=STEPS, faults="spike@35:lr=1000:steps=3:rank=0", checkpoint_interval=5).start()
     assert d.wait_exit(300) == 0, d.log_tail()
     decs = _decisions(d)
     first = next(x for x in decs if x["finding_kind"] == "loss_spike")
     assert first["finding_step"] == 36  # the first record after the LR blow-up at step 35
     rb = [x for x in decs if x["action"] == "rollback"]
     assert len(rb) == 1
+    ev = rb[0]["evidence"]
+    assert ev["cause"] == "lr_burst" and (ev["burst_start"], ev["burst_end"]) == (35, 37)
+    assert rb[0]["finding_step"] == 38  # the burst's end: 3 steps after its onset
     params = rb[0]["params"]
-    onset = rb[0]["evidence"]["onset_step"]
+    onset = ev["onset_step"]
+    assert onset == 35  # the burst's first step, not the loss's (36): the target predates every burst update
     assert params["target_step"] <= onset - 2 and params["target_step"] == 30
     assert params["skip_batches"] == onset - params["target_step"] + 10  # the data window + margin
     j = d.journal()
@@ -115,8 +121,8 @@ def test_unrecovered_spike_is_rolled_back_hot_and_the_run_finishes(clean_run, ma
     clean, drilled = _tail_loss(clean_run["records"]), _tail_loss(records)
     assert abs(drilled - clean) / clean < 0.05, (drilled, clean)
     assert _replay_actions(d) == [(x["finding_kind"], x["finding_step"], x["action"]) for x in decs]
-    # nothing deleted: the checkpoint saved after the onset was quarantined, not removed
-    assert list((d.workdir / "quarantine").glob("step-40.rollback-*"))
+    # nothing deleted: the checkpoint saved inside the burst was quarantined, not removed
+    assert list((d.workdir / "quarantine").glob("step-35.rollback-*"))
 
 
 def test_spike_that_recovers_is_recorded_without_rollback(make_daemon):
