@@ -14,9 +14,12 @@ ceiling, ...) live in each Config's ``__post_init__``, which pydantic runs too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
 import typing
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
 
@@ -78,3 +81,47 @@ def check_regexes(patterns) -> None:
             re.compile(p)
         except re.error as e:
             raise ValueError(f"{p!r} is not a valid regex: {e}") from None
+
+
+def _scalar_types(tp: Any) -> set:
+    """The plain types an annotation admits: Annotated and Optional/Union unwrapped; a Literal
+    admits the types of its values."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _scalar_types(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_types(a) for a in typing.get_args(tp)))
+    if origin is Literal:
+        return {type(v) for v in typing.get_args(tp)}
+    return {tp} if isinstance(tp, type) else {object}
+
+
+def _table_fields(cls: type) -> dict[str, Any] | None:
+    """Field name -> annotation of a settings table (a pydantic model or a dataclass), else None."""
+    model_fields = getattr(cls, "model_fields", None)
+    if isinstance(model_fields, dict):
+        return {name: info.annotation for name, info in model_fields.items()}
+    if dataclasses.is_dataclass(cls):
+        return typing.get_type_hints(cls, include_extras=True)
+    return None
+
+
+def quoted_scalars(data: dict, cls: type, prefix: str = "") -> list[str]:
+    """Numbers and booleans written as TOML strings ("9000", "false") in a settings file, one
+    message per field. pydantic's lax mode takes them (it must, for the environment, where
+    everything is text), but in a file they are a typo or a template that quoted a value, and
+    "0" becomes False. Pure: judged on the table classes' annotations; unknown keys are left to
+    the validator, which names them."""
+    fields = _table_fields(cls) or {}
+    out = []
+    for key, val in data.items():
+        if key not in fields:
+            continue
+        dotted, kinds = f"{prefix}{key}", _scalar_types(fields[key])
+        tables = [t for t in kinds if _table_fields(t) is not None]
+        if isinstance(val, dict) and tables:
+            out += quoted_scalars(val, tables[0], dotted + ".")
+        elif isinstance(val, str) and not kinds & {str, object, Path} and kinds & {bool, int, float}:
+            kind = "true or false" if kinds <= {bool, type(None)} else "a number"
+            out.append(f"{dotted}: expected {kind}, got the string {val[:40]!r} (write it without quotes)")
+    return out

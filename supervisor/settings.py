@@ -30,7 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from supervisor.alert_receiver import AlertReceiver
 from supervisor.checkpoints import Catalog
-from supervisor.config_types import PositiveInt, Seconds
+from supervisor.config_types import PositiveInt, Seconds, quoted_scalars
 from supervisor.detect.suite import DetectorSuite
 from supervisor.journal import Journal
 from supervisor.launch.agents import AgentLauncher
@@ -405,9 +405,17 @@ class Settings(BaseSettings):
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"config file {p} does not exist")
-            _TomlSource.path = p
+            with open(p, "rb") as f:
+                try:
+                    data = tomllib.load(f)
+                except tomllib.TOMLDecodeError as e:
+                    raise ConfigError(f"{p}: not valid TOML: {e}") from None
+            quoted = quoted_scalars(data, cls)
+            if quoted:
+                raise ConfigError("; ".join(quoted))
+            _TomlSource.data = data
         else:
-            _TomlSource.path = None
+            _TomlSource.data = {}
         try:
             return cls(**overrides)
         except ValidationError as e:
@@ -471,19 +479,15 @@ def _explain(e: ValidationError) -> str:
 
 
 class _TomlSource(PydanticBaseSettingsSource):
-    path: Path | None = None
+    """The run file's settings, parsed and checked by `Settings.load`."""
+
+    data: dict[str, Any] = {}
 
     def get_field_value(self, field, field_name):  # pragma: no cover - unused (we override __call__)
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        if self.path is None:
-            return {}
-        with open(self.path, "rb") as f:
-            try:
-                return tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{self.path}: not valid TOML: {e}") from None
+        return self.data
 
 
 if __name__ == "__main__":  # print the effective settings

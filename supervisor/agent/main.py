@@ -40,7 +40,7 @@ from typing import Annotated
 from supervisor.agent.health import HealthProbe
 from supervisor.agent.ranks import NodeRun
 from supervisor.agent.relay import ENV_SOCKET, ENV_TOKEN, HeartbeatRelay
-from supervisor.config_types import PositiveInt, Seconds, doc
+from supervisor.config_types import PositiveInt, Seconds, doc, quoted_scalars
 from supervisor.hosts import is_address
 from supervisor.launch.local import LauncherConfig
 
@@ -119,7 +119,11 @@ def load_agent_config(path: str | None, environ: dict, overrides: dict) -> Agent
         unknown = set(doc_) - {"agent"}
         if unknown:
             raise ValueError(f"{path}: only an [agent] table belongs here, not {sorted(unknown)}")
-        values.update(doc_.get("agent") or {})
+        table = doc_.get("agent") or {}
+        quoted = quoted_scalars(table, AgentConfig, "agent.") if isinstance(table, dict) else []
+        if quoted:
+            raise ValueError("; ".join(quoted))
+        values.update(table)
     for key, value in environ.items():
         if key.startswith(ENV_PREFIX):
             values[key[len(ENV_PREFIX):].lower()] = value

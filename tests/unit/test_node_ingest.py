@@ -385,3 +385,20 @@ def test_an_agent_refuses_to_start_with_an_address_the_daemon_would_refuse():
     assert load_agent_config(None, {}, {**base, "address": "fd00::1"}).address == "fd00::1"
     with pytest.raises(ValueError, match="no host name or bare IP address"):
         load_agent_config(None, {}, {**base, "address": "[::1]"})
+
+
+def test_an_agent_file_with_a_quoted_number_is_refused_by_field(tmp_path):
+    """In a file a quoted number is a typo (the environment is text and stays lax)."""
+    from supervisor.agent.main import load_agent_config
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[agent]\ndaemon_url = "http://127.0.0.1:1"\nrun_id = "t"\nreport_interval_s = "2"\n'
+                   '[agent.launcher]\nexitcode_wait_s = "3"\n')
+    with pytest.raises(ValueError) as e:
+        load_agent_config(str(cfg), {}, {})
+    assert str(e.value) == ("agent.report_interval_s: expected a number, got the string '2' (write it without "
+                            "quotes); agent.launcher.exitcode_wait_s: expected a number, got the string '3' "
+                            "(write it without quotes)")
+    cfg.write_text('[agent]\ndaemon_url = "http://127.0.0.1:1"\nrun_id = "t"\n')
+    env = {"TITAN_SUPERVISOR_AGENT__REPORT_INTERVAL_S": "2"}
+    assert load_agent_config(str(cfg), env, {}).report_interval_s == 2.0

@@ -214,7 +214,7 @@ NUMBERS = [(p, v, t) for p, v, t in WALK if _base(t) in (int, float)]
 @pytest.mark.parametrize("path,default,tp", NUMBERS, ids=[".".join(p) for p, _, _ in NUMBERS])
 def test_every_number_rejects_nan_inf_negative_and_text(path, default, tp, tmp_path):
     dotted = ".".join(path)
-    bad = ["-1", '"a string"', "true"]
+    bad = ["-1", '"a string"', "true", '"7"']  # a quoted number is a typo in a file (only env is text)
     if _base(tp) is float:
         bad += ["nan", "inf"]
     else:
@@ -235,7 +235,7 @@ def _cli(*args, env=None) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("command,bad,why", [
     ("run", "nan", "greater than 0"), ("preflight", "-1", "greater than 0"),
-    ("config", '"soon"', "valid number"), ("config", "0", "greater than 0"), ("run", "inf", "finite number")])
+    ("config", '"soon"', "expected a number, got the string 'soon'"), ("config", "0", "greater than 0"), ("run", "inf", "finite number")])
 def test_bad_nested_value_is_a_config_error_through_the_cli(command, bad, why, tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f"[run]\nworkdir = \"{tmp_path / 'w'}\"\n\n[detect.stall]\nheartbeat_timeout = {bad}\n")
@@ -362,3 +362,17 @@ def test_a_config_with_text_beyond_the_bmp_prints_as_toml_that_loads_back(tmp_pa
     assert back["run"]["workdir"] == "/tmp/wd-\U0001f680-\u202e" and back["run"]["env"] == {"K\u00e9": 'a"b\\c'}
     with pytest.raises(ValueError, match="surrogate"):
         toml_string("\ud800")
+
+
+BOOLS = [(p, v, t) for p, v, t in WALK if _base(t) is bool]
+
+
+@pytest.mark.parametrize("path,default,tp", BOOLS, ids=[".".join(p) for p, _, _ in BOOLS])
+def test_every_boolean_rejects_a_quoted_word(path, default, tp, tmp_path):
+    """"false" in a file is a quoted value, and pydantic's lax mode would read "0" as False."""
+    cfg = tmp_path / "bad.toml"
+    for b in ('"false"', '"0"', '"yes"'):
+        cfg.write_text(toml_for(path, False).rsplit("=", 1)[0] + f"= {b}\n")
+        with pytest.raises(ConfigError) as e:
+            Settings.load(cfg)
+        assert str(e.value).startswith(f"{'.'.join(path)}: expected true or false, got the string "), str(e.value)
