@@ -4,6 +4,7 @@ tests/integration/test_torchft_drill.py)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
 
 from training import ft
@@ -187,3 +188,44 @@ def test_a_resent_refused_directive_is_refused_again_not_acked_as_applied():
     SupervisedTrainer._apply_one(me, raw)
     assert [(did, ok) for did, ok, _ in acks] == [("a2", False), ("a2", False)], acks
     assert acks[1][2].startswith("already refused: rollback reached replica group 1")
+
+
+def test_a_heal_with_no_checkpoint_rewinds_the_group_s_data_to_its_start():
+    """`SupervisedTrainer.rewind_data` when the group has no checkpoint at or before the leader's
+    step: the dataloader goes back to the state captured before the first batch, so the heal's
+    drain replays this group's shard from its first batch. A loader that ignored that state (a
+    stateful loader restored from a pre-iteration snapshot) would drain from where it was and
+    train every later step on other samples than an unbroken run. Real tokenizer and corpus; the
+    trainer is a bare object (no model is needed for the data path)."""
+    import copy
+    from types import SimpleNamespace
+
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    from training import assets
+    from training.trainer import SupervisedTrainer
+
+    a = assets.ensure_assets()
+    tok = HuggingFaceTokenizer(tokenizer_path=str(a.tokenizer_dir))
+    cfg = ft.sharded_dataloader_config(ft.ReplicaConfig(enable=True, group_size=2, replica_id=1),
+                                       HuggingFaceTextDataLoader.Config(dataset="c4_test",
+                                                                        dataset_path=str(a.corpus_dir)))
+
+    def build():
+        return ft.ShardedTextDataLoader(cfg, dp_world_size=1, dp_rank=0, tokenizer=tok, seq_len=64,
+                                        local_batch_size=2)
+
+    first = [x["input"].clone() for x, _ in zip((b[0] for b in build()), range(3))]
+    dl = build()
+    t = SimpleNamespace(checkpointer=SimpleNamespace(enable=False, folder="/nonexistent"), dataloader=dl,
+                        _data_origin=copy.deepcopy(dl.state_dict()), batches_consumed=0)
+    t._raw_batches = lambda: iter(dl)
+    it = iter(dl)
+    for _ in range(5):
+        next(it)
+    t.batches_consumed = 5
+    assert SupervisedTrainer.rewind_data(t, loaded_step=4) == "the start of the data"
+    assert t.batches_consumed == 0
+    again = [x["input"] for x, _ in zip((b[0] for b in t.batches), range(3))]
+    assert all(torch.equal(p, q) for p, q in zip(first, again)) and len(again) == 3
+    assert not torch.equal(first[0], first[1])  # the comparison can tell batches apart
