@@ -14,16 +14,20 @@ know the model's tolerance, and rolls it back.
 
 What is off-schedule: the record's LR with the supervisor's own `lr_scale` divided out (a
 cool, a re-warm or an LR-down rollback is never a burst) above `factor` x the highest such LR
-seen outside bursts (the peak of the schedule: a warm-up climbs to it step by step, a cosine
-restart returns to it, neither is a burst). A burst is judged when it ends (the first step back
-under the bar): a raised LR that holds longer than `max_steps` is a new level (a changed
-config, a schedule that steps up), not a burst; it is dropped and its LR becomes the peak. Steps
-whose update was skipped moved nothing and add nothing. Pure: no I/O, no clock.
+of the last `peak_window` steps outside bursts (the peak of the schedule: a warm-up climbs to it
+step by step, a decay stays under it). A burst is judged when it ends (the first step back under
+the bar): a raised LR that holds longer than `max_steps` is a new level (a changed config, a
+warm restart, a held drift), not a burst; it is dropped and its LR counts as the schedule's from
+then on. That is also why the peak is a trailing one: a level raised for an hour and then
+lowered again (an operator's experiment, a rollback past a held drift) leaves the reference
+`peak_window` steps later instead of blinding the rule for the rest of the run. Steps whose
+update was skipped moved nothing and add nothing. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -53,15 +57,22 @@ class LrBurstTracker:
             "an off-schedule LR held longer than this is a new level, not a burst")] = 20
         min_history: Annotated[PositiveInt, doc(
             "steps seen before anything is judged (the first warm-up steps double the LR)")] = 10
+        peak_window: Annotated[PositiveInt, doc(
+            "the schedule's peak is the highest LR of this many latest steps outside bursts")] = 200
 
     def __init__(self, config: "LrBurstTracker.Config | None" = None) -> None:
         self.config = config or LrBurstTracker.Config()
-        self.peak = 0.0
+        self._recent: deque[float] = deque(maxlen=self.config.peak_window)  # base LRs outside bursts
         self._seen = 0
         self._open: list[tuple[int, float, bool]] = []  # (step, base LR, update applied) of the burst
 
+    @property
+    def peak(self) -> float:
+        return max(self._recent, default=0.0)
+
     def reset(self) -> None:
-        self.peak, self._seen, self._open = 0.0, 0, []
+        self._recent.clear()
+        self._seen, self._open = 0, []
 
     def drop_open(self) -> None:
         """After a rewind: the burst in progress did not happen on the restored trajectory."""
@@ -73,15 +84,16 @@ class LrBurstTracker:
             return None
         base = lr / lr_scale
         c = self.config
-        if self._seen >= c.min_history and self.peak > 0 and base > c.factor * self.peak:
+        ref = self.peak
+        if self._seen >= c.min_history and ref > 0 and base > c.factor * ref:
             self._open.append((step, base, not update_skipped))
             if len(self._open) > c.max_steps:  # a new level: it is the schedule now
-                self.peak = max(self.peak, max(b for _, b, _ in self._open))
+                self._recent.extend(b for _, b, _ in self._open)
                 self._open = []
             return None
         self._seen += 1
-        ended, self._open, ref = self._open, [], self.peak
-        self.peak = max(self.peak, base)
+        ended, self._open = self._open, []
+        self._recent.append(base)
         if not ended:
             return None
         return Burst(start=ended[0][0], end=ended[-1][0],

@@ -74,3 +74,16 @@ def test_nothing_is_judged_before_min_history_and_bad_numbers_are_ignored():
     assert t.observe(31, 100 * PEAK, 0.0, False) is None
     assert t.observe(32, math.inf, 1.0, False) is None
     assert t.peak == PEAK
+
+
+def test_a_level_that_ended_leaves_the_reference_after_the_peak_window():
+    """An operator's 30-step x10 experiment is a level, not a burst; once the LR is back, the
+    reference forgets it after `peak_window` steps, so a later x100 burst is seen again (an
+    all-time peak would have been 10x higher for the rest of the run)."""
+    burst = [100 * PEAK] * 10
+    lrs = [PEAK] * 60 + [10 * PEAK] * 30 + [PEAK] * 50 + burst + [PEAK] * 300 + burst + [PEAK] * 2
+    first, second = run(lrs)
+    # the first x100 came while the x10 level was still in the window: only 10x that reference
+    assert (first.start, first.peak_factor, first.displacement) == (141, pytest.approx(10.0), pytest.approx(90.0))
+    assert second.start == 60 + 30 + 50 + 10 + 300 + 1
+    assert second.peak_factor == pytest.approx(100.0) and second.displacement == pytest.approx(990.0)
