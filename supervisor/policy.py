@@ -482,10 +482,13 @@ class Policy:
                           f"{_fmt(f.evidence.get('loss_median'))}), so a batch or the hardware, not the LR, "
                           f"poisoned it" if sudden(f) else
                           "the earlier rollbacks here were for sudden poisoned updates, not instability"))
+            lr_next = bool(suspects) or not sudden(f)
+            nxt = (f"the next rollback also scales the LR by {c.lr_scale_factor:g}" if lr_next
+                   else "roll back again, LR kept")
             return Decision(ROLLBACK, (
                 f"{what}; rolling back to last-known-good step {target} and skipping {skip} "
-                f"batches ({span}){why}"), RUNG_ROLLBACK, target_step=target, skip_batches=skip,
-                lr_scale=base_scale)
+                f"batches ({span}){why}{self._if_again(near, nxt)}"), RUNG_ROLLBACK, target_step=target,
+                skip_batches=skip, lr_scale=base_scale)
         new_scale = base_scale * c.lr_scale_factor
         earlier = max(suspects, key=lambda r: r.wall_time)
         if new_scale < c.min_lr_scale:
@@ -498,9 +501,22 @@ class Policy:
             f"onset {earlier.onset_step} (rollback {len(near) + 1} of "
             f"{c.max_rollbacks_per_region} in this region); rolling back to last-known-good step "
             f"{target}, skipping {skip} batches ({span}) and scaling the LR by "
-            f"{c.lr_scale_factor:g} to {new_scale:g} with a {c.lr_ramp_steps}-step re-warm"),
+            f"{c.lr_scale_factor:g} to {new_scale:g} with a {c.lr_ramp_steps}-step re-warm"
+            + self._if_again(near, f"scale the LR by {c.lr_scale_factor:g} again"
+                             if new_scale * c.lr_scale_factor >= c.min_lr_scale else
+                             f"stop and page (the LR scale would fall below {c.min_lr_scale:g})")),
             RUNG_ESCALATE, target_step=target, skip_batches=skip, lr_scale=new_scale,
             ramp_steps=c.lr_ramp_steps)
+
+    def _if_again(self, near: list, nxt: str) -> str:
+        """What the policy does if this rollback does not help (the reason's last clause)."""
+        c = self.config
+        left = c.max_rollbacks_per_region - len(near) - 1
+        if left <= 0:
+            return (f"; if it diverges again within {c.region_width_steps} steps: stop and page "
+                    f"(this region's {c.max_rollbacks_per_region} rollbacks are spent)")
+        return (f"; if it diverges again within {c.region_width_steps} steps: {nxt} "
+                f"({left} more rollback{'s' if left != 1 else ''} in this region, then stop and page)")
 
     def _restart(self, f: Finding, state: RunState, history: History) -> Decision:
         c = self.config
@@ -599,8 +615,8 @@ class Policy:
                         f"norms {_fmt(ev.get('grad_ratio'))}x theirs (>= {_fmt(ev.get('stuck_grad_ratio'))}x): the "
                         f"weights were thrown out of their basin, a cool would take longer than a rollback")
             if cause == "lr_burst":
-                return (f"loss spike at step {onset} came with an off-schedule LR burst: steps "
-                        f"{ev.get('burst_start')}-{ev.get('burst_end')} ran at up to "
+                return (f"loss spike at step {ev.get('spike_onset_step', onset)} came with an off-schedule "
+                        f"LR burst: steps {ev.get('burst_start')}-{ev.get('burst_end')} ran at up to "
                         f"{_fmt(ev.get('burst_peak_factor'))}x the schedule's peak LR and moved the weights "
                         f"{_fmt(ev.get('burst_displacement'))} extra normal steps (>= "
                         f"{_fmt(ev.get('burst_displacement_bar'))}): too far to come back by themselves")

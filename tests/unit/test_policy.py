@@ -74,7 +74,9 @@ def test_divergence_rolls_back_strictly_before_onset_and_skips_the_window():
     assert (d.action, d.rung, d.target_step, d.skip_batches) == (ROLLBACK, 3, 50, 10)
     assert d.lr_scale == 1.0 and d.acts
     assert d.reason == ("loss spike at step 57 did not recover within 5 steps; rolling back to "
-                        "last-known-good step 50 and skipping 10 batches (steps 51-57 + 3 margin)")
+                        "last-known-good step 50 and skipping 10 batches (steps 51-57 + 3 margin); if it "
+                        "diverges again within 250 steps: the next rollback also scales the LR by 0.5 "
+                        "(2 more rollbacks in this region, then stop and page)")
 
 
 def test_skip_batches_scale_with_batches_per_step():
@@ -147,16 +149,23 @@ def test_lr_burst_divergence_rolls_back_before_the_burst_and_names_it():
     assert d.reason.startswith("loss spike at step 71 came with an off-schedule LR burst: steps 70-79 ran at up "
                                "to 100x the schedule's peak LR and moved the weights 990 extra normal steps "
                                "(>= 600): too far")
+    # the spike's own onset is named, not the burst's first step the rollback is measured from
+    d = P.decide(finding(DIVERGENCE, 80, cause="lr_burst", onset_step=70, spike_onset_step=72, burst_start=70,
+                         burst_end=79, burst_steps=10, burst_peak_factor=100.0, burst_displacement=990.0,
+                         burst_displacement_bar=600.0), state(), History())
+    assert d.reason.startswith("loss spike at step 72 came with an off-schedule LR burst: steps 70-79")
+    assert d.target_step is not None and d.target_step <= 68
 
 
 # --- rungs 4 and 5: same region again -----------------------------------------------------------
 def test_ladder_walk_in_one_region_escalates_then_stops():
     h = History()
-    seen = []
+    seen, reasons = [], []
     scale = 1.0
     for i, onset in enumerate([100, 110, 95, 105]):
         d = P.decide(divergence(onset, wall=T0 + i), state(lr_scale=scale), h)
         seen.append((d.action, d.rung, d.lr_scale))
+        reasons.append(d.reason)
         h.record(divergence(onset, wall=T0 + i), d)
         if d.lr_scale is not None:
             scale = d.lr_scale
@@ -164,6 +173,13 @@ def test_ladder_walk_in_one_region_escalates_then_stops():
                     (STOP_PAGE, 5, None)]
     assert len(h.rollbacks) == 3
     assert [r.onset_step for r in h.rollbacks] == [100, 110, 95]
+    # each reason says what the next divergence here gets, and that is what it got
+    assert reasons[0].endswith("if it diverges again within 250 steps: the next rollback also scales the LR "
+                               "by 0.5 (2 more rollbacks in this region, then stop and page)")
+    assert reasons[1].endswith("if it diverges again within 250 steps: scale the LR by 0.5 again "
+                               "(1 more rollback in this region, then stop and page)")
+    assert reasons[2].endswith("if it diverges again within 250 steps: stop and page (this region's 3 "
+                               "rollbacks are spent)")
 
 
 def poisoned(onset, *, sudden, wall=T0) -> Finding:
@@ -186,6 +202,9 @@ def test_a_sudden_poisoned_update_after_a_spike_rollback_keeps_the_lr():
     d = P.decide(f, state(), h)
     assert (d.action, d.rung, d.lr_scale, d.target_step) == (ROLLBACK, 3, 1.0, 57)
     assert "rollback 2 of 3 in this region, LR kept" in d.reason and "loss 2.1 was normal (median 2)" in d.reason
+    # the spike's rollback here was instability: the next one costs LR (as below)
+    assert d.reason.endswith("the next rollback also scales the LR by 0.5 (1 more rollback in this region, "
+                             "then stop and page)")
     h.record(f, d)
     assert [r.lr_suspect for r in h.rollbacks] == [True, False]
     # the same NaN out of a blown-up loss is instability: rung 4 as before
@@ -198,7 +217,9 @@ def test_after_sudden_poisonings_only_an_instability_rollback_makes_the_next_cos
     h = History()
     for i, onset in enumerate((60, 70)):
         f = poisoned(onset, sudden=True, wall=T0 + i)
-        h.record(f, P.decide(f, state(), h))
+        h.record(f, d := P.decide(f, state(), h))
+        assert d.reason.endswith(f"roll back again, LR kept ({2 - i} more rollback{'s' if i == 0 else ''} in "
+                                 "this region, then stop and page)")
     assert [r.lr_suspect for r in h.rollbacks] == [False, False]
     d = P.decide(divergence(80, wall=T0 + 5), state(), h)
     assert (d.action, d.lr_scale) == (ROLLBACK, 1.0)
