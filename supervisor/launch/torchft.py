@@ -216,6 +216,14 @@ class ReplicaGroups:
         return f"=== replica group {group} ===\n{self.groups[group].dump_stacks()}"
 
     # --- the unit of restart -------------------------------------------------------------------
+    @property
+    def reconfigure_s(self) -> float:
+        """How long the other groups may stall while torchft drops a dead group and admits its
+        replacement: the Lighthouse's heartbeat timeout (a silent group leaves the quorum only then)
+        plus its join timeout (a quorum waits that long for a relaunched group to ask to join)."""
+        lh = self._launcher.config.lighthouse
+        return (lh.heartbeat_timeout_ms + lh.join_timeout_ms) / 1000.0
+
     def group_alive(self, group: int) -> bool:
         return self.groups[group].alive()
 

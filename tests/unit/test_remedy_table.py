@@ -253,3 +253,55 @@ def test_grow_restarts_on_the_returned_nodes_from_the_newest_checkpoint_and_a_re
     # resumed after a daemon crash that came after the launch: nothing is stopped or started again
     again = asyncio.run(remedies.carry_out(ActiveAction(1, "grow", dict(plan))))
     assert "already runs on ['node-a', 'node-b']" in again["note"] and len(launcher.specs) == 2
+
+
+class ReplicaGroupsStandIn:
+    """torchft mode's generation, as far as the group restart needs it (supervisor/launch/torchft.py's
+    ReplicaGroups relaunches real torchruns: tests/integration/test_torchft_drill.py)."""
+
+    def __init__(self) -> None:
+        self.groups, self.nproc, self.restarted = [object(), object()], 1, []
+        self.reconfigure_s = 5.0  # Lighthouse heartbeat timeout 3 s + join timeout 2 s
+
+    def group_of(self, rank):
+        return rank // self.nproc
+
+    def ranks_of(self, group):
+        return [group]
+
+    def group_alive(self, group):
+        return True
+
+    def restart_group(self, group, reason):
+        self.restarted.append(group)
+        return {"replica_group": group, "restarts": len(self.restarted), "pid": 99, "recent_failures": 1,
+                "reason": reason}
+
+
+def test_a_group_restart_gives_the_survivors_torchft_s_reconfiguration_time(tmp_path):
+    """CI failure (2026-12-02, test_daemon_relaunches_only_the_dead_replica_group): the survivors stall
+    until the Lighthouse drops the dead group (its heartbeat timeout), but their step clock had run
+    since their last step, so 3.0 s after it - 0.2 s after the relaunch - the stall detector called it
+    a hang and restarted the whole job. The group restart now announces that pause."""
+    import time as _time
+
+    from supervisor.detect.findings import DEAD_RANK, HANG
+    from supervisor.protocol import StepRecord
+
+    remedies, _, _ = build(tmp_path)
+    suite = remedies._suite
+    groups = ReplicaGroupsStandIn()
+    remedies.generations.current = groups
+    t0 = _time.time() - 3.0  # the survivors' last steps: 0.2 s apart, the last one 3 s ago
+    suite.reset_generation(0, t0 - 10)
+    for i in range(1, 21):
+        suite.observe_record(StepRecord(run_id="t", generation=0, step=i, loss=2.0, grad_norm=1.0, lr=1e-3,
+                                        lr_scale=1.0, tokens_per_s=1.0, step_seconds=0.2,
+                                        wall_time=t0 - (20 - i) * 0.2))
+    [dead] = suite.observe_exit(1, -9, t0 + 0.1, 20)
+    assert dead.kind == DEAD_RANK
+    out = asyncio.run(remedies.carry_out(action(RESTART, Decision(RESTART, "dead", 3), dead)))
+    assert out["group_restart"] and groups.restarted == [1]
+    now = _time.time()
+    assert [f.kind for f in suite.tick(now + 4.0)] == []  # torchft reconfiguring: no hang
+    assert HANG in [f.kind for f in suite.tick(now + groups.reconfigure_s + 3.5)]  # still stuck after it: a hang

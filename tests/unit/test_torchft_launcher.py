@@ -88,6 +88,7 @@ def test_a_dead_group_is_relaunched_alone_and_excluded_when_it_keeps_failing(tmp
     gen = launcher.start(_spec(tmp_path, python=shutil.which("false")))
     try:
         assert gen.world_size == 4 and gen.ranks_of(1) == [2, 3]  # 2 groups x 2 ranks, global numbering
+        assert gen.reconfigure_s == 7.0  # the Lighthouse's heartbeat (5 s) + join (2 s) timeouts
         exits = _wait_exits(gen, 2)
         assert sorted(gen.group_of(e.rank) for e in exits) == [0, 1]
         assert gen.exited not in (None, 0)  # every group ended: the generation has exited
