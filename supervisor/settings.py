@@ -420,7 +420,7 @@ class Settings(BaseSettings):
             return cls(**overrides)
         except ValidationError as e:
             raise ConfigError(_explain(e)) from None
-        except (ValueError, tomllib.TOMLDecodeError) as e:
+        except ValueError as e:
             raise ConfigError(str(e)) from None
 
 
