@@ -684,33 +684,45 @@ def explain(policy: "Policy.Config", loss_spike, non_finite) -> str:
     what comes next if it does not help (`titan-supervisor policy --explain`). Pure text."""
     p, ls = policy, loss_spike
     band = f"median·(1 + {ls.recovery_tolerance:g})"
+    if ls.strict:
+        landing = (f", unless it dropped back in one step (>= {100 * ls.landing_fraction:g}% of its peak excess) to "
+                   f"more than {100 * ls.landing_tolerance:g}% above the pre-spike trend (power law, at most "
+                   f"{ls.trend_horizon} steps ahead) -> rung 3, or after a spike whose summed excess over the median "
+                   f"(sum of loss/median - 1, at most 1 per step) reached {ls.landing_damage:g} -> rung 3 (the "
+                   f"weights trained that long on its cause).")
+        stuck = (f"; unless the level (mean of the last {ls.level_window} losses) is already >= "
+                 f"{ls.stuck_level_ratio:g}x the median while its grad norms are >= {ls.stuck_grad_ratio:g}x theirs "
+                 f"(the weights, not the batches) -> rung 3 at once")
+        strict_rb = (f"a spike that ends a drift (the grad-norm median of the {ls.drift_window} steps before it >= "
+                     f"{ls.drift_grad_ratio:g}x that of the {ls.drift_window} before those); a spike that landed high "
+                     f"or after long damage (rung 1); a spike stuck high at patience (rung 2); a spike with an "
+                     f"off-schedule LR burst (LR / supervisor scale > {ls.lr_burst.factor:g}x the schedule's peak for "
+                     f"at most {ls.lr_burst.max_steps} steps) that moved the weights >= {ls.burst_displacement:g} "
+                     f"extra normal steps (sum of LR/peak - 1), judged when the burst ends; ")
+    else:
+        landing = "."
+        stuck = ""
+        strict_rb = ""
     return "\n".join([
         "Divergence ladder (loss and gradients); each rung says what happens if it does not help.",
+        f"strict rules       {'on' if ls.strict else 'off'} ([detect.loss_spike] strict): "
+        + ("also roll back spikes that come back into their band by themselves but probably left the run "
+           "behind (drift end, landings, stuck high, LR bursts; below)." if ls.strict else
+           "a spike that comes back into its band by itself is never rolled back; set it to also roll back "
+           "drift ends, high landings, spikes stuck high with blown-up gradients and large LR bursts."),
         f"rung 1 record      loss spike: robust z > {ls.z_threshold:g} and > {100 * ls.min_relative_jump:g}% above the "
-        f"median of the last {ls.window} losses. Watched; back under {band} -> recorded as recovered, unless "
-        f"it dropped back in one step (>= {100 * ls.landing_fraction:g}% of its peak excess) to more than "
-        f"{100 * ls.landing_tolerance:g}% above the pre-spike trend (power law, at most {ls.trend_horizon} steps "
-        f"ahead) -> rung 3, or after a spike whose summed excess over the median (sum of loss/median - 1, "
-        f"at most 1 per step) "
-        f"reached {ls.landing_damage:g} -> rung 3 (the weights trained that long on its cause).",
+        f"median of the last {ls.window} losses. Watched; back under {band} -> recorded as recovered{landing}",
         f"rung 2 skip_update non-finite or blown-up gradient on one step whose update the trainer skipped: recorded "
         f"(the guard already skipped it). {non_finite.max_consecutive} non-finite steps in a row -> rung 3.",
         f"rung 2 cool_lr     the spike is still above {band} after {ls.patience_steps} steps (slow_recovery): LR "
         f"scale x{p.cool_lr_factor:g} at once, no work thrown away; one cool per spike, never below "
-        f"{p.min_lr_scale:g}; unless the level (mean of the last {ls.level_window} losses) is already >= "
-        f"{ls.stuck_level_ratio:g}x the median while its grad norms are >= {ls.stuck_grad_ratio:g}x theirs "
-        f"(the weights, not the batches) -> rung 3 at once. Back in band -> rewarm_lr to the scale before "
+        f"{p.min_lr_scale:g}{stuck}. Back in band -> rewarm_lr to the scale before "
         f"the cool over {p.rewarm_steps} steps. Worse (mean of the {ls.level_window} losses after patience > "
         f"{100 * ls.worsening_tolerance:g}% above the level at patience) or not back by onset + "
         f"{ls.recovery_steps} steps -> rung 3.",
         f"rung 3 rollback    at once for: a blow-up (loss >= {ls.severe_loss_ratio:g}x its median and grad norm >= "
-        f"{ls.severe_grad_ratio:g}x its median at the onset); a spike that ends a drift (the grad-norm median of the "
-        f"{ls.drift_window} steps before it >= {ls.drift_grad_ratio:g}x that of the {ls.drift_window} before those); "
-        f"a non-finite gradient whose update reached the weights; a spike that landed high or after long "
-        f"damage (rung 1); a spike stuck high at patience (rung 2); a spike with an off-schedule LR burst "
-        f"(LR / supervisor scale > {ls.lr_burst.factor:g}x the schedule's peak for at most {ls.lr_burst.max_steps} "
-        f"steps) that moved the weights >= {ls.burst_displacement:g} extra normal steps (sum of LR/peak - 1), "
-        f"judged when the burst ends; "
+        f"{ls.severe_grad_ratio:g}x its median at the onset); a non-finite gradient whose update reached the "
+        f"weights; {strict_rb}"
         f"{ls.cluster_size} spikes within {ls.cluster_window_steps} steps; and the cases above. Back to the newest "
         f"valid checkpoint >= {p.min_steps_before_onset} steps before the onset, skipping the data up to the onset "
         f"+ {p.data_skip_margin_steps} steps; a cool for that spike is undone. Budget: "

@@ -3,7 +3,9 @@
     PYTHONPATH=$PWD .venv/bin/python -m bench.detection.score --split test
 
 For every perturbed run the event is [onset, last perturbed step + labels.K]; its label comes
-from labels.py (curve vs clean twin). Metrics, per rule:
+from labels.py: the band rule (the run's own pre-onset band, the issue's "back in band by
+itself"; the default), or with `--label twin` the twin rule (the curve vs its clean twin, which
+also counts a lasting setback as diverged; what `--strict` detection is for). Metrics, per rule:
 
 - recall: diverged events with a heavy action (rollback, rollback_lr_down, stop_page; for an
   anchor, its kill/stop) at a step in the event window;
@@ -26,7 +28,9 @@ from pathlib import Path
 from bench.detection import labels as L
 from bench.detection.anchors import ANCHORS, HEAVY
 from bench.detection.matrix import Run, runs
+from supervisor.detect.loss_spike import LossSpikeDetector
 from supervisor.detect.robust import percentile
+from supervisor.detect.suite import DetectorSuite
 from supervisor.policy import ROLLBACK_ACTIONS, STOP_PAGE
 from supervisor.replay import replay
 
@@ -57,16 +61,31 @@ class Tally:
                 "clean_alarms": f"{self.clean_alarms}/{self.clean}"}
 
 
-def project_acts(lines: list[dict]) -> list[tuple[int, str, str]]:
+def project_acts(lines: list[dict], suite_config: DetectorSuite.Config | None = None) -> list[tuple[int, str, str]]:
     """(step, action, reason) of every acting decision replay makes on the curve."""
-    return [(f.step, d.action, d.reason) for f, d in replay(lines) if d.acts]
+    return [(f.step, d.action, d.reason) for f, d in replay(lines, suite_config=suite_config) if d.acts]
+
+
+def strict_suite() -> DetectorSuite.Config:
+    """The detectors with `[detect.loss_spike] strict = true` (loss_spike.py)."""
+    return DetectorSuite.Config(loss_spike=LossSpikeDetector.Config(strict=True))
 
 
 def anchor_acts(rule, lines):
     return [(step, "heavy" if kind == HEAVY else "light", "") for step, kind in rule(lines)]
 
 
-def score(selected: list[Run], curves: Path = CURVES) -> tuple[dict[str, Tally], list[dict]]:
+LABEL_RULES = ("twin", "band")
+
+
+def label_event(run: Run, lines: list[dict], twin: list[dict], rule: str = "band") -> tuple[str, dict]:
+    if rule == "band":
+        return L.band_label(L.losses(lines), run.onset, run.last)
+    return L.label(L.losses(lines), L.losses(twin), run.onset, run.last)
+
+
+def score(selected: list[Run], curves: Path = CURVES, rule: str = "band",
+          suite_config: DetectorSuite.Config | None = None) -> tuple[dict[str, Tally], list[dict]]:
     tallies = {name: Tally() for name in (PROJECT, *ANCHORS)}
     loaded = {r.id: L.load_curve(curves / f"{r.id}.jsonl.gz") for r in selected}
     twins = {r.twin: L.load_curve(curves / f"{r.twin}.jsonl.gz") for r in selected}
@@ -74,7 +93,7 @@ def score(selected: list[Run], curves: Path = CURVES) -> tuple[dict[str, Tally],
     for run in selected:
         lines = loaded[run.id]
         acts = {PROJECT: [(s, "heavy" if a in HEAVY_ACTIONS else "light", why)
-                          for s, a, why in project_acts(lines)]}
+                          for s, a, why in project_acts(lines, suite_config)]}
         acts.update({name: anchor_acts(rule, lines) for name, rule in ANCHORS.items()})
         if run.kind == "clean":
             for name, t in tallies.items():
@@ -83,7 +102,7 @@ def score(selected: list[Run], curves: Path = CURVES) -> tuple[dict[str, Tally],
                     t.clean_alarms += 1
                     t.alarms.append(f"{run.id}: {acts[name][0]}")
             continue
-        lab, info = L.label(L.losses(lines), L.losses(twins[run.twin]), run.onset, run.last)
+        lab, info = label_event(run, lines, twins[run.twin], rule)
         events.append({"id": run.id, "kind": run.kind, "faults": run.faults, "label": lab, **info})
         for name, t in tallies.items():
             heavy = [s for s, k, _ in acts[name] if k == "heavy"]
@@ -129,15 +148,21 @@ def write_readme(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=("tuning", "test", "all"), default="tuning")
+    ap.add_argument("--label", choices=LABEL_RULES, default="band",
+                    help="labeling rule (labels.py): the run's own band (default), or vs its clean twin")
+    ap.add_argument("--strict", action="store_true",
+                    help="score the project with [detect.loss_spike] strict = true")
     ap.add_argument("--events", action="store_true", help="print each event's label and the misses")
     ap.add_argument("--write-readme", action="store_true",
                     help="replace the table between the README's bench markers with this one")
     a = ap.parse_args(argv)
     selected = [r for r in runs() if a.split in ("all", r.split)
                 and (CURVES / f"{r.id}.jsonl.gz").is_file() and (CURVES / f"{r.twin}.jsonl.gz").is_file()]
-    tallies, events = score(selected)
+    if a.write_readme and (a.label != "band" or a.strict):
+        raise SystemExit("--write-readme writes the default table (band labels, default detectors)")
+    tallies, events = score(selected, rule=a.label, suite_config=strict_suite() if a.strict else None)
     counts = {lab: sum(e["label"] == lab for e in events) for lab in (L.DIVERGED, L.RECOVERED, L.NO_EFFECT)}
-    head = (f"split {a.split}: {len(selected)} runs ({sum(r.kind == 'clean' for r in selected)} clean), "
+    head = (f"split {a.split} ({a.label} labels{', strict' if a.strict else ''}): {len(selected)} runs ({sum(r.kind == 'clean' for r in selected)} clean), "
             f"{len(events)} events: " + ", ".join(f"{n} {lab}" for lab, n in counts.items()))
     text = head + "\n\n" + table(tallies)
     print(text)

@@ -91,7 +91,9 @@ def test_lr_burst_spike_is_rolled_back_hot_at_the_burst_end_and_the_run_finishes
     # here the loss is 3.3x its median and the grad norm 20x, just short of the blow-up bar, and the
     # LR burst (steps 35-37, 1000x: 2997 extra normal steps) decides when it ends, at step 38.
     # Checkpoints every 5 steps, so the one saved inside the burst (35) must be quarantined.
-    d = make_daemon(steps=STEPS, faults="spike@35:lr=1000:steps=3:rank=0", checkpoint_interval=5).start()
+    # The LR-burst rule is one of the strict rules (off by default): this run turns them on.
+    d = make_daemon(steps=STEPS, faults="spike@35:lr=1000:steps=3:rank=0", checkpoint_interval=5,
+                    extra={"detect": {"loss_spike": {"strict": True}}}).start()
     assert d.wait_exit(300) == 0, d.log_tail()
     decs = _decisions(d)
     first = next(x for x in decs if x["finding_kind"] == "loss_spike")

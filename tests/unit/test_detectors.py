@@ -25,6 +25,9 @@ from supervisor.protocol import Heartbeat, StepRecord
 
 T0 = 1_000.0
 
+#: the strict rules (`[detect.loss_spike] strict`: drift, landings, stuck high, LR bursts), off by default
+STRICT = LossSpikeDetector.Config(strict=True)
+
 
 def rec(step: int, loss: float, grad: float = 1.0, *, gen: int = 0, step_seconds: float = 1.0,
         wall: float | None = None, skipped: bool = False, rank_times=None, lr: float = 3e-4,
@@ -183,11 +186,12 @@ def test_loss_spike_alone_or_grad_blowup_alone_is_not_severe():
 def test_spike_at_the_end_of_a_rising_grad_norm_is_a_drift_divergence_at_once():
     """A held LR drift (bench tuning half): the grad norm climbs for ~10 steps, then the loss
     blows up by far less than the severe bar. The same spike after a flat grad norm is only
-    watched, so the test fails if the drift rule stops firing or fires on any spike."""
+    watched, so the test fails if the drift rule stops firing or fires on any spike. A strict
+    rule: off by default, the ramp's spike is watched too."""
     losses, grads = clean_loss(n=300), clean_grad(n=300)
     ramp = [1.0 + 0.08 * k for k in range(1, 11)]  # x1.08 .. x1.8 over the last 10 steps
-    for flat, want in ((True, []), (False, ["drift"])):
-        det = LossSpikeDetector()
+    for flat, strict, want in ((True, True, []), (False, True, ["drift"]), (False, False, [])):
+        det = LossSpikeDetector(LossSpikeDetector.Config(strict=strict))
         for i, (loss, g) in enumerate(zip(losses, grads), 1):
             x = 1.0 if flat or i <= 290 else ramp[i - 291]
             assert det.observe(rec(i, loss, g * x)) == []
@@ -224,19 +228,20 @@ def test_landing_far_above_the_pre_spike_trend_is_divergence(seed):
     back under median_at_onset x 1.10 (that median is ~10 steps old on a falling curve) while
     30 % above where the curve would be. Before the landing rule this was `spike_recovered`."""
     losses = _plateau_then(1.3, seed)
-    band = LossSpikeDetector()
-    found = feed(band, losses)
+    found = feed(LossSpikeDetector(STRICT), losses)
     assert losses[69] <= found[0].evidence["median"] * 1.10  # the old band calls it back
     assert kinds(found) == [(LOSS_SPIKE, 60), (SLOW_RECOVERY, 65), (DIVERGENCE, 70)]
     ev = found[-1].evidence
     assert ev["cause"] == "landed_high" and ev["onset_step"] == 60
     assert ev["landing_ratio"] > 1 + ev["landing_tolerance"] == 1.2
     assert ev["loss"] > ev["expected"] * 1.2 and ev["trend_slope"] < 0
+    # a strict rule: by default the landing back in band is a recovery
+    assert kinds(feed(LossSpikeDetector(), losses))[-1] == (SPIKE_RECOVERED, 70)
 
 
 @pytest.mark.parametrize("landing_x", (1.0, 1.1))
 def test_landing_on_or_near_the_pre_spike_trend_after_a_mild_spike_is_recovered(landing_x):
-    found = feed(LossSpikeDetector(), _plateau_then(landing_x, height=1.5))
+    found = feed(LossSpikeDetector(STRICT), _plateau_then(landing_x, height=1.5))
     assert kinds(found) == [(LOSS_SPIKE, 60), (SLOW_RECOVERY, 65), (SPIKE_RECOVERED, 70)]
 
 
@@ -246,8 +251,9 @@ def test_landing_on_the_trend_after_long_damage_is_divergence(landing_x):
     on the forecast trend and the run still stayed 9 % above its clean twin. The same landing after
     a mild plateau (test above) is recovered: what differs is how long and how far the weights
     trained on the cause, the summed excess over the median."""
-    found = feed(LossSpikeDetector(), _plateau_then(landing_x, height=2.0))
+    found = feed(LossSpikeDetector(STRICT), _plateau_then(landing_x, height=2.0))
     assert kinds(found) == [(LOSS_SPIKE, 60), (SLOW_RECOVERY, 65), (DIVERGENCE, 70)]
+    assert kinds(feed(LossSpikeDetector(), _plateau_then(landing_x, height=2.0)))[-1] == (SPIKE_RECOVERED, 70)
     ev = found[-1].evidence
     assert ev["cause"] == "landed_after_damage" and ev["onset_step"] == 60 and ev["spike_steps"] == 10
     assert ev["damage"] >= ev["landing_damage"] == 4.0
@@ -260,7 +266,7 @@ def test_one_corrupt_batch_however_high_is_one_step_of_damage():
     corrupt batch measures the batch, not the weights. Each step now counts at most 1."""
     losses = clean_loss(n=200, noise=0.01)
     losses[149] *= 6.0
-    found = feed(LossSpikeDetector(), losses)
+    found = feed(LossSpikeDetector(STRICT), losses)
     assert kinds(found) == [(LOSS_SPIKE, 150), (SPIKE_RECOVERED, 151)]
 
 
@@ -285,8 +291,10 @@ def test_spike_still_far_above_its_median_at_patience_is_divergence_not_a_cool()
     """bench/detection tuning miss (6-layer model, LR x300 for one step): 3.3x at the onset and
     2.9x five steps later, then a decay that stayed 15 % above the twin 40 steps out; its grad norms
     stayed 10-14x their median (the weights, not the data)."""
-    found = feed_pairs(LossSpikeDetector(), _decaying_spike(3.2), _grads_from(300, 10.0))
+    found = feed_pairs(LossSpikeDetector(STRICT), _decaying_spike(3.2), _grads_from(300, 10.0))
     assert kinds(found) == [(LOSS_SPIKE, 300), (DIVERGENCE, 305)]
+    default = feed_pairs(LossSpikeDetector(), _decaying_spike(3.2), _grads_from(300, 10.0))
+    assert kinds(default)[:2] == [(LOSS_SPIKE, 300), (SLOW_RECOVERY, 305)]  # a strict rule: a cool by default
     ev = found[-1].evidence
     assert ev["cause"] == "stuck_high" and ev["onset_step"] == 300
     assert ev["level_ratio"] >= ev["stuck_level_ratio"] == 2.5
@@ -302,7 +310,7 @@ def test_spike_high_at_patience_with_ordinary_gradients_is_a_slow_recovery():
     for i, g in zip(range(299, 305), (8.0, 6.9, 5.6, 3.5, 2.8, 1.5)):
         grads[i] = g
     grads[305:] = [1.5] * len(grads[305:])
-    found = feed_pairs(LossSpikeDetector(), _decaying_spike(3.2), grads)
+    found = feed_pairs(LossSpikeDetector(STRICT), _decaying_spike(3.2), grads)
     assert kinds(found)[:2] == [(LOSS_SPIKE, 300), (SLOW_RECOVERY, 305)]
 
 
@@ -889,7 +897,9 @@ def _burst_run(factor: float, steps: int, n: int = 360) -> list[StepRecord]:
 
 
 def test_spike_after_an_lr_burst_that_moved_the_weights_far_is_divergence_at_the_burst_end():
-    det = LossSpikeDetector()
+    default = [f for r in _burst_run(100.0, 10) for f in LossSpikeDetector().observe(r)]
+    assert DIVERGENCE not in [f.kind for f in default]  # a strict rule: off by default
+    det = LossSpikeDetector(STRICT)
     found = [f for r in _burst_run(100.0, 10) for f in det.observe(r)]
     div = [f for f in found if f.kind == DIVERGENCE]
     assert [(f.step, f.evidence["cause"]) for f in div] == [(310, "lr_burst")], kinds(found)
@@ -905,7 +915,7 @@ def test_spike_after_an_lr_burst_that_moved_the_weights_far_is_divergence_at_the
 def test_the_same_spike_after_a_short_or_mild_burst_is_left_to_the_loss_rules(factor, steps):
     """x30 for 10 steps and x100 for 3 moved the weights <= 297 extra steps: benign on the
     benchmark's tuning half (or a coin flip), so the loss decides - here it comes back."""
-    det = LossSpikeDetector()
+    det = LossSpikeDetector(STRICT)
     found = [f for r in _burst_run(factor, steps) for f in det.observe(r)]
     assert DIVERGENCE not in [f.kind for f in found], kinds(found)
     assert SPIKE_RECOVERED in [f.kind for f in found]
@@ -913,7 +923,7 @@ def test_the_same_spike_after_a_short_or_mild_burst_is_left_to_the_loss_rules(fa
 
 def test_a_big_burst_without_a_loss_spike_is_not_acted_on():
     """The loss is the judge of the weights: an LR burst the loss never noticed is left alone."""
-    det = LossSpikeDetector()
+    det = LossSpikeDetector(STRICT)
     losses = clean_loss(n=360, noise=0.01)
     found = [f for s in range(1, 361)
              for f in det.observe(rec(s, losses[s - 1], lr=3e-4 * (100.0 if 300 <= s < 310 else 1.0)))]

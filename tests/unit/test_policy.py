@@ -482,3 +482,18 @@ def test_policy_explain_states_the_hardware_threshold():
     assert "hardware finding number 3 naming it within 2h" in text
     off = explain(Policy.Config(), LossSpikeDetector.Config(), NonFiniteDetector.Config())
     assert "policy.exclude_on_hardware is off" in off
+
+
+def test_policy_explain_names_the_strict_rules_only_when_they_are_on():
+    from supervisor.detect.loss_spike import LossSpikeDetector
+    from supervisor.detect.non_finite import NonFiniteDetector
+    from supervisor.policy import explain
+
+    off = explain(Policy.Config(), LossSpikeDetector.Config(), NonFiniteDetector.Config())
+    on = explain(Policy.Config(), LossSpikeDetector.Config(strict=True, burst_displacement=450.0),
+                 NonFiniteDetector.Config())
+    assert "strict rules       off" in off and "never rolled back" in off
+    for clause in ("ends a drift", "pre-spike trend", "stuck high at patience", "off-schedule LR burst"):
+        assert clause not in off, clause
+        assert clause in on, clause
+    assert ">= 450 extra normal steps" in on  # the numbers in effect, not the defaults
