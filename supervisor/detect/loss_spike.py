@@ -73,7 +73,7 @@ Strict rules (`strict`, off by default): the drift end, `landed_high`, `landed_a
 `stuck_high` and `lr_burst` above roll back spikes that come back into their band by themselves but
 probably left the run behind where it would have been (against a clean twin). Off, such a spike is
 recorded as recovered (a landing), or cooled at patience (stuck high, a burst, a drift end) and rolled
-back only if it gets worse or is not back by `recovery_steps`: on bench/detection, all 30 events
+back only if it gets worse or is not back by `recovery_steps`: on bench/detection, all 35 events
 that never came back into their band are caught without them, at delay 1 (README, sixth round).
 
 What feeds the baseline: finite losses of steps whose update was applied, and not the
@@ -141,7 +141,7 @@ class LossSpikeDetector:
             "also roll back spikes that come back into the band by themselves but probably left the run "
             "behind where it would have been: the end of a drift, a one-step landing high above the trend "
             "or after long damage, stuck high at patience, an off-schedule LR burst (see the module "
-            "docstring). Off by default: measured on bench/detection, they roll back 15 of 120 events "
+            "docstring). Off by default: measured on bench/detection, they roll back 18 of 140 events "
             "that came back into their own band within 40 steps, and catch no divergence of that kind "
             "the other rules miss")] = False
         window: Annotated[PositiveInt, doc("healthy losses in the rolling baseline")] = 20

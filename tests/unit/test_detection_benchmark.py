@@ -86,6 +86,12 @@ STRICT_KNOWN_MISSES = {
     # seeds 11-12: a 3-step burst of 297 extra steps, cooled at patience, back in band at step 83,
     # ending 19 % above its twin
     "tiny-lr0.0008-s12-p07-lr_spike",
+    # sixth test half (seeds 13-14), scored once: the same class (x100 for 3 steps, back in band at
+    # step 78, ending 16 % above its twin) ...
+    "tiny-lr0.0008-s13-p07-lr_spike",
+    # ... and the 6-layer model's LR x300 one-step spike, 2.0x its median at patience (the stuck-high
+    # bar is 2.5x): cooled, back in band at step 72, ending 14 % above its twin
+    "deep6-lr0.0008-s13-p04-lr_spike",
 }
 STRICT_KNOWN_FALSE_HEAVY = {
     # seeds 5-6: a 25 % corrupt 10-step window whose spike opened at 1.97x its median;
@@ -97,6 +103,11 @@ STRICT_KNOWN_FALSE_HEAVY = {
     # seeds 9-10: a held LR x100 drift whose spike ended a grad-norm rise of 1.47x (the drift rule,
     # bar 1.3x) and came back by itself
     "tiny-lr0.0008-s10-p24-drift",
+    # sixth test half (seeds 13-14), scored once: a 25 % corrupt 10-step window at LR 2e-3 again
+    # (landed_after_damage, summed excess 8.5) ...
+    "tiny-lr0.002-s14-p21-bad_batch",
+    # ... and a held x100 drift of the 6-layer model (grad-norm rise 1.45x) that had no lasting effect
+    "deep6-lr0.0008-s13-p24-drift",
 }
 
 
