@@ -138,12 +138,12 @@ class LossSpikeDetector:
         #: 20, not 50 (bench/detection tuning half): early in a run the median of 50 losses lags the
         #: falling curve so far that an LR x100 blow-up over 10 steps never cleared the 20 % bar
         strict: Annotated[bool, doc(
-            "also roll back spikes that come back into the band by themselves but probably left the run "
-            "behind where it would have been: the end of a drift, a one-step landing high above the trend "
-            "or after long damage, stuck high at patience, an off-schedule LR burst (see the module "
-            "docstring). Off by default: measured on bench/detection, they roll back 18 of 140 events "
-            "that came back into their own band within 40 steps, and catch no divergence of that kind "
-            "the other rules miss")] = False
+            "also roll back spikes that come back into the band by themselves but probably left the "
+            "run behind where it would have been (README, 'Strict rules'): the end of a drift, a "
+            "one-step landing high above the trend or after long damage, stuck high at patience, an "
+            "off-schedule LR burst. Off by default: measured on bench/detection, they roll back 18 of "
+            "140 events that came back into their own band within 40 steps, and catch no divergence "
+            "of that kind the other rules miss")] = False
         window: Annotated[PositiveInt, doc("healthy losses in the rolling baseline")] = 20
         warmup: Annotated[PositiveInt, doc(
             "baseline samples needed before anything is judged (covers the first steep drop)")] = 20
