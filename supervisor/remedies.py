@@ -257,21 +257,22 @@ class Remedies:
         if hang:
             text = await asyncio.to_thread(gen.dump_group_stacks, group)
             stacks = {"stacks": text[-self._stack_dump_chars:]}
+        excluded: GroupExcluded | None = None
         try:
             out = await asyncio.to_thread(gen.restart_group, group, f"{a.kind} (action {a.id})")
         except GroupExcluded as e:
-            now = time.time()
-            self._suite.group_restarted(gen.ranks_of(group), now, relaunched=False)
-            self._suite.expect_pause(now + gen.reconfigure_s)
-            self.pager.page(f"{e}: replica group {group} excluded, the other groups train on", action_id=a.id,
-                            node=(a.finding.evidence or {}).get("host"))
-            return {"group_restart": False, "excluded": True, "replica_group": group, "reason": str(e), **stacks}
+            excluded = e
         now = time.time()
-        self._suite.group_restarted(gen.ranks_of(group), now)
-        # the other groups stall while torchft drops the dead group and admits the new one: a stall
+        self._suite.group_restarted(gen.ranks_of(group), now, relaunched=excluded is None)
+        # the other groups stall while torchft drops the dead group (and admits the new one): a stall
         # of up to that long is torchft reconfiguring, not a hang (the survivors' step clock had
         # kept running since their last step before the death)
         self._suite.expect_pause(now + gen.reconfigure_s)
+        if excluded is not None:
+            self.pager.page(f"{excluded}: replica group {group} excluded, the other groups train on", action_id=a.id,
+                            node=(a.finding.evidence or {}).get("host"))
+            return {"group_restart": False, "excluded": True, "replica_group": group, "reason": str(excluded),
+                    **stacks}
         self._log.warning("replica group relaunched", replica_group=group, action_id=a.id, pid=out["pid"])
         return {"group_restart": True, "generation": self.generations.id, **out, **stacks}
 

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--write-readme writes the default table (band labels, default detectors)")
     tallies, events = score(selected, rule=a.label, suite_config=strict_suite() if a.strict else None)
     counts = {lab: sum(e["label"] == lab for e in events) for lab in (L.DIVERGED, L.RECOVERED, L.NO_EFFECT)}
-    head = (f"split {a.split} ({a.label} labels{', strict' if a.strict else ''}): {len(selected)} runs ({sum(r.kind == 'clean' for r in selected)} clean), "
+    view = f"{a.label} labels" + (", strict" if a.strict else "")
+    head = (f"split {a.split} ({view}): {len(selected)} runs ({sum(r.kind == 'clean' for r in selected)} clean), "
             f"{len(events)} events: " + ", ".join(f"{n} {lab}" for lab, n in counts.items()))
     text = head + "\n\n" + table(tallies)
     print(text)

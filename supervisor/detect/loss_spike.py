@@ -245,11 +245,12 @@ class LossSpikeDetector:
         c = self.config
         step, loss, t = record.step, record.loss, record.wall_time
         usable = math.isfinite(loss) and not record.update_skipped
-        # a record without an LR (an older or foreign telemetry source) just has no bursts
-        burst = self._bursts.observe(step, getattr(record, "lr", math.nan), getattr(record, "lr_scale", 1.0),
-                                     record.update_skipped)
-        if burst is not None:
-            self._last_burst = burst
+        if c.strict:  # only the strict lr_burst rule reads bursts: no tracking otherwise
+            # a record without an LR (an older or foreign telemetry source) just has no bursts
+            burst = self._bursts.observe(step, getattr(record, "lr", math.nan), getattr(record, "lr_scale", 1.0),
+                                         record.update_skipped)
+            if burst is not None:
+                self._last_burst = burst
         if self._open is not None:
             return self._follow_open_spike(step, loss, t, usable, record.grad_norm)
         if not usable:
@@ -407,8 +408,7 @@ class LossSpikeDetector:
         update shows in the next step's loss) or after it. The divergence's onset is the burst's
         first step if that came first, so the rollback lands before any of its updates."""
         b = self._last_burst
-        if (not self.config.strict or b is None or b.end < sp.onset - 2
-                or b.displacement < self.config.burst_displacement):
+        if b is None or b.end < sp.onset - 2 or b.displacement < self.config.burst_displacement:
             return []
         # the onset is the burst's first step when it came first: the rollback target must predate it
         return self._diverge(sp, step, t, loss, usable, {
